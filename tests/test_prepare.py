@@ -1,0 +1,96 @@
+"""synth -> prepare end to end on a small multilingual corpus."""
+
+import json
+
+import numpy as np
+import pytest
+from datasets import load_from_disk
+
+from data.audio import SAMPLE_RATE, count_ctc_frames, count_ctc_minimum, load_audio
+from data.prepare import PrepareOptions, prepare
+from data.vocab import load_released_vocab, load_vocab
+from tests.conftest import TEST_CLIPS_PER_LOCALE, TEST_LOCALES
+
+
+def test_prepared_dataset_has_columns_rate_durations_and_counts(prepared_dir, cv_corpus):
+    dataset = load_from_disk(str(prepared_dir))
+    assert set(dataset) == {"train", "dev", "test"}
+    report = json.loads((prepared_dir / "prep_report.json").read_text(encoding="utf-8"))
+    assert report["totals"]["read"] == len(TEST_LOCALES) * TEST_CLIPS_PER_LOCALE
+    assert report["totals"]["kept"] == sum(len(dataset[s]) for s in dataset)
+    assert report["totals"]["read"] == report["totals"]["kept"] + report["totals"]["rejected"]
+    assert report["totals"]["rejected"] == len(report["rejected"])
+    for locale, entry in report["per_locale"].items():
+        for split, stats in entry["splits"].items():
+            rows = dataset[split].filter(lambda r, loc=locale: r["locale"] == loc)
+            assert stats["kept"] == len(rows)
+            assert stats["read"] == stats["kept"] + stats["rejected"]
+            assert abs(stats["hours"] - sum(rows["duration"]) / 3600) < 1e-3
+    train = dataset["train"].with_format("numpy")
+    expected = {"audio", "phones", "num_phones", "locale", "split", "duration", "num_frames",
+                "client_id", "sentence", "path"}
+    assert expected <= set(train.column_names)
+    row = train[0]
+    assert row["audio"].dtype == np.int16
+    assert abs(len(row["audio"]) / SAMPLE_RATE - row["duration"]) < 1e-4
+    assert row["num_frames"] == count_ctc_frames(len(row["audio"]))
+    assert row["num_phones"] == len(str(row["phones"]).split())
+    # The stored audio is the decoded MP3 resampled to 16 kHz, nothing else.
+    decoded = load_audio(cv_corpus / str(row["path"]))
+    assert np.abs(decoded * 32768 - row["audio"]).max() <= 1.0
+    assert set(dataset["test"]["locale"]) == set(TEST_LOCALES)
+
+
+def test_vocab_and_phones(prepared_dir):
+    vocab = load_vocab(prepared_dir / "vocab.json")
+    assert list(vocab)[:4] == ["<pad>", "<s>", "</s>", "<unk>"] and vocab["<pad>"] == 0
+    dataset = load_from_disk(str(prepared_dir))
+    released = load_released_vocab()
+    for split in dataset:
+        for phones, frames in zip(dataset[split]["phones"], dataset[split]["num_frames"], strict=True):
+            tokens = phones.split()
+            assert all(token in vocab for token in tokens)
+            assert all(token in released for token in tokens), phones
+            assert frames >= count_ctc_minimum(tokens)
+    inventory = json.loads((prepared_dir / "prep_report.json").read_text())["per_locale"]["zh-CN"]
+    assert any(token[-1].isdigit() for token in inventory["phone_inventory"])
+
+
+def test_speakers_stay_in_their_split(prepared_dir):
+    dataset = load_from_disk(str(prepared_dir))
+    speakers = {split: set(dataset[split]["client_id"]) for split in dataset}
+    assert not speakers["train"] & speakers["test"] and not speakers["train"] & speakers["dev"]
+
+
+def test_rerun_reuses_phoneme_cache_and_decoded_shards(prepared_dir, cv_corpus, tmp_path):
+    first = json.loads((prepared_dir / "prep_report.json").read_text())
+    options = PrepareOptions(cv_root=cv_corpus, locales=TEST_LOCALES, out=prepared_dir)
+    again = prepare(options)
+    assert again["phoneme_cache"]["misses"] == 0 and again["phoneme_cache"]["hits"] > 0
+    assert again["shards"]["written"] == 0 and again["shards"]["reused"] > 0
+    assert again["totals"] == first["totals"]
+    # A fresh output folder re-decodes the audio but still takes every phone from the cache.
+    fresh = prepare(PrepareOptions(cv_root=cv_corpus, locales=["ru"], out=tmp_path / "p"))
+    assert fresh["phoneme_cache"]["misses"] == 0 and fresh["shards"]["written"] > 0
+
+
+def test_interrupted_run_resumes_from_written_shards(cv_corpus, tmp_path, monkeypatch):
+    import data.prepare as prep
+
+    real = prep.process_shard
+    calls = []
+
+    def crash_after_first(job):
+        if calls:
+            raise KeyboardInterrupt
+        calls.append(job[0])
+        return real(job)
+
+    monkeypatch.setattr(prep, "process_shard", crash_after_first)
+    options = PrepareOptions(cv_root=cv_corpus, locales=["en"], out=tmp_path / "p")
+    with pytest.raises(KeyboardInterrupt):
+        prepare(options)
+    monkeypatch.setattr(prep, "process_shard", real)
+    report = prepare(options)
+    assert report["shards"]["reused"] == 1 and report["shards"]["written"] == 2
+    assert report["totals"]["kept"] == sum(len(s) for s in load_from_disk(str(tmp_path / "p")).values())

@@ -1,0 +1,68 @@
+"""The `phonetune` command. Each subcommand lives in the module of its stage.
+
+A subcommand module exposes `configure_parser(parser)` and `run(args) -> int`. Modules are imported
+only when their subcommand runs, so `phonetune --help` is instant (no torch import).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from data.errors import PhonetuneError
+
+# name -> (module, one-line help). The order is the order of a whole job.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "synth": ("data.synth", "write a synthetic Common Voice release spoken by espeak-ng"),
+    "prepare": ("data.prepare", "Common Voice release -> espeak phones + 16 kHz audio dataset"),
+    "train": ("train.loop", "fine-tune a wav2vec 2.0 encoder with CTC on a prepared dataset"),
+    "export": ("train.export", "write a transformers-loadable model folder (and ONNX)"),
+    "evaluate": ("train.evaluate", "phone error rate of a model on a prepared split"),
+    "transcribe": ("train.transcribe", "print the phones of audio files"),
+    "demo": ("train.demo", "synth -> prepare -> train -> export -> evaluate, end to end"),
+}
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="phonetune",
+        description="Train multilingual phone recognizers (wav2vec 2.0 + CTC on espeak-ng phones).",
+    )
+    parser.add_argument(
+        "--debug", action="store_true", help="show the full traceback when an error stops a command"
+    )
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, (module_name, help_text) in COMMANDS.items():
+        sub = subparsers.add_parser(name, help=help_text, description=help_text)
+        sub.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                         help="show the full traceback when an error stops the command")
+        if name == command:
+            importlib.import_module(module_name).configure_parser(sub)
+    return parser
+
+
+def _find_command(argv: list[str]) -> str | None:
+    return next((arg for arg in argv if not arg.startswith("-")), None)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = _find_command(argv)
+    parser = build_parser(command if command in COMMANDS else None)
+    args = parser.parse_args(argv)
+    module = importlib.import_module(COMMANDS[args.command][0])
+    try:
+        return int(module.run(args) or 0)
+    except PhonetuneError as error:
+        if args.debug:
+            raise
+        print(f"phonetune {args.command}: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"phonetune {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
