@@ -63,5 +63,7 @@ def count_ctc_frames(num_samples: int) -> int:
 
 def count_ctc_minimum(phones: list[str]) -> int:
     """Fewest CTC frames that can carry `phones`: one per phone plus a blank between repeats."""
-    repeats = sum(1 for previous, current in zip(phones, phones[1:], strict=False) if previous == current)
+    repeats = sum(
+        1 for previous, current in zip(phones, phones[1:], strict=False) if previous == current
+    )
     return len(phones) + repeats

@@ -40,11 +40,18 @@ class Rejection:
     detail: str = ""
 
     def as_dict(self) -> dict[str, str]:
-        return {"locale": self.locale, "split": self.split, "path": self.path,
-                "reason": self.reason, "detail": self.detail}
+        return {
+            "locale": self.locale,
+            "split": self.split,
+            "path": self.path,
+            "reason": self.reason,
+            "detail": self.detail,
+        }
 
 
-def find_split_files(cv_root: Path, locale: str, splits: tuple[str, ...] = SPLITS) -> dict[str, Path]:
+def find_split_files(
+    cv_root: Path, locale: str, splits: tuple[str, ...] = SPLITS
+) -> dict[str, Path]:
     """The split TSVs of one locale; a clear error when the locale has none of them."""
     locale_dir = cv_root / locale
     if not locale_dir.is_dir():
@@ -52,7 +59,11 @@ def find_split_files(cv_root: Path, locale: str, splits: tuple[str, ...] = SPLIT
             f"no directory for locale {locale!r} in {cv_root}: expected {locale_dir} holding "
             f"{', '.join(s + '.tsv' for s in splits)} and clips/ (an extracted Common Voice release)"
         )
-    found = {split: locale_dir / f"{split}.tsv" for split in splits if (locale_dir / f"{split}.tsv").is_file()}
+    found = {
+        split: locale_dir / f"{split}.tsv"
+        for split in splits
+        if (locale_dir / f"{split}.tsv").is_file()
+    }
     if not found:
         raise PhonetuneError(
             f"locale directory {locale_dir} has none of {', '.join(s + '.tsv' for s in splits)}. "
@@ -89,33 +100,56 @@ def read_split(cv_root: Path, locale: str, split: str, tsv: Path) -> Iterator[Cl
         for line_number, row in enumerate(rows, start=2):
             if not any(field.strip() for field in row):
                 continue  # a blank line is not a row
-            yield from _check_row(cv_root, clips_dir, locale, split, tsv, header, missing, line_number, row)
+            yield from _check_row(clips_dir, locale, split, tsv, header, missing, line_number, row)
 
 
 def _check_row(
-    cv_root: Path, clips_dir: Path, locale: str, split: str, tsv: Path,
-    header: list[str], missing: list[str], line_number: int, row: list[str],
+    clips_dir: Path,
+    locale: str,
+    split: str,
+    tsv: Path,
+    header: list[str],
+    missing: list[str],
+    line_number: int,
+    row: list[str],
 ) -> Iterator[Clip | Rejection]:
     where = f"{tsv.name} line {line_number}"
     fields = dict(zip(header, row, strict=False))
     label = fields.get("path", "").strip() or f"{tsv.name}:{line_number}"
     if missing:
-        yield Rejection(locale, split, label, "tsv_missing_columns",
-                        f"{tsv.name} has no column(s) {', '.join(missing)}")
+        yield Rejection(
+            locale,
+            split,
+            label,
+            "tsv_missing_columns",
+            f"{tsv.name} has no column(s) {', '.join(missing)}",
+        )
         return
     if len(row) != len(header):
         # Usually a tab inside a sentence: the columns after it are shifted, so no field is safe.
-        yield Rejection(locale, split, label, "malformed_row",
-                        f"{where} has {len(row)} fields, the header has {len(header)}")
+        yield Rejection(
+            locale,
+            split,
+            label,
+            "malformed_row",
+            f"{where} has {len(row)} fields, the header has {len(header)}",
+        )
         return
     relative = fields["path"].strip()
     audio_path = resolve_clip_path(clips_dir, relative)
     if audio_path is None:
-        yield Rejection(locale, split, label, "path_escapes_clips_dir",
-                        f"{where}: {relative!r} is not a file inside {locale}/clips")
+        yield Rejection(
+            locale,
+            split,
+            label,
+            "path_escapes_clips_dir",
+            f"{where}: {relative!r} is not a file inside {locale}/clips",
+        )
         return
     if not audio_path.is_file():
-        yield Rejection(locale, split, label, "missing_file", f"{where}: {locale}/clips/{relative} not found")
+        yield Rejection(
+            locale, split, label, "missing_file", f"{where}: {locale}/clips/{relative} not found"
+        )
         return
     sentence = clean_sentence(fields["sentence"])
     if not sentence:

@@ -102,7 +102,10 @@ class Synthesizer:
         self._lib = ctypes.CDLL(location.library)
         self._lib.espeak_Initialize.restype = ctypes.c_int
         self._lib.espeak_Initialize.argtypes = [
-            ctypes.c_int, ctypes.c_int, ctypes.c_char_p, ctypes.c_int,
+            ctypes.c_int,
+            ctypes.c_int,
+            ctypes.c_char_p,
+            ctypes.c_int,
         ]
         data = location.data_path.encode() if location.data_path else None
         rate = self._lib.espeak_Initialize(_AUDIO_OUTPUT_SYNCHRONOUS, 0, data, 0)
@@ -115,9 +118,20 @@ class Synthesizer:
         self._lib.espeak_SetSynthCallback(self._callback)
         self._lib.espeak_SetVoiceByName.argtypes = [ctypes.c_char_p]
         self._lib.espeak_SetParameter.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int]
+        # espeak-ng draws breath noise from rand(); seeding it per utterance makes audio repeatable.
+        self._set_seed = getattr(self._lib, "espeak_ng_SetRandSeed", None)
+        if self._set_seed is not None:
+            self._set_seed.argtypes = [ctypes.c_long]
+            self._set_seed.restype = None
         self._lib.espeak_Synth.argtypes = [
-            ctypes.c_char_p, ctypes.c_size_t, ctypes.c_uint, ctypes.c_int, ctypes.c_uint,
-            ctypes.c_uint, ctypes.c_void_p, ctypes.c_void_p,
+            ctypes.c_char_p,
+            ctypes.c_size_t,
+            ctypes.c_uint,
+            ctypes.c_int,
+            ctypes.c_uint,
+            ctypes.c_uint,
+            ctypes.c_void_p,
+            ctypes.c_void_p,
         ]
 
     def _collect(self, wav: ctypes.Array, num_samples: int, _events: int) -> int:
@@ -125,11 +139,29 @@ class Synthesizer:
             self._chunks.append(np.ctypeslib.as_array(wav, shape=(num_samples,)).copy())
         return 0  # 0 = carry on synthesising
 
-    def speak(self, text: str, voice: str, rate: int = 175, pitch: int = 50, pitch_range: int = 50) -> np.ndarray:
-        """Return `text` spoken by `voice` (e.g. 'en-us+f3') as float32 samples at `sample_rate`."""
+    def speak(
+        self,
+        text: str,
+        voice: str,
+        rate: int = 175,
+        pitch: int = 50,
+        pitch_range: int = 50,
+        seed: int | None = None,
+    ) -> np.ndarray:
+        """Return `text` spoken by `voice` (e.g. 'en-us+f3') as float32 samples at `sample_rate`.
+
+        With `seed`, espeak-ng's noise source is seeded first. Bit-identical audio also needs a
+        fresh process: espeak-ng keeps other state (pitch flutter phase, gain) between utterances.
+        """
+        if seed is not None and self._set_seed is not None:
+            self._set_seed(seed)
         if self._lib.espeak_SetVoiceByName(voice.encode()) != 0:
             raise ValueError(f"espeak-ng has no voice {voice!r}")
-        for parameter, value in ((_PARAM_RATE, rate), (_PARAM_PITCH, pitch), (_PARAM_RANGE, pitch_range)):
+        for parameter, value in (
+            (_PARAM_RATE, rate),
+            (_PARAM_PITCH, pitch),
+            (_PARAM_RANGE, pitch_range),
+        ):
             self._lib.espeak_SetParameter(parameter, value, 0)
         self._chunks = []
         encoded = text.encode("utf-8")
@@ -137,7 +169,9 @@ class Synthesizer:
             encoded, len(encoded) + 1, 0, _POS_CHARACTER, 0, _ESPEAK_CHARS_UTF8, None, None
         )
         if status != 0:
-            raise RuntimeError(f"espeak-ng failed to speak {text!r} with voice {voice!r} (status {status})")
+            raise RuntimeError(
+                f"espeak-ng failed to speak {text!r} with voice {voice!r} (status {status})"
+            )
         if not self._chunks:
             return np.zeros(0, dtype=np.float32)
         return np.concatenate(self._chunks).astype(np.float32) / 32768.0

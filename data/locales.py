@@ -80,7 +80,8 @@ _TABLE: tuple[Locale, ...] = (
     Locale("or", "or", ("ORIYA",)),
     Locale("pa-IN", "pa", ("GURMUKHI",)),
     Locale("pl", "pl", _LATIN),
-    Locale("pt", "pt", _LATIN),  # our choice: espeak's European Portuguese (pt-br is the alternative)
+    # Our choice: espeak's European Portuguese (pt-br would be the alternative).
+    Locale("pt", "pt", _LATIN),
     Locale("quy", "qu", _LATIN),
     Locale("ro", "ro", _LATIN),
     Locale("ru", "ru", _CYRILLIC),
@@ -111,7 +112,18 @@ _TABLE: tuple[Locale, ...] = (
 LOCALES: dict[str, Locale] = {entry.code: entry for entry in _TABLE}
 
 # The default multilingual set of `phonetune synth` and the demo: several scripts and families.
-DEFAULT_LOCALES: tuple[str, ...] = ("en", "fr", "de", "es", "it", "pl", "ru", "tr", "sv-SE", "zh-CN")
+DEFAULT_LOCALES: tuple[str, ...] = (
+    "en",
+    "fr",
+    "de",
+    "es",
+    "it",
+    "pl",
+    "ru",
+    "tr",
+    "sv-SE",
+    "zh-CN",
+)
 
 
 class UnsupportedLocaleError(ValueError):
@@ -134,7 +146,9 @@ def parse_locales(text: str) -> list[str]:
     """Split a comma-separated list of locales and check each one, all errors at once."""
     codes = [part.strip() for part in text.split(",") if part.strip()]
     if not codes:
-        raise UnsupportedLocaleError("no locale given: pass a comma-separated list such as en,fr,de")
+        raise UnsupportedLocaleError(
+            "no locale given: pass a comma-separated list such as en,fr,de"
+        )
     unknown = [code for code in codes if code not in LOCALES]
     if unknown:
         supported = ", ".join(sorted(LOCALES))

@@ -55,17 +55,21 @@ def normalize_phones(raw: str) -> str:
     return " ".join(_DRIFT.get(token, token) for token in tokens)
 
 
-def phonemize_batch(sentences: Sequence[str], language: str, policy: str = "remove-flags") -> list[str]:
+def phonemize_batch(
+    sentences: Sequence[str], language: str, policy: str = "remove-flags"
+) -> list[str]:
     """Phones for each sentence (an empty string where espeak-ng produced none)."""
     if policy not in LANGUAGE_SWITCH_POLICIES:
-        raise ValueError(f"language switch policy must be one of {LANGUAGE_SWITCH_POLICIES}, not {policy!r}")
+        raise ValueError(
+            f"language switch policy must be one of {LANGUAGE_SWITCH_POLICIES}, not {policy!r}"
+        )
     from phonemizer.separator import Separator
 
     backend = _get_backend(language, policy)
     separator = Separator(phone=" ", word="", syllable="")
     phones: list[str] = []
     for start in range(0, len(sentences), BATCH_SIZE):
-        batch = list(sentences[start:start + BATCH_SIZE])
+        batch = list(sentences[start : start + BATCH_SIZE])
         # njobs=1: preparation parallelises over locales and clips itself.
         raw = backend.phonemize(batch, separator=separator, strip=False, njobs=1)
         phones.extend(normalize_phones(line) for line in raw)
@@ -93,8 +97,10 @@ class PhonemeCache:
 
     def lookup(self, sentences: Sequence[str], language: str, policy: str) -> dict[str, str]:
         found: dict[str, str] = {}
-        query = ("SELECT phones FROM phones WHERE text=? AND language=? AND espeak=? AND policy=?"
-                 " AND scheme=?")
+        query = (
+            "SELECT phones FROM phones WHERE text=? AND language=? AND espeak=? AND policy=?"
+            " AND scheme=?"
+        )
         for sentence in dict.fromkeys(sentences):
             row = self._db.execute(
                 query, (sentence, language, self.espeak_version, policy, SCHEME_VERSION)
@@ -108,8 +114,10 @@ class PhonemeCache:
     def store(self, results: dict[str, str], language: str, policy: str) -> None:
         self._db.executemany(
             "INSERT OR REPLACE INTO phones VALUES (?, ?, ?, ?, ?, ?)",
-            [(text, language, self.espeak_version, policy, SCHEME_VERSION, phones)
-             for text, phones in results.items()],
+            [
+                (text, language, self.espeak_version, policy, SCHEME_VERSION, phones)
+                for text, phones in results.items()
+            ],
         )
         self._db.commit()
 

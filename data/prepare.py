@@ -75,7 +75,9 @@ class Outcome:
 
 
 # --- step 1: rows ---------------------------------------------------------------------------
-def read_rows(options: PrepareOptions) -> tuple[list[Clip], list[Rejection], dict[tuple[str, str], int]]:
+def read_rows(
+    options: PrepareOptions,
+) -> tuple[list[Clip], list[Rejection], dict[tuple[str, str], int]]:
     """Every row of every requested split: usable clips, rejections, and rows read per split."""
     clips: list[Clip] = []
     rejected: list[Rejection] = []
@@ -94,8 +96,15 @@ def read_rows(options: PrepareOptions) -> tuple[list[Clip], list[Rejection], dic
                 earlier = seen.get((locale, item.path))
                 if earlier is not None:
                     reason = "duplicate_row" if earlier == split else "duplicate_across_splits"
-                    rejected.append(Rejection(locale, split, item.path, reason,
-                                              f"{item.path} already listed in {earlier}.tsv"))
+                    rejected.append(
+                        Rejection(
+                            locale,
+                            split,
+                            item.path,
+                            reason,
+                            f"{item.path} already listed in {earlier}.tsv",
+                        )
+                    )
                     continue
                 seen[(locale, item.path)] = split
                 clips.append(item)
@@ -118,9 +127,16 @@ def phonemize_clips(
         scripts = foreign_scripts(clip.sentence, get_locale(clip.locale))
         if scripts:
             # espeak-ng would spell these letters out one by one in English, not read them.
-            rejected.append(Rejection(clip.locale, clip.split, clip.path, "unreadable_script",
-                                      f"{', '.join(scripts)} letters cannot be read by the "
-                                      f"{get_locale(clip.locale).espeak!r} voice"))
+            rejected.append(
+                Rejection(
+                    clip.locale,
+                    clip.split,
+                    clip.path,
+                    "unreadable_script",
+                    f"{', '.join(scripts)} letters cannot be read by the "
+                    f"{get_locale(clip.locale).espeak!r} voice",
+                )
+            )
         else:
             readable.append(clip)
 
@@ -146,16 +162,36 @@ def phonemize_clips(
     for clip in readable:
         value = phones[(get_locale(clip.locale).espeak, clip.sentence)]
         if not value:
-            reason = "language_switch" if options.language_switch == "remove-utterance" else "no_phones"
-            rejected.append(Rejection(clip.locale, clip.split, clip.path, reason,
-                                      f"espeak-ng gave no phones for {clip.sentence!r}"))
+            reason = (
+                "language_switch" if options.language_switch == "remove-utterance" else "no_phones"
+            )
+            rejected.append(
+                Rejection(
+                    clip.locale,
+                    clip.split,
+                    clip.path,
+                    reason,
+                    f"espeak-ng gave no phones for {clip.sentence!r}",
+                )
+            )
             continue
-        tasks.append(ClipTask(clip.locale, clip.split, clip.path, str(clip.audio_path),
-                              clip.sentence, clip.client_id, value))
+        tasks.append(
+            ClipTask(
+                clip.locale,
+                clip.split,
+                clip.path,
+                str(clip.audio_path),
+                clip.sentence,
+                clip.client_id,
+                value,
+            )
+        )
     return tasks, rejected
 
 
-def apply_vocab(tasks: list[ClipTask], vocab: dict[str, int], policy: str) -> tuple[list[ClipTask], list[Rejection], dict]:
+def apply_vocab(
+    tasks: list[ClipTask], vocab: dict[str, int], policy: str
+) -> tuple[list[ClipTask], list[Rejection], dict]:
     """With a given vocabulary: phones outside it reject the clip, or become <unk> (policy)."""
     kept: list[ClipTask] = []
     rejected: list[Rejection] = []
@@ -167,34 +203,50 @@ def apply_vocab(tasks: list[ClipTask], vocab: dict[str, int], policy: str) -> tu
             continue
         outside[task.locale].update(unknown)
         if policy == "reject":
-            rejected.append(Rejection(task.locale, task.split, task.path, "phones_outside_vocab",
-                                      f"not in the vocabulary: {' '.join(sorted(set(unknown)))}"))
+            rejected.append(
+                Rejection(
+                    task.locale,
+                    task.split,
+                    task.path,
+                    "phones_outside_vocab",
+                    f"not in the vocabulary: {' '.join(sorted(set(unknown)))}",
+                )
+            )
         else:
             task.phones = " ".join(p if p in vocab else "<unk>" for p in task.phones.split())
             kept.append(task)
-    return kept, rejected, {loc: dict(counts.most_common()) for loc, counts in sorted(outside.items())}
+    return (
+        kept,
+        rejected,
+        {loc: dict(counts.most_common()) for loc, counts in sorted(outside.items())},
+    )
 
 
 # --- step 3: audio, in shards -----------------------------------------------------------------
 def _shard_features():  # noqa: ANN202 - datasets.Features
     from datasets import Features, Sequence, Value
 
-    return Features({
-        "audio": Sequence(Value("int16")),
-        "phones": Value("string"),
-        "num_phones": Value("int32"),
-        "locale": Value("string"),
-        "split": Value("string"),
-        "duration": Value("float32"),
-        "num_frames": Value("int32"),
-        "client_id": Value("string"),
-        "sentence": Value("string"),
-        "path": Value("string"),
-    })
+    return Features(
+        {
+            "audio": Sequence(Value("int16")),
+            "phones": Value("string"),
+            "num_phones": Value("int32"),
+            "locale": Value("string"),
+            "split": Value("string"),
+            "duration": Value("float32"),
+            "num_frames": Value("int32"),
+            "client_id": Value("string"),
+            "sentence": Value("string"),
+            "path": Value("string"),
+        }
+    )
 
 
-def check_clip(task: ClipTask, min_duration: float, max_duration: float) -> tuple[np.ndarray | None, Rejection | None]:
+def check_clip(
+    task: ClipTask, min_duration: float, max_duration: float
+) -> tuple[np.ndarray | None, Rejection | None]:
     """Decode one clip and apply the audio filters; returns (pcm16, None) or (None, rejection)."""
+
     def reject(reason: str, detail: str) -> tuple[None, Rejection]:
         return None, Rejection(task.locale, task.split, task.path, reason, detail)
 
@@ -206,16 +258,20 @@ def check_clip(task: ClipTask, min_duration: float, max_duration: float) -> tupl
     if float(np.abs(samples).max()) < audio_io.SILENCE_PEAK:
         return reject("silent_audio", f"peak below {audio_io.SILENCE_PEAK} over {duration:.2f} s")
     if duration < min_duration or duration > max_duration:
-        return reject("duration_out_of_range",
-                      f"{duration:.2f} s is outside [{min_duration}, {max_duration}] s")
+        return reject(
+            "duration_out_of_range",
+            f"{duration:.2f} s is outside [{min_duration}, {max_duration}] s",
+        )
     phones = task.phones.split()
     frames = audio_io.count_ctc_frames(len(samples))
     needed = audio_io.count_ctc_minimum(phones)
     if frames < needed:
         # CTC needs one frame per phone plus a blank between repeated phones; with fewer frames
         # the loss is infinite and poisons the batch.
-        return reject("too_short_for_phones",
-                      f"{frames} CTC frames ({duration:.2f} s) cannot carry {len(phones)} phones ({needed} needed)")
+        return reject(
+            "too_short_for_phones",
+            f"{frames} CTC frames ({duration:.2f} s) cannot carry {len(phones)} phones ({needed} needed)",
+        )
     return audio_io.to_pcm16(samples), None
 
 
@@ -233,21 +289,38 @@ def process_shard(job: tuple[str, list[ClipTask], float, float]) -> str:
             continue
         duration = len(pcm) / audio_io.SAMPLE_RATE
         row = {
-            "audio": pcm, "phones": task.phones, "num_phones": len(task.phones.split()),
-            "locale": task.locale, "split": task.split, "duration": duration,
-            "num_frames": audio_io.count_ctc_frames(len(pcm)), "client_id": task.client_id,
-            "sentence": task.sentence, "path": f"{task.locale}/clips/{task.path}",
+            "audio": pcm,
+            "phones": task.phones,
+            "num_phones": len(task.phones.split()),
+            "locale": task.locale,
+            "split": task.split,
+            "duration": duration,
+            "num_frames": audio_io.count_ctc_frames(len(pcm)),
+            "client_id": task.client_id,
+            "sentence": task.sentence,
+            "path": f"{task.locale}/clips/{task.path}",
         }
         for name, value in row.items():
             columns[name].append(value)
-        outcome.kept.append({"locale": task.locale, "split": task.split, "path": task.path,
-                             "duration": duration, "phones": task.phones})
+        outcome.kept.append(
+            {
+                "locale": task.locale,
+                "split": task.split,
+                "path": task.path,
+                "duration": duration,
+                "phones": task.phones,
+            }
+        )
     schema = _shard_features().arrow_schema
     arrays = [pa.array(columns[name], type=schema.field(name).type) for name in schema.names]
     table = pa.Table.from_arrays(arrays, schema=schema)
-    _write_atomically(Path(shard_path + ".json"), json.dumps(
-        {"kept": outcome.kept, "rejected": [r.as_dict() for r in outcome.rejected]}, ensure_ascii=False
-    ).encode("utf-8"))
+    _write_atomically(
+        Path(shard_path + ".json"),
+        json.dumps(
+            {"kept": outcome.kept, "rejected": [r.as_dict() for r in outcome.rejected]},
+            ensure_ascii=False,
+        ).encode("utf-8"),
+    )
     tmp = shard_path + ".arrow.tmp"
     with pa.OSFile(tmp, "wb") as sink, pa.ipc.new_stream(sink, schema) as writer:
         writer.write_table(table)
@@ -264,7 +337,9 @@ def _write_atomically(path: Path, payload: bytes) -> None:
     os.replace(tmp, path)
 
 
-def plan_shards(tasks: list[ClipTask], work_dir: Path, settings_key: str) -> list[tuple[str, list[ClipTask]]]:
+def plan_shards(
+    tasks: list[ClipTask], work_dir: Path, settings_key: str
+) -> list[tuple[str, list[ClipTask]]]:
     """Cut each (locale, split) into shards named by a hash of their content and the settings.
 
     A shard whose inputs are unchanged keeps its name, so a re-run finds it and skips it.
@@ -275,12 +350,14 @@ def plan_shards(tasks: list[ClipTask], work_dir: Path, settings_key: str) -> lis
     shards = []
     for (locale, split), group in groups.items():
         for index in range(0, len(group), SHARD_CLIPS):
-            chunk = group[index:index + SHARD_CLIPS]
+            chunk = group[index : index + SHARD_CLIPS]
             digest = hashlib.sha256(settings_key.encode())
             for task in chunk:
                 stat = os.stat(task.audio_path)
-                digest.update(f"{task.path}\t{task.phones}\t{task.client_id}\t{task.sentence}\t"
-                              f"{stat.st_size}\t{stat.st_mtime_ns}\n".encode())
+                digest.update(
+                    f"{task.path}\t{task.phones}\t{task.client_id}\t{task.sentence}\t"
+                    f"{stat.st_size}\t{stat.st_mtime_ns}\n".encode()
+                )
             name = f"{locale}.{split}.{index // SHARD_CLIPS:05d}.{digest.hexdigest()[:16]}"
             shards.append((str(work_dir / name), chunk))
     return shards
@@ -295,10 +372,13 @@ def decode_shards(
     todo = [(path, chunk) for path, chunk in shards if not Path(path + ".arrow").is_file()]
     jobs = [(path, chunk, options.min_duration, options.max_duration) for path, chunk in todo]
     clips = sum(len(chunk) for _, chunk in todo)
-    with tqdm(total=clips, desc="decode + resample", unit="clip", disable=clips == 0,
-              file=sys.stderr) as bar:
+    with tqdm(
+        total=clips, desc="decode + resample", unit="clip", disable=clips == 0, file=sys.stderr
+    ) as bar:
         sizes = {path: len(chunk) for path, chunk in todo}
-        results: Iterable[str] = pool.imap_unordered(process_shard, jobs) if pool else map(process_shard, jobs)
+        results: Iterable[str] = (
+            pool.imap_unordered(process_shard, jobs) if pool else map(process_shard, jobs)
+        )
         for path in results:
             bar.update(sizes[path])
     return len(shards) - len(todo), len(todo)
@@ -314,14 +394,18 @@ def collect_outcomes(shards: list[tuple[str, list[ClipTask]]]) -> Outcome:
 
 
 # --- step 4: vocabulary and dataset -----------------------------------------------------------
-def assemble_dataset(shards: list[tuple[str, list[ClipTask]]], out: Path, splits: tuple[str, ...]) -> None:
+def assemble_dataset(
+    shards: list[tuple[str, list[ClipTask]]], out: Path, splits: tuple[str, ...]
+) -> None:
     """Concatenate the shards into one DatasetDict saved in `out` (load_from_disk(out) opens it)."""
     from datasets import Dataset, DatasetDict, concatenate_datasets
 
     by_split: dict[str, list] = defaultdict(list)
     for path, chunk in shards:
         by_split[chunk[0].split].append(Dataset.from_file(path + ".arrow"))
-    parts = {split: concatenate_datasets(by_split[split]) for split in splits if by_split.get(split)}
+    parts = {
+        split: concatenate_datasets(by_split[split]) for split in splits if by_split.get(split)
+    }
     parts = {split: ds for split, ds in parts.items() if len(ds) > 0}
     if not parts:
         raise PhonetuneError("no clip was kept")
@@ -343,9 +427,15 @@ def assemble_dataset(shards: list[tuple[str, list[ClipTask]]], out: Path, splits
 
 # --- the report -------------------------------------------------------------------------------
 def build_report(
-    options: PrepareOptions, read: dict[tuple[str, str], int], outcome: Outcome,
-    rejected: list[Rejection], vocab: dict[str, int], vocab_source: str, outside_vocab: dict,
-    cache: PhonemeCache, shard_counts: tuple[int, int],
+    options: PrepareOptions,
+    read: dict[tuple[str, str], int],
+    outcome: Outcome,
+    rejected: list[Rejection],
+    vocab: dict[str, int],
+    vocab_source: str,
+    outside_vocab: dict,
+    cache: PhonemeCache,
+    shard_counts: tuple[int, int],
 ) -> dict:
     import phonemizer
 
@@ -358,13 +448,18 @@ def build_report(
         inventory: Counter[str] = Counter()
         for split in options.splits:
             kept = [k for k in outcome.kept if k["locale"] == locale and k["split"] == split]
-            reasons = Counter(r.reason for r in all_rejected if r.locale == locale and r.split == split)
+            reasons = Counter(
+                r.reason for r in all_rejected if r.locale == locale and r.split == split
+            )
             if (locale, split) not in read:
                 continue
             seconds = sum(k["duration"] for k in kept)
             entry["splits"][split] = {
-                "read": read[(locale, split)], "kept": len(kept), "rejected": sum(reasons.values()),
-                "rejected_by_reason": dict(reasons.most_common()), "hours": round(seconds / 3600, 4),
+                "read": read[(locale, split)],
+                "kept": len(kept),
+                "rejected": sum(reasons.values()),
+                "rejected_by_reason": dict(reasons.most_common()),
+                "hours": round(seconds / 3600, 4),
             }
             for k in kept:
                 inventory.update(k["phones"].split())
@@ -374,21 +469,37 @@ def build_report(
     totals_read = sum(read.values())
     hours = sum(k["duration"] for k in outcome.kept) / 3600
     return {
-        "versions": {"phonetune": __version__, "espeak_ng": espeak_version(),
-                     "phonemizer": phonemizer.__version__},
+        "versions": {
+            "phonetune": __version__,
+            "espeak_ng": espeak_version(),
+            "phonemizer": phonemizer.__version__,
+        },
         "settings": {
-            "cv_root": str(options.cv_root), "locales": options.locales, "splits": list(options.splits),
-            "min_duration": options.min_duration, "max_duration": options.max_duration,
-            "language_switch": options.language_switch, "oov_policy": options.oov_policy,
+            "cv_root": str(options.cv_root),
+            "locales": options.locales,
+            "splits": list(options.splits),
+            "min_duration": options.min_duration,
+            "max_duration": options.max_duration,
+            "language_switch": options.language_switch,
+            "oov_policy": options.oov_policy,
             "sample_rate": audio_io.SAMPLE_RATE,
             "phonemizer_separator": {"phone": " ", "word": "", "syllable": ""},
-            "phonemizer_strip": False, "with_stress": False,
+            "phonemizer_strip": False,
+            "with_stress": False,
         },
-        "totals": {"read": totals_read, "kept": len(outcome.kept), "rejected": len(all_rejected),
-                   "hours_kept": round(hours, 4),
-                   "rejected_by_reason": dict(Counter(r.reason for r in all_rejected).most_common())},
+        "totals": {
+            "read": totals_read,
+            "kept": len(outcome.kept),
+            "rejected": len(all_rejected),
+            "hours_kept": round(hours, 4),
+            "rejected_by_reason": dict(Counter(r.reason for r in all_rejected).most_common()),
+        },
         "per_locale": per_locale,
-        "vocab": {"size": len(vocab), "source": vocab_source, "phones_outside_vocab": outside_vocab},
+        "vocab": {
+            "size": len(vocab),
+            "source": vocab_source,
+            "phones_outside_vocab": outside_vocab,
+        },
         "phoneme_cache": {"path": str(cache.path), "hits": cache.hits, "misses": cache.misses},
         "shards": {"reused": shard_counts[0], "written": shard_counts[1]},
         "rejected": [r.as_dict() for r in all_rejected],
@@ -396,19 +507,27 @@ def build_report(
 
 
 def print_summary(report: dict, out: Path) -> None:
-    print(f"\n{'locale':<8} {'split':<6} {'read':>6} {'kept':>6} {'rejected':>8} {'hours':>8}  top rejection")
+    print(
+        f"\n{'locale':<8} {'split':<6} {'read':>6} {'kept':>6} {'rejected':>8} {'hours':>8}  top rejection"
+    )
     for locale, entry in report["per_locale"].items():
         for split, stats in entry["splits"].items():
             top = next(iter(stats["rejected_by_reason"].items()), None)
             top_text = f"{top[0]} ({top[1]})" if top else ""
-            print(f"{locale:<8} {split:<6} {stats['read']:>6} {stats['kept']:>6} "
-                  f"{stats['rejected']:>8} {stats['hours']:>8.3f}  {top_text}")
+            print(
+                f"{locale:<8} {split:<6} {stats['read']:>6} {stats['kept']:>6} "
+                f"{stats['rejected']:>8} {stats['hours']:>8.3f}  {top_text}"
+            )
     totals = report["totals"]
-    print(f"\nread {totals['read']} clips: kept {totals['kept']} ({totals['hours_kept']:.3f} h), "
-          f"rejected {totals['rejected']} {totals['rejected_by_reason'] or ''}")
+    print(
+        f"\nread {totals['read']} clips: kept {totals['kept']} ({totals['hours_kept']:.3f} h), "
+        f"rejected {totals['rejected']} {totals['rejected_by_reason'] or ''}"
+    )
     cache = report["phoneme_cache"]
-    print(f"phonemes: {cache['hits']} sentences from the cache, {cache['misses']} phonemized; "
-          f"vocabulary: {report['vocab']['size']} tokens ({report['vocab']['source']})")
+    print(
+        f"phonemes: {cache['hits']} sentences from the cache, {cache['misses']} phonemized; "
+        f"vocabulary: {report['vocab']['size']} tokens ({report['vocab']['source']})"
+    )
     print(f"prepared dataset: {out}  (datasets.load_from_disk)\nreport: {out / REPORT_NAME}")
 
 
@@ -421,16 +540,22 @@ def default_cache_dir() -> Path:
 def validate_options(options: PrepareOptions) -> None:
     problems = []
     if not options.cv_root.is_dir():
-        problems.append(f"--cv-root {options.cv_root} is not a directory (give the extracted Common "
-                        "Voice release, the folder that holds one folder per locale)")
+        problems.append(
+            f"--cv-root {options.cv_root} is not a directory (give the extracted Common "
+            "Voice release, the folder that holds one folder per locale)"
+        )
     if options.num_workers < 1:
         problems.append("--num-workers must be at least 1")
     if not 0 <= options.min_duration < options.max_duration:
-        problems.append(f"need 0 <= --min-duration < --max-duration, got {options.min_duration} "
-                        f"and {options.max_duration}")
+        problems.append(
+            f"need 0 <= --min-duration < --max-duration, got {options.min_duration} "
+            f"and {options.max_duration}"
+        )
     unknown_splits = [s for s in options.splits if s not in SPLITS]
     if unknown_splits:
-        problems.append(f"unknown split(s) {', '.join(unknown_splits)}; choose from {', '.join(SPLITS)}")
+        problems.append(
+            f"unknown split(s) {', '.join(unknown_splits)}; choose from {', '.join(SPLITS)}"
+        )
     if options.out.exists() and not options.out.is_dir():
         problems.append(f"--out {options.out} exists and is not a directory")
     if problems:
@@ -444,9 +569,13 @@ def prepare(options: PrepareOptions) -> dict:
     options.out.mkdir(parents=True, exist_ok=True)
     work_dir = options.out / ".work"
     work_dir.mkdir(exist_ok=True)
-    cache = PhonemeCache((options.cache_dir or default_cache_dir()) / "phonemes.sqlite", espeak_version())
-    settings_key = json.dumps({"format": SHARD_FORMAT, "min": options.min_duration,
-                               "max": options.max_duration}, sort_keys=True)
+    cache = PhonemeCache(
+        (options.cache_dir or default_cache_dir()) / "phonemes.sqlite", espeak_version()
+    )
+    settings_key = json.dumps(
+        {"format": SHARD_FORMAT, "min": options.min_duration, "max": options.max_duration},
+        sort_keys=True,
+    )
 
     pool = None
     if options.num_workers > 1:
@@ -457,11 +586,17 @@ def prepare(options: PrepareOptions) -> dict:
         rejected += phone_rejections
         outside_vocab: dict = {}
         if given_vocab is not None:
-            tasks, vocab_rejections, outside_vocab = apply_vocab(tasks, given_vocab, options.oov_policy)
+            tasks, vocab_rejections, outside_vocab = apply_vocab(
+                tasks, given_vocab, options.oov_policy
+            )
             rejected += vocab_rejections
         shards = plan_shards(tasks, work_dir, settings_key)
-        plan = hashlib.sha256("\n".join(sorted(Path(p).name for p, _ in shards)).encode()).hexdigest()
-        finished = _finished_plan(options.out) == plan and all(Path(p + ".json").is_file() for p, _ in shards)
+        plan = hashlib.sha256(
+            "\n".join(sorted(Path(p).name for p, _ in shards)).encode()
+        ).hexdigest()
+        finished = _finished_plan(options.out) == plan and all(
+            Path(p + ".json").is_file() for p, _ in shards
+        )
         shard_counts = (len(shards), 0) if finished else decode_shards(shards, options, pool)
     finally:
         if pool is not None:
@@ -473,12 +608,16 @@ def prepare(options: PrepareOptions) -> dict:
     else:
         vocab = build_vocab(Counter(p for k in outcome.kept for p in k["phones"].split()))
         source = "built from the kept clips"
-    report = build_report(options, read, outcome, rejected, vocab, source, outside_vocab, cache, shard_counts)
+    report = build_report(
+        options, read, outcome, rejected, vocab, source, outside_vocab, cache, shard_counts
+    )
     cache.close()
     if not outcome.kept:
         _write_atomically(options.out / REPORT_NAME, _to_json(report))
-        raise PhonetuneError(f"no clip was kept out of {report['totals']['read']} read; every "
-                             f"rejection and its reason is in {options.out / REPORT_NAME}")
+        raise PhonetuneError(
+            f"no clip was kept out of {report['totals']['read']} read; every "
+            f"rejection and its reason is in {options.out / REPORT_NAME}"
+        )
     if not finished:
         assemble_dataset(shards, options.out, options.splits)
     save_vocab(vocab, options.out / "vocab.json")
@@ -512,30 +651,65 @@ def _prune_work_dir(work_dir: Path, keep: set[str]) -> None:
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--cv-root", type=Path, required=True,
-                        help="extracted Common Voice release: one folder per locale with "
-                             "train/dev/test.tsv and clips/")
-    parser.add_argument("--locales", required=True,
-                        help="comma-separated Common Voice locale codes, e.g. en,fr,sv-SE,zh-CN")
-    parser.add_argument("--out", type=Path, required=True, help="PREP_DIR to write the prepared dataset to")
-    parser.add_argument("--num-workers", type=int, default=max(1, min(4, os.cpu_count() or 1)),
-                        help="processes that phonemize and decode in parallel (default: up to 4 CPUs)")
-    parser.add_argument("--vocab", type=Path, default=None,
-                        help="use this token->id vocabulary (e.g. data/reference/espeak_cv_ft_vocab.json, "
-                             "the released model's) instead of building one from the data")
-    parser.add_argument("--oov-policy", choices=OOV_POLICIES, default="reject",
-                        help="with --vocab, what to do with a clip holding phones outside the vocabulary: "
-                             "reject it (default) or map those phones to <unk>")
-    parser.add_argument("--language-switch", choices=LANGUAGE_SWITCH_POLICIES, default="remove-flags",
-                        help="espeak-ng language switches (foreign words): keep their phones and drop the "
-                             "flags (remove-flags, default), or reject the sentence (remove-utterance)")
-    parser.add_argument("--splits", default=",".join(SPLITS),
-                        help="comma-separated splits to prepare (default: train,dev,test)")
-    parser.add_argument("--min-duration", type=float, default=0.5, help="shortest clip kept, seconds (default 0.5)")
-    parser.add_argument("--max-duration", type=float, default=20.0, help="longest clip kept, seconds (default 20)")
-    parser.add_argument("--cache-dir", type=Path, default=None,
-                        help="where the phoneme cache lives (default: $PHONETUNE_CACHE_DIR or "
-                             "~/.cache/phonetune)")
+    parser.add_argument(
+        "--cv-root",
+        type=Path,
+        required=True,
+        help="extracted Common Voice release: one folder per locale with "
+        "train/dev/test.tsv and clips/",
+    )
+    parser.add_argument(
+        "--locales",
+        required=True,
+        help="comma-separated Common Voice locale codes, e.g. en,fr,sv-SE,zh-CN",
+    )
+    parser.add_argument(
+        "--out", type=Path, required=True, help="PREP_DIR to write the prepared dataset to"
+    )
+    parser.add_argument(
+        "--num-workers",
+        type=int,
+        default=max(1, min(4, os.cpu_count() or 1)),
+        help="processes that phonemize and decode in parallel (default: up to 4 CPUs)",
+    )
+    parser.add_argument(
+        "--vocab",
+        type=Path,
+        default=None,
+        help="use this token->id vocabulary (e.g. data/reference/espeak_cv_ft_vocab.json, "
+        "the released model's) instead of building one from the data",
+    )
+    parser.add_argument(
+        "--oov-policy",
+        choices=OOV_POLICIES,
+        default="reject",
+        help="with --vocab, what to do with a clip holding phones outside the vocabulary: "
+        "reject it (default) or map those phones to <unk>",
+    )
+    parser.add_argument(
+        "--language-switch",
+        choices=LANGUAGE_SWITCH_POLICIES,
+        default="remove-flags",
+        help="espeak-ng language switches (foreign words): keep their phones and drop the "
+        "flags (remove-flags, default), or reject the sentence (remove-utterance)",
+    )
+    parser.add_argument(
+        "--splits",
+        default=",".join(SPLITS),
+        help="comma-separated splits to prepare (default: train,dev,test)",
+    )
+    parser.add_argument(
+        "--min-duration", type=float, default=0.5, help="shortest clip kept, seconds (default 0.5)"
+    )
+    parser.add_argument(
+        "--max-duration", type=float, default=20.0, help="longest clip kept, seconds (default 20)"
+    )
+    parser.add_argument(
+        "--cache-dir",
+        type=Path,
+        default=None,
+        help="where the phoneme cache lives (default: $PHONETUNE_CACHE_DIR or ~/.cache/phonetune)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -544,13 +718,18 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as error:
         raise PhonetuneError(str(error)) from None
     options = PrepareOptions(
-        cv_root=args.cv_root, locales=locales, out=args.out,
+        cv_root=args.cv_root,
+        locales=locales,
+        out=args.out,
         splits=tuple(s.strip() for s in args.splits.split(",") if s.strip()),
-        num_workers=args.num_workers, vocab=args.vocab, oov_policy=args.oov_policy,
-        language_switch=args.language_switch, min_duration=args.min_duration,
-        max_duration=args.max_duration, cache_dir=args.cache_dir,
+        num_workers=args.num_workers,
+        vocab=args.vocab,
+        oov_policy=args.oov_policy,
+        language_switch=args.language_switch,
+        min_duration=args.min_duration,
+        max_duration=args.max_duration,
+        cache_dir=args.cache_dir,
     )
     report = prepare(options)
     print_summary(report, options.out)
     return 0
-

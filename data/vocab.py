@@ -21,7 +21,9 @@ RELEASED_VOCAB_PATH = Path(__file__).parent / "reference" / "espeak_cv_ft_vocab.
 
 def build_vocab(phone_counts: Counter[str]) -> dict[str, int]:
     """Special tokens, then phones by frequency (ties broken by the token, for determinism)."""
-    phones = sorted((p for p in phone_counts if p not in SPECIAL_TOKENS), key=lambda p: (-phone_counts[p], p))
+    phones = sorted(
+        (p for p in phone_counts if p not in SPECIAL_TOKENS), key=lambda p: (-phone_counts[p], p)
+    )
     return {token: index for index, token in enumerate(SPECIAL_TOKENS + tuple(phones))}
 
 

@@ -36,7 +36,9 @@ def list_clips(cv_root: Path, locales: list[str]) -> list[tuple[str, str, Path]]
             header = lines[0].split("\t")
             for line in lines[1:]:
                 fields = dict(zip(header, line.split("\t"), strict=False))
-                rows.append((locale, fields["sentence"], cv_root / locale / "clips" / fields["path"]))
+                rows.append(
+                    (locale, fields["sentence"], cv_root / locale / "clips" / fields["path"])
+                )
     return rows
 
 
@@ -54,8 +56,15 @@ def run_decode_only(clips: list[tuple[str, str, Path]], workers: int) -> float:
 
 def run_phonetune(cv_root: Path, locales: list[str], workers: int, scratch: Path) -> float:
     start = time.perf_counter()
-    prepare(PrepareOptions(cv_root=cv_root, locales=locales, out=scratch / "prep",
-                           num_workers=workers, cache_dir=scratch / "cache"))
+    prepare(
+        PrepareOptions(
+            cv_root=cv_root,
+            locales=locales,
+            out=scratch / "prep",
+            num_workers=workers,
+            cache_dir=scratch / "cache",
+        )
+    )
     return time.perf_counter() - start
 
 
@@ -71,16 +80,24 @@ def _tutorial_example(example: dict) -> dict:
     configure_phonemizer()
     samples, rate = soundfile.read(example["path"], dtype="float32")
     example["audio"] = soxr.resample(samples, rate, 16_000).tolist()
-    example["phones"] = phonemize(example["sentence"], language=example["language"], backend="espeak",
-                                  separator=Separator(phone=" ", word="", syllable=""), strip=False)
+    example["phones"] = phonemize(
+        example["sentence"],
+        language=example["language"],
+        backend="espeak",
+        separator=Separator(phone=" ", word="", syllable=""),
+        strip=False,
+    )
     return example
 
 
 def run_tutorial(clips: list[tuple[str, str, Path]], workers: int, scratch: Path) -> float:
     from datasets import Dataset
 
-    table = {"language": [get_locale(c[0]).espeak for c in clips], "sentence": [c[1] for c in clips],
-             "path": [str(c[2]) for c in clips]}
+    table = {
+        "language": [get_locale(c[0]).espeak for c in clips],
+        "sentence": [c[1] for c in clips],
+        "path": [str(c[2]) for c in clips],
+    }
     start = time.perf_counter()
     dataset = Dataset.from_dict(table).map(_tutorial_example, num_proc=workers)
     dataset.save_to_disk(str(scratch / "tutorial"))
@@ -88,7 +105,9 @@ def run_tutorial(clips: list[tuple[str, str, Path]], workers: int, scratch: Path
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--cv-root", type=Path, help="existing corpus (default: synthesize one)")
     parser.add_argument("--locales", default=",".join(DEFAULT_LOCALES))
     parser.add_argument("--clips-per-locale", type=int, default=100)
@@ -103,24 +122,38 @@ def main() -> None:
             from data.synth import synthesize_corpus
 
             cv_root = scratch / "cv"
-            synthesize_corpus(cv_root, locales, clips_per_locale=args.clips_per_locale, seed=0,
-                              num_workers=args.num_workers)
+            synthesize_corpus(
+                cv_root,
+                locales,
+                clips_per_locale=args.clips_per_locale,
+                seed=0,
+                num_workers=args.num_workers,
+            )
         clips = list_clips(cv_root, locales)
         hours = sum(len(load_audio(c[2])) for c in clips) / 16_000 / 3600
-        times = {"decode_only": run_decode_only(clips, args.num_workers),
-                 "phonetune": run_phonetune(cv_root, locales, args.num_workers, scratch)}
+        times = {
+            "decode_only": run_decode_only(clips, args.num_workers),
+            "phonetune": run_phonetune(cv_root, locales, args.num_workers, scratch),
+        }
         if not args.skip_tutorial:
             times["tutorial"] = run_tutorial(clips, args.num_workers, scratch)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 
-    print(f"\n{len(clips)} clips, {hours:.3f} h of audio, {len(locales)} locales, "
-          f"{args.num_workers} processes, {os.cpu_count()} CPUs ({platform.processor() or platform.machine()})")
+    print(
+        f"\n{len(clips)} clips, {hours:.3f} h of audio, {len(locales)} locales, "
+        f"{args.num_workers} processes, {os.cpu_count()} CPUs ({platform.processor() or platform.machine()})"
+    )
     print(f"{'method':<14} {'seconds':>9} {'clips/s':>9} {'audio h/h':>10}")
-    result: dict[str, float | int | str] = {"clips": len(clips), "hours": round(hours, 4),
-                                            "num_workers": args.num_workers}
+    result: dict[str, float | int | str] = {
+        "clips": len(clips),
+        "hours": round(hours, 4),
+        "num_workers": args.num_workers,
+    }
     for name, seconds in times.items():
-        print(f"{name:<14} {seconds:>9.2f} {len(clips) / seconds:>9.1f} {hours * 3600 / seconds:>10.0f}")
+        print(
+            f"{name:<14} {seconds:>9.2f} {len(clips) / seconds:>9.1f} {hours * 3600 / seconds:>10.0f}"
+        )
         result[f"{name}_clips_per_s"] = round(len(clips) / seconds, 2)
     result["phonetune_vs_decode_only"] = round(times["decode_only"] / times["phonetune"], 3)
     if "tutorial" in times:

@@ -28,8 +28,9 @@ def cv_corpus(tmp_path_factory):
     from data.synth import synthesize_corpus
 
     root = tmp_path_factory.mktemp("cv") / "corpus"
-    synthesize_corpus(root, TEST_LOCALES, clips_per_locale=TEST_CLIPS_PER_LOCALE, seed=0,
-                      num_workers=2)
+    synthesize_corpus(
+        root, TEST_LOCALES, clips_per_locale=TEST_CLIPS_PER_LOCALE, seed=0, num_workers=2
+    )
     return root
 
 

@@ -26,11 +26,24 @@ def test_prepared_dataset_has_columns_rate_durations_and_counts(prepared_dir, cv
             assert stats["kept"] == len(rows)
             assert stats["read"] == stats["kept"] + stats["rejected"]
             assert abs(stats["hours"] - sum(rows["duration"]) / 3600) < 1e-3
-    train = dataset["train"].with_format("numpy")
-    expected = {"audio", "phones", "num_phones", "locale", "split", "duration", "num_frames",
-                "client_id", "sentence", "path"}
+    train = dataset["train"]
+    expected = {
+        "audio",
+        "phones",
+        "num_phones",
+        "locale",
+        "split",
+        "duration",
+        "num_frames",
+        "client_id",
+        "sentence",
+        "path",
+    }
     assert expected <= set(train.column_names)
+    assert str(train.data.schema.field("audio").type) == "list<item: int16>"
     row = train[0]
+    # Read the int16 samples straight from Arrow (datasets' numpy formatter widens to int64).
+    row["audio"] = train.data.column("audio")[0].values.to_numpy()
     assert row["audio"].dtype == np.int16
     assert abs(len(row["audio"]) / SAMPLE_RATE - row["duration"]) < 1e-4
     assert row["num_frames"] == count_ctc_frames(len(row["audio"]))
@@ -47,7 +60,9 @@ def test_vocab_and_phones(prepared_dir):
     dataset = load_from_disk(str(prepared_dir))
     released = load_released_vocab()
     for split in dataset:
-        for phones, frames in zip(dataset[split]["phones"], dataset[split]["num_frames"], strict=True):
+        for phones, frames in zip(
+            dataset[split]["phones"], dataset[split]["num_frames"], strict=True
+        ):
             tokens = phones.split()
             assert all(token in vocab for token in tokens)
             assert all(token in released for token in tokens), phones
@@ -93,4 +108,6 @@ def test_interrupted_run_resumes_from_written_shards(cv_corpus, tmp_path, monkey
     monkeypatch.setattr(prep, "process_shard", real)
     report = prepare(options)
     assert report["shards"]["reused"] == 1 and report["shards"]["written"] == 2
-    assert report["totals"]["kept"] == sum(len(s) for s in load_from_disk(str(tmp_path / "p")).values())
+    assert report["totals"]["kept"] == sum(
+        len(s) for s in load_from_disk(str(tmp_path / "p")).values()
+    )

@@ -79,7 +79,8 @@ def bad_corpus(tmp_path_factory):
     sf.write(clips / "dev_ok.mp3", speech("a small green frog"), 48_000, format="MP3")
     (root / "en" / "dev.tsv").write_text(
         HEADER + "\tvariant\textra\n" + _row("dev_ok.mp3", "a small green frog") + "\tx\ty\n",
-        encoding="utf-8")
+        encoding="utf-8",
+    )
     sf.write(clips / "test_a.mp3", speech("one more clip"), 48_000, format="MP3")
     (root / "en" / "test.tsv").write_text("client_id\tpath\nspk\ttest_a.mp3\n", encoding="utf-8")
     (root / "fr").mkdir()  # a locale directory without TSVs
@@ -90,8 +91,11 @@ def bad_corpus(tmp_path_factory):
 def bad_report(bad_corpus, tmp_path_factory):
     out = tmp_path_factory.mktemp("bad_prep")
     cache = tmp_path_factory.mktemp("cache")
-    return prepare(PrepareOptions(cv_root=bad_corpus, locales=["en"], out=out, cache_dir=cache,
-                                  max_duration=8.0)), out
+    return prepare(
+        PrepareOptions(
+            cv_root=bad_corpus, locales=["en"], out=out, cache_dir=cache, max_duration=8.0
+        )
+    ), out
 
 
 EXPECTED_REJECTIONS = {
@@ -131,8 +135,16 @@ def test_every_good_row_is_kept_and_counts_add_up(bad_report):
 
     dataset = load_from_disk(str(out))
     kept = {row.split("/")[-1] for split in dataset for row in dataset[split]["path"]}
-    assert kept == {"good_mp3.mp3", "good_wav_8k.wav", "good_flac_44k.flac", "good_ogg_22k.ogg",
-                    "good_stereo.wav", "good_quotes.mp3", "good_control.mp3", "dev_ok.mp3"}
+    assert kept == {
+        "good_mp3.mp3",
+        "good_wav_8k.wav",
+        "good_flac_44k.flac",
+        "good_ogg_22k.ogg",
+        "good_stereo.wav",
+        "good_quotes.mp3",
+        "good_control.mp3",
+        "dev_ok.mp3",
+    }
     totals = report["totals"]
     assert totals["read"] == totals["kept"] + totals["rejected"] == 21 + 1 + 1
     assert totals["kept"] == len(kept)
@@ -149,8 +161,11 @@ def test_every_good_row_is_kept_and_counts_add_up(bad_report):
 
 def test_locale_directory_without_tsvs_is_a_clear_error(bad_corpus, tmp_path):
     with pytest.raises(PhonetuneError, match=r"fr has none of train.tsv, dev.tsv, test.tsv"):
-        prepare(PrepareOptions(cv_root=bad_corpus, locales=["en", "fr"], out=tmp_path / "p",
-                               cache_dir=tmp_path))
+        prepare(
+            PrepareOptions(
+                cv_root=bad_corpus, locales=["en", "fr"], out=tmp_path / "p", cache_dir=tmp_path
+            )
+        )
 
 
 def test_missing_cv_root_is_a_clear_error(tmp_path):
@@ -161,12 +176,36 @@ def test_missing_cv_root_is_a_clear_error(tmp_path):
 def test_cli_reports_user_errors_without_traceback(tmp_path, capsys):
     from train.cli import main
 
-    assert main(["prepare", "--cv-root", str(tmp_path / "nope"), "--locales", "en",
-                 "--out", str(tmp_path / "p")]) == 2
+    assert (
+        main(
+            [
+                "prepare",
+                "--cv-root",
+                str(tmp_path / "nope"),
+                "--locales",
+                "en",
+                "--out",
+                str(tmp_path / "p"),
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err
     assert "error: --cv-root" in err and "Traceback" not in err
-    assert main(["prepare", "--cv-root", str(tmp_path), "--locales", "en,klingon",
-                 "--out", str(tmp_path / "p")]) == 2
+    assert (
+        main(
+            [
+                "prepare",
+                "--cv-root",
+                str(tmp_path),
+                "--locales",
+                "en,klingon",
+                "--out",
+                str(tmp_path / "p"),
+            ]
+        )
+        == 2
+    )
     assert "klingon" in capsys.readouterr().err
 
 
@@ -178,19 +217,44 @@ def test_released_vocab_rejects_or_maps_outside_phones(bad_corpus, tmp_path):
     corpus = tmp_path / "cv"
     shutil.copytree(bad_corpus / "en", corpus / "en")
     (corpus / "en" / "train.tsv").write_text(
-        HEADER + "\n" + _row("good_mp3.mp3", "the cat sat on the mat") + "\n", encoding="utf-8")
+        HEADER + "\n" + _row("good_mp3.mp3", "the cat sat on the mat") + "\n", encoding="utf-8"
+    )
     with pytest.raises(PhonetuneError, match="no clip was kept out of 1 read"):
-        prepare(PrepareOptions(cv_root=corpus, locales=["en"], out=tmp_path / "a",
-                               cache_dir=tmp_path, vocab=vocab_file, splits=("train",)))
+        prepare(
+            PrepareOptions(
+                cv_root=corpus,
+                locales=["en"],
+                out=tmp_path / "a",
+                cache_dir=tmp_path,
+                vocab=vocab_file,
+                splits=("train",),
+            )
+        )
     report = json.loads((tmp_path / "a" / "prep_report.json").read_text(encoding="utf-8"))
     assert report["totals"]["rejected_by_reason"] == {"phones_outside_vocab": 1}
     assert report["vocab"]["phones_outside_vocab"]["en"]["æ"] == 3
-    report = prepare(PrepareOptions(cv_root=corpus, locales=["en"], out=tmp_path / "b",
-                                    cache_dir=tmp_path, vocab=vocab_file, splits=("train",),
-                                    oov_policy="unk"))
+    report = prepare(
+        PrepareOptions(
+            cv_root=corpus,
+            locales=["en"],
+            out=tmp_path / "b",
+            cache_dir=tmp_path,
+            vocab=vocab_file,
+            splits=("train",),
+            oov_policy="unk",
+        )
+    )
     assert report["totals"]["kept"] == 1
-    released = prepare(PrepareOptions(cv_root=corpus, locales=["en"], out=tmp_path / "c",
-                                      cache_dir=tmp_path, vocab=RELEASED_VOCAB_PATH, splits=("train",)))
+    released = prepare(
+        PrepareOptions(
+            cv_root=corpus,
+            locales=["en"],
+            out=tmp_path / "c",
+            cache_dir=tmp_path,
+            vocab=RELEASED_VOCAB_PATH,
+            splits=("train",),
+        )
+    )
     assert released["totals"]["kept"] == 1 and released["vocab"]["size"] == 392
     saved = json.loads((tmp_path / "c" / "vocab.json").read_text(encoding="utf-8"))
     assert len(saved) == 392 and saved["<pad>"] == 0
