@@ -70,7 +70,7 @@ class ClipTask:
 
 @dataclass
 class Outcome:
-    kept: list[dict] = field(default_factory=list)  # {"locale","split","path","duration","phones"}
+    kept: list[dict] = field(default_factory=list)  # {"locale", "split", "duration", "phones"}
     rejected: list[Rejection] = field(default_factory=list)
 
 
@@ -111,134 +111,128 @@ def read_rows(
     return clips, rejected, dict(read)
 
 
-# --- step 2: phones -------------------------------------------------------------------------
-def _phonemize_locale(job: tuple[str, list[str], str]) -> tuple[str, list[str]]:
-    language, sentences, policy = job
-    return language, phonemize_batch(sentences, language, policy)
-
-
-def phonemize_clips(
-    clips: list[Clip], options: PrepareOptions, cache: PhonemeCache, pool: Pool | None
-) -> tuple[list[ClipTask], list[Rejection]]:
-    """Attach phones to each clip; reject sentences espeak-ng cannot read."""
-    rejected: list[Rejection] = []
+# --- step 2: what espeak-ng can read, and the phones already known ----------------------------
+def check_scripts(clips: list[Clip]) -> tuple[list[Clip], list[Rejection]]:
+    """Reject sentences with letters espeak-ng would spell out one by one instead of reading."""
     readable: list[Clip] = []
+    rejected: list[Rejection] = []
     for clip in clips:
-        scripts = foreign_scripts(clip.sentence, get_locale(clip.locale))
+        locale = get_locale(clip.locale)
+        scripts = foreign_scripts(clip.sentence, locale)
         if scripts:
-            # espeak-ng would spell these letters out one by one in English, not read them.
+            detail = f"{', '.join(scripts)} letters cannot be read by the {locale.espeak!r} voice"
             rejected.append(
-                Rejection(
-                    clip.locale,
-                    clip.split,
-                    clip.path,
-                    "unreadable_script",
-                    f"{', '.join(scripts)} letters cannot be read by the "
-                    f"{get_locale(clip.locale).espeak!r} voice",
-                )
+                Rejection(clip.locale, clip.split, clip.path, "unreadable_script", detail)
             )
         else:
             readable.append(clip)
+    return readable, rejected
 
+
+def make_tasks(clips: list[Clip], cache: PhonemeCache, policy: str) -> list[ClipTask]:
+    """One task per clip, with its phones when the cache has them (workers phonemize the rest)."""
+    known: dict[tuple[str, str], str] = {}
     by_language: dict[str, list[str]] = defaultdict(list)
-    for clip in readable:
+    for clip in clips:
         by_language[get_locale(clip.locale).espeak].append(clip.sentence)
-    phones: dict[tuple[str, str], str] = {}
-    jobs = []
     for language, sentences in by_language.items():
-        cached = cache.lookup(sentences, language, options.language_switch)
-        phones.update({(language, text): value for text, value in cached.items()})
-        missing = [text for text in dict.fromkeys(sentences) if text not in cached]
-        if missing:
-            jobs.append((language, missing, options.language_switch))
-    results = pool.imap_unordered(_phonemize_locale, jobs) if pool else map(_phonemize_locale, jobs)
-    for language, batch_phones in results:
-        sentences = next(job[1] for job in jobs if job[0] == language)
-        computed = dict(zip(sentences, batch_phones, strict=True))
-        cache.store(computed, language, options.language_switch)
-        phones.update({(language, text): value for text, value in computed.items()})
-
-    tasks: list[ClipTask] = []
-    for clip in readable:
-        value = phones[(get_locale(clip.locale).espeak, clip.sentence)]
-        if not value:
-            reason = (
-                "language_switch" if options.language_switch == "remove-utterance" else "no_phones"
-            )
-            rejected.append(
-                Rejection(
-                    clip.locale,
-                    clip.split,
-                    clip.path,
-                    reason,
-                    f"espeak-ng gave no phones for {clip.sentence!r}",
-                )
-            )
-            continue
-        tasks.append(
-            ClipTask(
-                clip.locale,
-                clip.split,
-                clip.path,
-                str(clip.audio_path),
-                clip.sentence,
-                clip.client_id,
-                value,
-            )
+        for text, phones in cache.lookup(sentences, language, policy).items():
+            known[(language, text)] = phones
+    return [
+        ClipTask(
+            clip.locale,
+            clip.split,
+            clip.path,
+            str(clip.audio_path),
+            clip.sentence,
+            clip.client_id,
+            known.get((get_locale(clip.locale).espeak, clip.sentence)),
         )
-    return tasks, rejected
+        for clip in clips
+    ]
 
 
-def apply_vocab(
-    tasks: list[ClipTask], vocab: dict[str, int], policy: str
-) -> tuple[list[ClipTask], list[Rejection], dict]:
-    """With a given vocabulary: phones outside it reject the clip, or become <unk> (policy)."""
-    kept: list[ClipTask] = []
-    rejected: list[Rejection] = []
-    outside: dict[str, Counter[str]] = defaultdict(Counter)
+# --- step 3: phonemize, check and decode, in shards --------------------------------------------
+@dataclass(frozen=True)
+class ShardSettings:
+    """Everything besides the clips that decides a shard's content."""
+
+    min_duration: float
+    max_duration: float
+    language_switch: str
+    vocab: dict[str, int] | None
+    oov_policy: str
+
+    def key(self) -> str:
+        return json.dumps(
+            {"format": SHARD_FORMAT, "espeak": espeak_version(), **self.__dict__}, sort_keys=True
+        )
+
+
+def fill_phones(tasks: list[ClipTask], policy: str) -> dict[str, str]:
+    """Phonemize the tasks' sentences the cache did not have; returns the new sentence -> phones."""
+    missing: dict[str, list[str]] = defaultdict(list)
     for task in tasks:
-        unknown = [p for p in task.phones.split() if p not in vocab]
-        if not unknown:
-            kept.append(task)
-            continue
-        outside[task.locale].update(unknown)
-        if policy == "reject":
-            rejected.append(
-                Rejection(
-                    task.locale,
-                    task.split,
-                    task.path,
-                    "phones_outside_vocab",
-                    f"not in the vocabulary: {' '.join(sorted(set(unknown)))}",
-                )
-            )
-        else:
-            task.phones = " ".join(p if p in vocab else "<unk>" for p in task.phones.split())
-            kept.append(task)
-    return (
-        kept,
-        rejected,
-        {loc: dict(counts.most_common()) for loc, counts in sorted(outside.items())},
-    )
+        if task.phones is None:
+            missing[get_locale(task.locale).espeak].append(task.sentence)
+    computed: dict[str, dict[str, str]] = {}
+    for language, sentences in missing.items():
+        unique = list(dict.fromkeys(sentences))
+        computed[language] = dict(
+            zip(unique, phonemize_batch(unique, language, policy), strict=True)
+        )
+    for task in tasks:
+        if task.phones is None:
+            task.phones = computed[get_locale(task.locale).espeak][task.sentence]
+    return {text: phones for table in computed.values() for text, phones in table.items()}
 
 
-# --- step 3: audio, in shards -----------------------------------------------------------------
-def _shard_features():  # noqa: ANN202 - datasets.Features
-    from datasets import Features, Sequence, Value
+def check_phones(
+    task: ClipTask, settings: ShardSettings, outside: Counter[str]
+) -> Rejection | None:
+    """Reject a clip without phones, and apply the vocabulary policy to phones outside it."""
+    if not task.phones:
+        switched = settings.language_switch == "remove-utterance"
+        return Rejection(
+            task.locale,
+            task.split,
+            task.path,
+            "language_switch" if switched else "no_phones",
+            f"espeak-ng gave no phones for {task.sentence!r}",
+        )
+    if settings.vocab is None:
+        return None
+    unknown = [p for p in task.phones.split() if p not in settings.vocab]
+    outside.update(unknown)
+    if unknown and settings.oov_policy == "reject":
+        detail = f"not in the vocabulary: {' '.join(sorted(set(unknown)))}"
+        return Rejection(task.locale, task.split, task.path, "phones_outside_vocab", detail)
+    if unknown:
+        task.phones = " ".join(p if p in settings.vocab else "<unk>" for p in task.phones.split())
+    return None
 
-    return Features(
-        {
-            "audio": Sequence(Value("int16")),
-            "phones": Value("string"),
-            "num_phones": Value("int32"),
-            "locale": Value("string"),
-            "split": Value("string"),
-            "duration": Value("float32"),
-            "num_frames": Value("int32"),
-            "client_id": Value("string"),
-            "sentence": Value("string"),
-            "path": Value("string"),
-        }
+
+def shard_schema():  # noqa: ANN201 - pyarrow.Schema
+    """The prepared dataset's columns (docs/formats.md) as Arrow types.
+
+    Plain pyarrow, so decoding workers never import `datasets`; `Dataset.from_file` reads these
+    types back as List(Value("int16")), Value("string"), ...
+    """
+    import pyarrow as pa
+
+    return pa.schema(
+        [
+            ("audio", pa.list_(pa.int16())),
+            ("phones", pa.string()),
+            ("num_phones", pa.int32()),
+            ("locale", pa.string()),
+            ("split", pa.string()),
+            ("duration", pa.float32()),
+            ("num_frames", pa.int32()),
+            ("client_id", pa.string()),
+            ("sentence", pa.string()),
+            ("path", pa.string()),
+        ]
     )
 
 
@@ -270,22 +264,34 @@ def check_clip(
         # the loss is infinite and poisons the batch.
         return reject(
             "too_short_for_phones",
-            f"{frames} CTC frames ({duration:.2f} s) cannot carry {len(phones)} phones ({needed} needed)",
+            f"{frames} CTC frames ({duration:.2f} s) cannot carry {len(phones)} phones "
+            f"({needed} needed)",
         )
     return audio_io.to_pcm16(samples), None
 
 
-def process_shard(job: tuple[str, list[ClipTask], float, float]) -> str:
-    """Decode a shard's clips and write `<name>.arrow` + `<name>.json` atomically. Runs in a worker."""
+def process_shard(job: tuple[str, list[ClipTask], ShardSettings]) -> str:
+    """Phonemize, check and decode a shard's clips; write `<name>.arrow` and `<name>.json`.
+
+    Runs in a worker. The .json (rejections, new phones for the cache) is written first and the
+    .arrow renamed into place last, so an existing .arrow marks a complete shard.
+    """
     import pyarrow as pa
 
-    shard_path, tasks, min_duration, max_duration = job
-    columns: dict[str, list] = {name: [] for name in _shard_features()}
-    outcome = Outcome()
+    shard_path, tasks, settings = job
+    new_phones = fill_phones(tasks, settings.language_switch)
+    schema = shard_schema()
+    columns: dict[str, list] = {name: [] for name in schema.names}
+    kept: list[dict] = []
+    rejected: list[Rejection] = []
+    outside: Counter[str] = Counter()
     for task in tasks:
-        pcm, rejection = check_clip(task, min_duration, max_duration)
+        rejection = check_phones(task, settings, outside)
+        pcm = None
+        if rejection is None:
+            pcm, rejection = check_clip(task, settings.min_duration, settings.max_duration)
         if rejection is not None:
-            outcome.rejected.append(rejection)
+            rejected.append(rejection)
             continue
         duration = len(pcm) / audio_io.SAMPLE_RATE
         row = {
@@ -302,29 +308,25 @@ def process_shard(job: tuple[str, list[ClipTask], float, float]) -> str:
         }
         for name, value in row.items():
             columns[name].append(value)
-        outcome.kept.append(
-            {
-                "locale": task.locale,
-                "split": task.split,
-                "path": task.path,
-                "duration": duration,
-                "phones": task.phones,
-            }
-        )
-    schema = _shard_features().arrow_schema
-    arrays = [pa.array(columns[name], type=schema.field(name).type) for name in schema.names]
-    table = pa.Table.from_arrays(arrays, schema=schema)
-    _write_atomically(
-        Path(shard_path + ".json"),
-        json.dumps(
-            {"kept": outcome.kept, "rejected": [r.as_dict() for r in outcome.rejected]},
-            ensure_ascii=False,
-        ).encode("utf-8"),
-    )
+        kept.append({key: row[key] for key in ("locale", "split", "duration", "phones")})
+    # Audio as one flat int16 buffer plus offsets: pa.array() over a list of numpy arrays walks
+    # every sample in Python and would cost most of a clip's decoding time.
+    offsets = np.zeros(len(columns["audio"]) + 1, dtype=np.int32)
+    np.cumsum([len(pcm) for pcm in columns["audio"]], out=offsets[1:])
+    flat = np.concatenate(columns["audio"]) if kept else np.zeros(0, dtype=np.int16)
+    arrays = [pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat))]
+    arrays += [pa.array(columns[name], type=schema.field(name).type) for name in schema.names[1:]]
+    record = {
+        "kept": kept,
+        "rejected": [r.as_dict() for r in rejected],
+        "phonemized": new_phones,
+        "outside_vocab": dict(outside),
+    }
+    _write_atomically(Path(shard_path + ".json"), json.dumps(record, ensure_ascii=False).encode())
     tmp = shard_path + ".arrow.tmp"
     with pa.OSFile(tmp, "wb") as sink, pa.ipc.new_stream(sink, schema) as writer:
-        writer.write_table(table)
-    os.replace(tmp, shard_path + ".arrow")  # the .arrow file is the shard's completion mark
+        writer.write_table(pa.Table.from_arrays(arrays, schema=schema))
+    os.replace(tmp, shard_path + ".arrow")
     return shard_path
 
 
@@ -338,7 +340,7 @@ def _write_atomically(path: Path, payload: bytes) -> None:
 
 
 def plan_shards(
-    tasks: list[ClipTask], work_dir: Path, settings_key: str
+    tasks: list[ClipTask], work_dir: Path, settings: ShardSettings
 ) -> list[tuple[str, list[ClipTask]]]:
     """Cut each (locale, split) into shards named by a hash of their content and the settings.
 
@@ -351,11 +353,11 @@ def plan_shards(
     for (locale, split), group in groups.items():
         for index in range(0, len(group), SHARD_CLIPS):
             chunk = group[index : index + SHARD_CLIPS]
-            digest = hashlib.sha256(settings_key.encode())
+            digest = hashlib.sha256(settings.key().encode())
             for task in chunk:
                 stat = os.stat(task.audio_path)
                 digest.update(
-                    f"{task.path}\t{task.phones}\t{task.client_id}\t{task.sentence}\t"
+                    f"{task.path}\t{task.client_id}\t{task.sentence}\t"
                     f"{stat.st_size}\t{stat.st_mtime_ns}\n".encode()
                 )
             name = f"{locale}.{split}.{index // SHARD_CLIPS:05d}.{digest.hexdigest()[:16]}"
@@ -364,16 +366,16 @@ def plan_shards(
 
 
 def decode_shards(
-    shards: list[tuple[str, list[ClipTask]]], options: PrepareOptions, pool: Pool | None
+    shards: list[tuple[str, list[ClipTask]]], settings: ShardSettings, pool: Pool | None
 ) -> tuple[int, int]:
     """Write every shard not written yet. Returns (shards reused, shards written)."""
     from tqdm import tqdm
 
     todo = [(path, chunk) for path, chunk in shards if not Path(path + ".arrow").is_file()]
-    jobs = [(path, chunk, options.min_duration, options.max_duration) for path, chunk in todo]
+    jobs = [(path, chunk, settings) for path, chunk in todo]
     clips = sum(len(chunk) for _, chunk in todo)
     with tqdm(
-        total=clips, desc="decode + resample", unit="clip", disable=clips == 0, file=sys.stderr
+        total=clips, desc="phonemize + decode", unit="clip", disable=clips == 0, file=sys.stderr
     ) as bar:
         sizes = {path: len(chunk) for path, chunk in todo}
         results: Iterable[str] = (
@@ -384,13 +386,23 @@ def decode_shards(
     return len(shards) - len(todo), len(todo)
 
 
-def collect_outcomes(shards: list[tuple[str, list[ClipTask]]]) -> Outcome:
+def collect_outcomes(
+    shards: list[tuple[str, list[ClipTask]]], cache: PhonemeCache, policy: str
+) -> tuple[Outcome, dict[str, dict[str, int]]]:
+    """Kept clips and rejections of every shard; phones the workers computed go into the cache."""
     outcome = Outcome()
-    for path, _ in shards:
+    outside: dict[str, Counter[str]] = defaultdict(Counter)
+    phonemized: dict[str, dict[str, str]] = defaultdict(dict)
+    for path, chunk in shards:
         record = json.loads(Path(path + ".json").read_text(encoding="utf-8"))
         outcome.kept.extend(record["kept"])
         outcome.rejected.extend(Rejection(**item) for item in record["rejected"])
-    return outcome
+        outside[chunk[0].locale].update(record["outside_vocab"])
+        phonemized[get_locale(chunk[0].locale).espeak].update(record["phonemized"])
+    for language, table in phonemized.items():
+        cache.store(table, language, policy)
+    outside_vocab = {loc: dict(c.most_common()) for loc, c in sorted(outside.items()) if c}
+    return outcome, outside_vocab
 
 
 # --- step 4: vocabulary and dataset -----------------------------------------------------------
@@ -572,37 +584,35 @@ def prepare(options: PrepareOptions) -> dict:
     cache = PhonemeCache(
         (options.cache_dir or default_cache_dir()) / "phonemes.sqlite", espeak_version()
     )
-    settings_key = json.dumps(
-        {"format": SHARD_FORMAT, "min": options.min_duration, "max": options.max_duration},
-        sort_keys=True,
+    settings = ShardSettings(
+        options.min_duration,
+        options.max_duration,
+        options.language_switch,
+        given_vocab,
+        options.oov_policy,
     )
-
     pool = None
     if options.num_workers > 1:
+        # Started first, so that the workers import while the main process reads the TSVs.
         pool = multiprocessing.get_context("spawn").Pool(options.num_workers)
     try:
         clips, rejected, read = read_rows(options)
-        tasks, phone_rejections = phonemize_clips(clips, options, cache, pool)
-        rejected += phone_rejections
-        outside_vocab: dict = {}
-        if given_vocab is not None:
-            tasks, vocab_rejections, outside_vocab = apply_vocab(
-                tasks, given_vocab, options.oov_policy
-            )
-            rejected += vocab_rejections
-        shards = plan_shards(tasks, work_dir, settings_key)
+        clips, script_rejections = check_scripts(clips)
+        rejected += script_rejections
+        tasks = make_tasks(clips, cache, options.language_switch)
+        shards = plan_shards(tasks, work_dir, settings)
         plan = hashlib.sha256(
             "\n".join(sorted(Path(p).name for p, _ in shards)).encode()
         ).hexdigest()
         finished = _finished_plan(options.out) == plan and all(
             Path(p + ".json").is_file() for p, _ in shards
         )
-        shard_counts = (len(shards), 0) if finished else decode_shards(shards, options, pool)
+        shard_counts = (len(shards), 0) if finished else decode_shards(shards, settings, pool)
     finally:
         if pool is not None:
             pool.close()
             pool.join()
-    outcome = collect_outcomes(shards)
+    outcome, outside_vocab = collect_outcomes(shards, cache, options.language_switch)
     if given_vocab is not None:
         vocab, source = given_vocab, str(options.vocab)
     else:
