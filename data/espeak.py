@@ -164,6 +164,9 @@ class Synthesizer:
         ):
             self._lib.espeak_SetParameter(parameter, value, 0)
         self._chunks = []
+        # espeak-ng holds one callback per process: claim it again in case another Synthesizer
+        # took it (that one's callback dies with it).
+        self._lib.espeak_SetSynthCallback(self._callback)
         encoded = text.encode("utf-8")
         status = self._lib.espeak_Synth(
             encoded, len(encoded) + 1, 0, _POS_CHARACTER, 0, _ESPEAK_CHARS_UTF8, None, None
