@@ -38,10 +38,10 @@ from pathlib import Path
 
 import numpy as np
 
+from data.commonvoice import SPLITS
 from data.errors import PhonetuneError
 from data.locales import DEFAULT_LOCALES, LOCALES, UnsupportedLocaleError, parse_locales
 
-SPLITS: tuple[str, ...] = ("train", "dev", "test")
 # Common Voice's columns, in its order (the releases phonetune reads).
 TSV_COLUMNS: tuple[str, ...] = (
     "client_id",
