@@ -35,8 +35,12 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, (module_name, help_text) in COMMANDS.items():
         sub = subparsers.add_parser(name, help=help_text, description=help_text)
-        sub.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
-                         help="show the full traceback when an error stops the command")
+        sub.add_argument(
+            "--debug",
+            action="store_true",
+            default=argparse.SUPPRESS,
+            help="show the full traceback when an error stops the command",
+        )
         if name == command:
             importlib.import_module(module_name).configure_parser(sub)
     return parser

@@ -1,0 +1,222 @@
+"""Real-time factor of an exported phone recognizer on this machine's CPU: PyTorch vs ONNX Runtime.
+
+For each architecture a randomly initialised checkpoint is written in the training stage's layout and
+exported with `phonetune export --onnx` (so the timed folder is a real export that passed its parity
+checks); then one utterance of `--seconds` seconds is recognised `--repeats` times by each runtime.
+
+    python scripts/bench_infer.py                       # tiny + XLSR-53 architecture, 10 s of audio
+    python scripts/bench_infer.py --models tiny --seconds 5
+
+RTF = compute time / audio duration (below 1 is faster than real time). Random weights run at the
+speed of trained ones: the work per frame does not depend on the values. Prints a table and, last,
+one JSON line.
+"""
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from train.evaluate import normalize_batch  # noqa: E402
+from train.export import SAMPLE_RATE, export_model, speak_sentences  # noqa: E402
+
+REFERENCE_VOCAB = (
+    Path(__file__).resolve().parent.parent / "data" / "reference" / "espeak_cv_ft_vocab.json"
+)
+
+# Hugging Face names, as in Wav2Vec2Config. The tiny model keeps the real 320-sample hop (50 frames
+# per second) so that its sequence lengths, and so its attention cost, match real use.
+ARCHITECTURES = {
+    "tiny": dict(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+        conv_dim=(32, 32, 32), conv_kernel=(10, 4, 4), conv_stride=(5, 8, 8),
+        num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=2,
+        feat_extract_norm="layer", do_stable_layer_norm=True,
+    ),
+    # facebook/wav2vec2-large-xlsr-53: 24 layers, 1024 hidden, 16 heads, 4096 FFN, 7 x 512 conv.
+    "xlsr53": dict(
+        hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096,
+        conv_dim=(512,) * 7, conv_kernel=(10, 3, 3, 3, 3, 2, 2), conv_stride=(5, 2, 2, 2, 2, 2, 2),
+        num_conv_pos_embeddings=128, num_conv_pos_embedding_groups=16,
+        feat_extract_norm="layer", do_stable_layer_norm=True,
+    ),
+}  # fmt: skip
+
+
+def write_random_checkpoint(run_dir: Path, architecture: dict, vocab: dict) -> None:
+    from transformers import Wav2Vec2Config, Wav2Vec2ForCTC
+
+    torch.manual_seed(0)
+    config = Wav2Vec2Config(**architecture, vocab_size=len(vocab), pad_token_id=0)
+    step = run_dir / "checkpoints" / "step_1"
+    Wav2Vec2ForCTC(config).save_pretrained(step / "model")
+    (step / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
+    (step / "config.yaml").write_text(yaml.safe_dump({"model": {"config": "random"}}))
+    (step / "state.json").write_text(json.dumps({"step": 1, "epoch": 0, "eval_per": None}))
+
+
+def make_utterance(seconds: float) -> np.ndarray:
+    """`seconds` of espeak-ng speech (sentences repeated), 16 kHz."""
+    sentences = [
+        "the quick brown fox jumps over the lazy dog",
+        "she sells sea shells by the sea shore",
+    ]
+    speech = np.concatenate(speak_sentences(sentences))
+    repeats = int(np.ceil(seconds * SAMPLE_RATE / len(speech)))
+    return np.tile(speech, repeats)[: int(seconds * SAMPLE_RATE)]
+
+
+def time_runs(run, repeats: int) -> list[float]:
+    run()  # warm-up: allocations, kernel selection, ORT graph preparation
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - started)
+    return times
+
+
+def bench_export(export_dir: Path, audio: np.ndarray, repeats: int, threads: int) -> dict:
+    """Median time and RTF of one utterance through PyTorch and ONNX Runtime, `threads` threads each."""
+    import onnxruntime
+    from transformers import Wav2Vec2ForCTC
+
+    torch.set_num_threads(threads)
+    model = Wav2Vec2ForCTC.from_pretrained(str(export_dir)).eval()
+    batch = normalize_batch([audio], model.config.feat_extract_norm == "layer")
+
+    def run_torch() -> None:
+        with torch.inference_mode():
+            model(**batch)
+
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    session = onnxruntime.InferenceSession(
+        str(export_dir / "model.onnx"), options, providers=["CPUExecutionProvider"]
+    )
+    feeds = {name: tensor.numpy() for name, tensor in batch.items()}
+
+    def run_onnx() -> None:
+        session.run(["logits"], feeds)
+
+    seconds = len(audio) / SAMPLE_RATE
+    results = {"parameters": sum(p.numel() for p in model.parameters())}
+    for runtime, run in (("pytorch", run_torch), ("onnxruntime", run_onnx)):
+        times = time_runs(run, repeats)
+        results[runtime] = {
+            "median_s": round(statistics.median(times), 4),
+            "min_s": round(min(times), 4),
+            "rtf": round(statistics.median(times) / seconds, 5),
+        }
+    return results
+
+
+def print_table(report: dict) -> None:
+    print(
+        f"\n{report['audio_seconds']:g} s of audio, batch 1, CPU with {report['cpus']} cores, median of "
+        f"{report['repeats']} runs (load average {report['load_average_before']:.1f} before, "
+        f"{report['load_average_after']:.1f} after)"
+    )
+    header = (
+        f"{'model':<8} {'params':>8} {'runtime':<12} {'threads':>7} {'seconds':>8} {'RTF':>8} "
+        f"{'x real time':>12}"
+    )
+    print(header)
+    print("-" * len(header))
+    for name, result in report["models"].items():
+        for threads, timing in result["by_threads"].items():
+            for runtime in ("pytorch", "onnxruntime"):
+                r = timing[runtime]
+                print(
+                    f"{name:<8} {timing['parameters'] / 1e6:>7.2f}M {runtime:<12} {threads:>7} "
+                    f"{r['median_s']:>8.3f} {r['rtf']:>8.4f} {1 / r['rtf']:>12.1f}"
+                )
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--models", nargs="+", choices=sorted(ARCHITECTURES), default=["tiny", "xlsr53"]
+    )
+    parser.add_argument(
+        "--seconds", type=float, default=10.0, help="length of the utterance (default 10)"
+    )
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs per runtime (default 3)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        nargs="+",
+        default=sorted({1, os.cpu_count() or 1}),
+        help="thread counts to time both runtimes with (default: 1 and all CPUs)",
+    )
+    parser.add_argument(
+        "--work-dir",
+        type=Path,
+        default=None,
+        help="keep the checkpoints and exports here (default: a temporary folder)",
+    )
+    args = parser.parse_args()
+
+    import onnxruntime
+    import transformers
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+    vocab = json.loads(REFERENCE_VOCAB.read_text(encoding="utf-8"))  # the released 392 tokens
+    audio = make_utterance(args.seconds)
+    report = {
+        "audio_seconds": args.seconds,
+        "repeats": args.repeats,
+        "cpu": platform.processor() or platform.machine(),
+        "cpus": os.cpu_count(),
+        # Other work on the machine slows multi-threaded runs most: keep the load with the numbers.
+        "load_average_before": os.getloadavg()[0],
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "onnxruntime": onnxruntime.__version__,
+        "models": {},
+    }
+    with tempfile.TemporaryDirectory() as scratch:
+        work = args.work_dir or Path(scratch)
+        for name in args.models:
+            print(f"[{name}] writing a random checkpoint, exporting it with --onnx", flush=True)
+            write_random_checkpoint(work / name / "run", ARCHITECTURES[name], vocab)
+            started = time.perf_counter()
+            export_dir = export_model(
+                work / name / "run",
+                work / name / "export",
+                onnx=True,
+                overwrite=True,
+            )
+            export_seconds = time.perf_counter() - started
+            print(f"[{name}] exported and checked in {export_seconds:.0f} s; timing", flush=True)
+            report["models"][name] = {
+                "export_s": round(export_seconds, 1),
+                "by_threads": {
+                    str(threads): bench_export(export_dir, audio, args.repeats, threads)
+                    for threads in args.threads
+                },
+            }
+    report["load_average_after"] = os.getloadavg()[0]
+    print_table(report)
+    print(json.dumps(report))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

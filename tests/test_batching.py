@@ -1,0 +1,187 @@
+"""The duration-bucketed sampler and the collate function."""
+
+import numpy as np
+import pytest
+import torch
+
+from train.batching import (
+    IGNORE_INDEX,
+    DurationBatchSampler,
+    PreparedSplit,
+    collate,
+    make_loader,
+    normalize_audio,
+    pack_batches,
+    padding_fraction,
+    plan_epoch,
+    plan_eval,
+)
+
+
+def durations(n=500, seed=0):
+    return np.random.default_rng(seed).uniform(1.0, 10.0, n)
+
+
+def flat(groups):
+    return np.concatenate([batch for group in groups for batch in group])
+
+
+def test_normalisation_matches_the_feature_extractor():
+    from transformers import Wav2Vec2FeatureExtractor
+
+    pcm = (np.random.default_rng(1).normal(0, 3000, 16_000) + 500).astype(np.int16)
+    extractor = Wav2Vec2FeatureExtractor(do_normalize=True, return_attention_mask=True)
+    expected = extractor(pcm.astype(np.float32) / 32768.0, sampling_rate=16_000).input_values[0]
+    ours = normalize_audio(pcm)
+    assert ours.dtype == np.float32
+    np.testing.assert_allclose(ours, expected, rtol=1e-5, atol=1e-5)
+    assert abs(ours.mean()) < 1e-5 and ours.std() == pytest.approx(1.0, abs=1e-3)
+
+
+def test_batches_respect_the_budget_including_padding():
+    d = durations()
+    for batch in pack_batches(np.argsort(d), d, 30.0):
+        assert len(batch) * d[batch].max() <= 30.0 + 1e-9
+    # a clip longer than the budget still gets a batch of its own
+    assert [list(b) for b in pack_batches(np.array([0, 1]), np.array([5.0, 50.0]), 30.0)] == [
+        [0],
+        [1],
+    ]
+
+
+def test_epoch_plan_is_a_pure_function_of_seed_and_epoch_and_covers_every_clip():
+    d = durations()
+    first = plan_epoch(d, 30.0, seed=3, epoch=0)
+    again = plan_epoch(d, 30.0, seed=3, epoch=0)
+    assert all(np.array_equal(a[0], b[0]) for a, b in zip(first, again, strict=True))
+    assert sorted(flat(first)) == list(range(len(d)))  # every clip exactly once
+    other_epoch = plan_epoch(d, 30.0, seed=3, epoch=1)
+    other_seed = plan_epoch(d, 30.0, seed=4, epoch=0)
+    assert not np.array_equal(flat(first), flat(other_epoch))
+    assert not np.array_equal(flat(first), flat(other_seed))
+
+
+def test_padding_stays_small_and_longest_batch_comes_first():
+    d = durations(2000)
+    groups = plan_epoch(d, 60.0, seed=0, epoch=0, bucket_width=0.5)
+    batches = [g[0] for g in groups]
+    assert padding_fraction(d, batches) < 0.08
+    assert d[batches[0]].max() == d.max()
+    shuffled = [d[b].max() for b in batches[1:]]
+    assert shuffled != sorted(shuffled)  # batch order is shuffled, not sorted by length
+
+
+def test_processes_split_the_same_global_batches():
+    d = durations(301)
+    groups = plan_epoch(d, 20.0, seed=0, epoch=2, num_replicas=3, grad_accum=2)
+    assert len(groups) % 2 == 0
+    assert all(len(group) == 3 for group in groups)
+    samplers = [
+        DurationBatchSampler(
+            np.arange(301) + 1000, d, 20.0, seed=0, num_replicas=3, rank=r, grad_accum=2
+        )
+        for r in range(3)
+    ]
+    for sampler in samplers:
+        sampler.set_epoch(2)
+    per_rank = [list(sampler) for sampler in samplers]
+    assert len({len(batches) for batches in per_rank}) == 1  # the same number of batches everywhere
+    for index, group in enumerate(groups):
+        for rank in range(3):
+            assert np.array_equal(per_rank[rank][index], group[rank] + 1000)
+    # Completing the last group repeats a few clips at most; dropping groups beyond a multiple of
+    # grad_accum leaves out at most one group's worth.
+    seen = np.concatenate([b for batches in per_rank for b in batches])
+    assert len(set(seen.tolist())) >= 301 - 2 * 3 * max(
+        len(b) for b in pack_batches(np.argsort(d), d, 20.0)
+    )
+
+
+def test_sampler_resumes_mid_epoch_without_reading_the_skipped_batches():
+    d = durations(200)
+    sampler = DurationBatchSampler(np.arange(200), d, 25.0, seed=7)
+    sampler.set_epoch(1)
+    full = list(sampler)
+    resumed = DurationBatchSampler(np.arange(200), d, 25.0, seed=7)
+    resumed.load_state_dict({"epoch": 1, "position": 5})
+    rest = list(resumed)
+    assert len(rest) == len(full) - 5
+    assert all(np.array_equal(a, b) for a, b in zip(full[5:], rest, strict=True))
+    assert resumed.state_dict() == {"epoch": 1, "position": 5}
+
+
+def test_eval_plan_gives_each_clip_to_exactly_one_process():
+    d = durations(97)
+    shares = [plan_eval(d, 30.0, num_replicas=4, rank=r) for r in range(4)]
+    clips = np.concatenate([b for share in shares for b in share])
+    assert sorted(clips.tolist()) == list(range(97))
+
+
+@pytest.fixture(scope="module")
+def tiny_split(tmp_path_factory):
+    """A split with known audio, written and memory-mapped the way `phonetune prepare` does."""
+    from datasets import Dataset, DatasetDict, Features, List, Value, load_from_disk
+
+    rng = np.random.default_rng(0)
+    lengths = [16_000, 8_000, 24_000, 12_345]
+    rows = {
+        "audio": [rng.integers(-8000, 8000, n).astype(np.int16) for n in lengths],
+        "phones": ["a b", "b", "a a b c", "c"],
+        "locale": ["en", "fr", "en", "de"],
+        "duration": [n / 16_000 for n in lengths],
+    }
+    features = Features(
+        {
+            "audio": List(Value("int16")),
+            "phones": Value("string"),
+            "locale": Value("string"),
+            "duration": Value("float32"),
+        }
+    )
+    path = tmp_path_factory.mktemp("split") / "prep"
+    # small shards, so that rows come from several Arrow chunks
+    DatasetDict({"train": Dataset.from_dict(rows, features=features)}).save_to_disk(
+        str(path), max_shard_size=60_000
+    )
+    split = PreparedSplit(load_from_disk(str(path))["train"])
+    return split, rows
+
+
+def test_collate_slices_normalises_and_pads(tiny_split):
+    split, rows = tiny_split
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3, "a": 4, "b": 5, "c": 6}
+    assert split.num_samples().tolist() == [len(a) for a in rows["audio"]]
+    batch = collate(split, [2, 1, 3], vocab)
+    assert batch.input_values.shape == (3, 24_000) and batch.input_values.dtype == torch.float32
+    assert batch.input_lengths.tolist() == [24_000, 8_000, 12_345]
+    assert batch.attention_mask.sum(dim=1).tolist() == [24_000, 8_000, 12_345]
+    np.testing.assert_allclose(
+        batch.input_values[1, :8000].numpy(), normalize_audio(rows["audio"][1]), rtol=1e-6
+    )
+    assert torch.all(batch.input_values[1, 8000:] == 0)
+    assert batch.labels.tolist() == [
+        [4, 4, 5, 6],
+        [5, IGNORE_INDEX, IGNORE_INDEX, IGNORE_INDEX],
+        [6, IGNORE_INDEX, IGNORE_INDEX, IGNORE_INDEX],
+    ]
+    assert batch.label_lengths.tolist() == [4, 1, 1]
+    assert batch.locales == ["en", "fr", "de"] and batch.phones == ["a a b c", "b", "c"]
+    assert batch.rows == [2, 1, 3]
+    assert batch.padded_seconds == pytest.approx(3 * 24_000 / 16_000)
+    evaluation = collate(split, [0], None)
+    assert evaluation.labels is None and evaluation.phones == ["a b"]
+
+
+def test_loader_with_workers_gives_the_same_batches(tiny_split):
+    split, _ = tiny_split
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3, "a": 4, "b": 5, "c": 6}
+    plan = [np.array([0, 1]), np.array([3]), np.array([2])]
+    in_process = list(make_loader(split, plan, vocab, num_workers=0))
+    with_workers = list(make_loader(split, plan, vocab, num_workers=2))
+    for a, b in zip(in_process, with_workers, strict=True):
+        assert torch.equal(a.input_values, b.input_values) and torch.equal(a.labels, b.labels)
+    state = torch.get_rng_state()
+    iter(make_loader(split, plan, vocab))
+    assert torch.equal(
+        state, torch.get_rng_state()
+    )  # creating an iterator draws nothing from torch's RNG

@@ -1,0 +1,192 @@
+"""Training configs: every shipped file validates; mistakes are reported all at once, with valid keys."""
+
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+from data.errors import PhonetuneError
+from data.locales import LOCALES
+from train.config import (
+    SECTIONS,
+    Config,
+    config_differences,
+    config_to_dict,
+    dump_config,
+    load_config,
+)
+
+CONFIGS = sorted((Path(__file__).parents[1] / "configs").glob("*.yaml"))
+REQUIRED = ["data.prepared_dir=/prep", "run.output_dir=/run"]
+
+# Common Voice 6.1 locales (the release the paper fine-tuned on).
+CV61_LOCALES = set(
+    "ab ar as br ca cnh cs cv cy de dv el en eo es et eu fa fi fr fy-NL ga-IE hsb ia id it ja ka kab ky "
+    "lg lt lv mn mt nl or pa-IN pl pt rm-sursilv rm-vallader ro ru rw sah sl sv-SE ta th tr tt uk vi vot "
+    "zh-CN zh-HK zh-TW".split()
+)
+
+
+def test_shipped_configs_exist():
+    names = {path.name for path in CONFIGS}
+    assert {"xlsr53_espeak_cv.yaml", "tiny_cpu.yaml"} <= names
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_every_shipped_config_validates(path):
+    config = load_config(path, REQUIRED)
+    assert isinstance(config, Config)
+    # The file names every key of every section it has, so nothing is left to a silent default.
+    raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    assert set(raw) <= {*SECTIONS, "resume"}
+    for section, values in raw.items():
+        if isinstance(values, dict):
+            assert set(values) == set(config_to_dict(config)[section]), f"{path.name}: {section}"
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_every_value_of_shipped_configs_is_commented(path):
+    uncommented = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        stripped = line.strip()
+        if not stripped or stripped.startswith("#"):
+            continue
+        key, _, value = stripped.partition(":")
+        if value.strip() and "#" not in value:  # a leaf value with no comment
+            uncommented.append(f"{number}: {stripped}")
+    assert not uncommented, f"{path.name} has values without a comment:\n" + "\n".join(uncommented)
+
+
+def test_xlsr_recipe_follows_fairseq_and_lists_espeak_cv61_locales():
+    config = load_config(Path(__file__).parents[1] / "configs" / "xlsr53_espeak_cv.yaml", REQUIRED)
+    assert config.model.name_or_path == "facebook/wav2vec2-large-xlsr-53"
+    assert config.train.lr_schedule == "tri_stage"
+    assert (config.train.warmup_ratio, config.train.hold_ratio) == (0.1, 0.4)
+    assert config.train.final_lr_scale == 0.05
+    assert config.model.mask_time_prob == 0.75 and config.model.mask_feature_prob == 0.25
+    assert config.model.mask_feature_length == 64 and config.model.layerdrop == 0.1
+    assert config.train.freeze_finetune_updates == 10000 and config.train.batch_seconds == 80.0
+    assert config.train.betas == [0.9, 0.98]
+    locales = config.data.locales
+    assert len(locales) == len(set(locales))
+    assert set(locales) <= CV61_LOCALES and set(locales) <= set(LOCALES)
+    assert set(locales) == CV61_LOCALES & set(LOCALES)
+    text = (Path(__file__).parents[1] / "configs" / "xlsr53_espeak_cv.yaml").read_text(
+        encoding="utf-8"
+    )
+    assert "reconstruction" in text
+
+
+def test_overrides_are_yaml_scalars_with_dotted_keys(tmp_path):
+    config = load_config(
+        Path(__file__).parents[1] / "configs" / "tiny_cpu.yaml",
+        REQUIRED
+        + [
+            "train.max_steps=40",
+            "train.lr=2e-3",
+            "train.betas=[0.8, 0.9]",
+            "log.progress_bar=false",
+            "model.config.hidden_size=64",
+            "data.locales=[en, fr]",
+            "resume=auto",
+            "data.eval_max_utterances=null",
+        ],
+    )
+    assert config.train.max_steps == 40 and config.train.lr == 2e-3
+    assert config.train.betas == [0.8, 0.9]
+    assert config.log.progress_bar is False
+    assert config.model.config["hidden_size"] == 64
+    assert config.data.locales == ["en", "fr"]
+    assert config.resume == "auto"
+    assert config.data.eval_max_utterances is None
+    assert config.data.prepared_dir == "/prep"
+
+
+def test_integers_are_accepted_for_floats_but_not_bools_for_integers():
+    config = load_config(None, ["model.config={}", *REQUIRED, "train.lr=1", "data.max_duration=10"])
+    assert config.train.lr == 1.0 and isinstance(config.train.lr, float)
+    with pytest.raises(PhonetuneError, match=r"train\.max_steps must be an integer"):
+        load_config(None, ["model.config={}", *REQUIRED, "train.max_steps=true"])
+
+
+def test_unknown_key_names_the_valid_keys():
+    with pytest.raises(PhonetuneError) as error:
+        load_config(None, ["model.config={}", *REQUIRED, "train.learning_rate=1e-3"])
+    message = str(error.value)
+    assert "unknown key train.learning_rate" in message
+    assert "valid keys in train:" in message and "lr" in message and "max_steps" in message
+
+
+def test_unknown_section_names_the_sections():
+    with pytest.raises(
+        PhonetuneError, match=r"unknown key 'optim'.*data, model, train, run, log, resume"
+    ):
+        load_config(None, ["model.config={}", *REQUIRED, "optim.lr=1"])
+
+
+def test_all_problems_are_reported_together(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text(
+        "model:\n  name_or_path: facebook/wav2vec2-large-xlsr-53\n  config: {hidden_size: 64}\n"
+        "  mask_time_prob: 1.5\n"
+        "train:\n  warmup_ratio: 0.7\n  hold_ratio: 0.5\n  max_steps: seven\n  batch_seconds: 5\n"
+        "  mixed_precision: fp8\n  typo_key: 1\n"
+        "log:\n  report_to: [mlflow]\n",
+        encoding="utf-8",
+    )
+    with pytest.raises(PhonetuneError) as error:
+        load_config(path)
+    message = str(error.value)
+    lines = [line for line in message.splitlines() if line.startswith("  - ")]
+    expected = [
+        r"train\.max_steps must be an integer",
+        r"unknown key train\.typo_key",
+        r"data\.prepared_dir is required",
+        r"run\.output_dir is required",
+        r"exactly one of model\.name_or_path .* both are set",
+        r"model\.mask_time_prob must be in \[0, 1\)",
+        r"warmup_ratio \+ train\.hold_ratio = 1\.2 exceeds 1",
+        r"train\.batch_seconds \(5\.0\) is smaller than data\.max_duration",
+        r"train\.mixed_precision must be one of",
+        r"unknown reporter 'mlflow'",
+    ]
+    for pattern in expected:
+        assert any(re.search(pattern, line) for line in lines), (
+            f"missing {pattern!r} in:\n{message}"
+        )
+    assert str(path) in message
+
+
+def test_model_config_rejects_unknown_and_misplaced_keys():
+    with pytest.raises(PhonetuneError) as error:
+        load_config(
+            None, [*REQUIRED, "model.config.hidden_sise=64", "model.config.mask_time_prob=0.5"]
+        )
+    message = str(error.value)
+    assert "model.config.hidden_sise is not a Wav2Vec2Config argument" in message
+    assert "model.config.mask_time_prob: set model.mask_time_prob instead" in message
+
+
+def test_bad_files_are_clear_errors(tmp_path):
+    with pytest.raises(PhonetuneError, match="does not exist"):
+        load_config(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: [1, 2\n", encoding="utf-8")
+    with pytest.raises(PhonetuneError, match="not valid YAML"):
+        load_config(bad)
+    with pytest.raises(PhonetuneError, match="not of the form key=value"):
+        load_config(None, ["model.config={}", *REQUIRED, "train.max_steps"])
+
+
+def test_resolved_config_round_trips_and_differences_are_listed(tmp_path):
+    config = load_config(Path(__file__).parents[1] / "configs" / "tiny_cpu.yaml", REQUIRED)
+    path = tmp_path / "config.yaml"
+    path.write_text(dump_config(config), encoding="utf-8")
+    again = load_config(path)
+    assert config_to_dict(again) == config_to_dict(config)
+    changed = load_config(path, ["train.eval_steps=7", "model.config.hidden_size=32"])
+    differences = {
+        key for key, _, _ in config_differences(config_to_dict(config), config_to_dict(changed))
+    }
+    assert differences == {"train.eval_steps", "model.config"}

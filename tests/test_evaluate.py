@@ -1,0 +1,211 @@
+"""`phonetune evaluate`: PER per locale and overall, computed by hand where it can be, and the same
+whatever the batching; plus the inference helpers evaluate shares with export and transcribe."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from test_export import VOCAB, speech, tiny_model, write_checkpoint, write_prepared
+from transformers import Wav2Vec2FeatureExtractor, Wav2Vec2ForCTC, Wav2Vec2Processor
+
+from data.errors import PhonetuneError
+from train.cli import main
+from train.evaluate import batch_by_seconds, evaluate_model, normalize_batch
+from train.export import export_model
+from train.per import SPECIAL_TOKENS, score_predictions
+
+FIELDS = {"per", "substitutions", "deletions", "insertions", "ref_phones", "utterances"}
+
+# Test references, and what a model that always says "aɪ" scores on each (worked out by hand):
+REFERENCES = [
+    ("en", "aɪ tʃ aɪ", "she sells sea shells"),  # 2 deletions
+    ("en", "n ə", "the cat sat on the mat"),  # 1 substitution + 1 deletion
+    ("en", "s t aɪ", "one two three four five six"),  # 2 deletions
+    ("fr", "ʁ ɛ", "bonjour mes amis"),  # 1 substitution + 1 deletion
+    ("fr", "aɪ", "merci"),  # correct
+]
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+    rows = [
+        {
+            "audio": speech(text, "en-us" if locale == "en" else "fr-fr"),
+            "phones": phones,
+            "locale": locale,
+            "split": "test",
+        }
+        for locale, phones, text in REFERENCES
+    ]
+    rows.append(
+        {"audio": speech("good morning"), "phones": "ɡ ʊ d", "locale": "en", "split": "dev"}
+    )
+    return write_prepared(tmp_path_factory.mktemp("prepared") / "prep", rows)
+
+
+@pytest.fixture(scope="module")
+def constant_run(tmp_path_factory, prepared):
+    """A checkpoint whose every frame says "aɪ": its PER is known without running it."""
+    model = tiny_model(seed=0)
+    with torch.no_grad():
+        model.lm_head.weight.zero_()
+        model.lm_head.bias.zero_()
+        model.lm_head.bias[VOCAB["aɪ"]] = 5.0
+    run = tmp_path_factory.mktemp("constant") / "run"
+    write_checkpoint(run, 7, model, prepared_dir=prepared)
+    return run
+
+
+@pytest.fixture(scope="module")
+def random_run(tmp_path_factory, prepared):
+    run = tmp_path_factory.mktemp("random") / "run"
+    write_checkpoint(run, 3, seed=3, prepared_dir=prepared)
+    return run
+
+
+# --- the metric itself ------------------------------------------------------------------------
+def test_per_by_hand():
+    scores = score_predictions(
+        predictions=["a b c", "x", "aɪ tʃ z", "p q"],
+        references=["a b d e", "x y", "a ɪ tʃ", "p"],
+        locales=["en", "en", "fr", "de"],
+    )
+    # en: "a b d e" -> "a b c": d->c substituted, e deleted; "x y" -> "x": y deleted.
+    assert scores["per_locale"]["en"] == {
+        "per": 3 / 6,
+        "substitutions": 1,
+        "deletions": 2,
+        "insertions": 0,
+        "ref_phones": 6,
+        "utterances": 2,
+    }
+    # fr: tokens, not characters: "a ɪ tʃ" -> "aɪ tʃ z" is 1 substitution (a->aɪ), 1 deletion (ɪ)
+    # and 1 insertion (z), or an equivalent 3-edit alignment: 3 errors over 3 reference phones.
+    fr = scores["per_locale"]["fr"]
+    assert fr["substitutions"] + fr["deletions"] + fr["insertions"] == 3 and fr["per"] == 1.0
+    # de: "p" -> "p q": one insertion.
+    assert (
+        scores["per_locale"]["de"]["insertions"] == 1 and scores["per_locale"]["de"]["per"] == 1.0
+    )
+    # Micro-average: all errors over all reference phones, not the mean of the locale rates.
+    assert scores["overall"]["per"] == pytest.approx((3 + 3 + 1) / (6 + 3 + 1))
+    assert scores["overall"]["utterances"] == 4
+
+
+# --- helpers shared with export and transcribe ------------------------------------------------
+def test_normalize_batch_matches_the_feature_extractor():
+    waves = [speech("hello there"), speech("hi"), 0.3 * speech("good evening", "fr-fr")]
+    batch = normalize_batch(waves, uses_attention_mask=True)
+    extractor = Wav2Vec2FeatureExtractor(do_normalize=True, return_attention_mask=True)
+    expected = extractor(waves, sampling_rate=16_000, padding=True, return_tensors="pt")
+    assert torch.equal(batch["attention_mask"], expected["attention_mask"].long())
+    assert (batch["input_values"] - expected["input_values"]).abs().max() < 1e-5
+    assert batch["input_values"][1, len(waves[1]) :].abs().max() == 0  # padded with zeros
+    assert "attention_mask" not in normalize_batch(waves, uses_attention_mask=False)
+
+
+def test_batch_by_seconds_keeps_padded_audio_under_budget():
+    durations = [1.0, 5.0, 2.0, 2.0, 9.0]
+    batches = batch_by_seconds(durations, budget_seconds=6.0)
+    assert batches == [[4], [1], [2, 3, 0]]  # longest first; a clip over budget goes alone
+    assert sorted(i for batch in batches for i in batch) == list(range(5))
+
+
+# --- evaluation -------------------------------------------------------------------------------
+def test_evaluate_known_predictions(constant_run, prepared, tmp_path):
+    out = tmp_path / "metrics.json"
+    results = evaluate_model(constant_run, prepared, split="test", out=out, verbose=False)
+    on_disk = json.loads(out.read_text())
+    assert set(on_disk["overall"]) == FIELDS
+    assert set(on_disk["per_locale"]) == {"en", "fr"}
+    assert all(set(m) == FIELDS for m in on_disk["per_locale"].values())
+    assert on_disk["per_locale"]["en"] == {
+        "per": 6 / 8,
+        "substitutions": 1,
+        "deletions": 5,
+        "insertions": 0,
+        "ref_phones": 8,
+        "utterances": 3,
+    }
+    assert on_disk["per_locale"]["fr"] == {
+        "per": 2 / 3,
+        "substitutions": 1,
+        "deletions": 1,
+        "insertions": 0,
+        "ref_phones": 3,
+        "utterances": 2,
+    }
+    assert on_disk["overall"]["per"] == pytest.approx(8 / 11)
+    assert on_disk["split"] == "test" and "step 7" in on_disk["model"]
+    assert on_disk["examples"]["fr"][1] == {"reference": "aɪ", "prediction": "aɪ"}
+    assert on_disk["audio_seconds_per_second"] > 0
+    assert results["overall"] == on_disk["overall"]
+
+
+def test_evaluate_is_the_same_whatever_the_batching(random_run, prepared):
+    """Batched, padded evaluation decodes exactly as the model card does one clip at a time."""
+    one_batch = evaluate_model(random_run, prepared, batch_seconds=1000, verbose=False)
+    one_by_one = evaluate_model(random_run, prepared, batch_seconds=0.1, verbose=False)
+    assert one_batch["overall"] == one_by_one["overall"]
+    assert one_batch["per_locale"] == one_by_one["per_locale"]
+
+    model_dir = random_run / "checkpoints" / "step_3" / "model"
+    model = Wav2Vec2ForCTC.from_pretrained(str(model_dir)).eval()
+    export = export_model(random_run, random_run.parent / "export", verbose=False)
+    processor = Wav2Vec2Processor.from_pretrained(export)
+    import datasets
+
+    stored = datasets.load_from_disk(str(prepared))["test"]
+    predictions = []
+    for row in stored:
+        wave = np.asarray(row["audio"], dtype=np.float32) / 32768  # the clip as evaluate reads it
+        with torch.no_grad():
+            ids = model(processor(wave, return_tensors="pt").input_values).logits.argmax(-1)
+        decoded = processor.batch_decode(ids)[0]
+        predictions.append(" ".join(p for p in decoded.split() if p not in SPECIAL_TOKENS))
+    expected = score_predictions(predictions, stored["phones"], stored["locale"])
+    assert one_batch["overall"] == expected["overall"]
+    assert one_batch["per_locale"] == expected["per_locale"]
+    assert one_batch["overall"]["insertions"] > 0  # a random model babbles: a non-trivial case
+    # The export folder evaluates the same as its checkpoint.
+    assert evaluate_model(export, prepared, verbose=False)["per_locale"] == one_batch["per_locale"]
+
+
+def test_locale_filter_and_errors(constant_run, prepared):
+    fr_only = evaluate_model(constant_run, prepared, locales=["fr"], verbose=False)
+    assert list(fr_only["per_locale"]) == ["fr"]
+    assert fr_only["overall"]["ref_phones"] == 3
+    with pytest.raises(PhonetuneError, match="--locales de: not in the test split"):
+        evaluate_model(constant_run, prepared, locales=["de"], verbose=False)
+    with pytest.raises(
+        PhonetuneError, match="no 'train' split.*dev, test|no 'train' split.*test, dev"
+    ):
+        evaluate_model(constant_run, prepared, split="train", verbose=False)
+    with pytest.raises(PhonetuneError, match="not a prepared dataset"):
+        evaluate_model(constant_run, prepared.parent, verbose=False)
+
+
+def test_cli_writes_results_next_to_the_checkpoint_for_the_model_card(
+    constant_run, prepared, capsys, tmp_path
+):
+    assert main(["evaluate", str(constant_run), "--data", str(prepared), "--locales", "en,fr"]) == 0
+    printed = capsys.readouterr().out
+    assert "overall" in printed and "72.73" in printed and "audio seconds per second" in printed
+    results = constant_run / "checkpoints" / "step_7" / "eval_test.json"
+    assert json.loads(results.read_text())["overall"]["per"] == pytest.approx(8 / 11)
+
+    # `phonetune export` finds it and fills the test column of the model card.
+    card = (
+        export_model(constant_run, tmp_path / "export", verbose=False) / "README.md"
+    ).read_text()
+    assert "| en | 0.250 | not measured | 75.00 % |" in card
+    assert "| fr | 0.500 | not measured | 66.67 % |" in card
+    assert "72.73 %" in card
+
+    # --evaluate measures dev on the export itself.
+    card = (
+        export_model(constant_run, tmp_path / "export2", evaluate_splits=["dev"], verbose=False)
+        / "README.md"
+    ).read_text()
+    assert "| en | 0.250 | 100.00 % | 75.00 % |" in card  # "ɡ ʊ d" -> "aɪ": 1 sub + 2 del

@@ -1,0 +1,566 @@
+"""`phonetune export`: the folder reloads with identical logits, runs the model card's code and the ASR
+pipeline, decodes to single-spaced phones, matches in ONNX, and refuses what it must refuse.
+
+The helpers at the top build tiny checkpoints in the training stage's layout and a tiny prepared
+dataset; test_evaluate.py and test_transcribe.py use them too.
+"""
+
+import functools
+import json
+import shutil
+
+import numpy as np
+import pytest
+import soxr
+import torch
+import yaml
+from transformers import Wav2Vec2Config, Wav2Vec2ForCTC, Wav2Vec2Processor, pipeline
+
+from data.errors import PhonetuneError
+from train.cli import main
+from train.export import (
+    LOGITS_TOLERANCE,
+    ONNX_TOLERANCE,
+    export_model,
+    find_checkpoint,
+)
+from train.per import SPECIAL_TOKENS, greedy_decode
+
+# Multi-character phones (aɪ, tʃ) and a Mandarin tone-bearing one (i5) are single tokens.
+VOCAB = {
+    "<pad>": 0,
+    "<s>": 1,
+    "</s>": 2,
+    "<unk>": 3,
+    "a": 4,
+    "aɪ": 5,
+    "tʃ": 6,
+    "n": 7,
+    "i5": 8,
+    "ə": 9,
+    "s": 10,
+    "t": 11,
+    "ʁ": 12,
+    "ɛ": 13,
+}
+SAMPLE_RATE = 16_000
+
+
+# --- helpers shared with test_evaluate.py and test_transcribe.py --------------------------------
+def tiny_model(seed=0, feat_extract_norm="layer", vocab_size=None):
+    """A 2-layer wav2vec 2.0 with a random CTC head: milliseconds per second of audio on a CPU."""
+    torch.manual_seed(seed)
+    layer = feat_extract_norm == "layer"
+    config = Wav2Vec2Config(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        # A 320-sample hop like the real feature encoder: 50 frames per second, so attention over
+        # a few seconds of audio stays cheap.
+        conv_dim=(32, 32, 32),
+        conv_kernel=(10, 4, 4),
+        conv_stride=(5, 8, 8),
+        num_conv_pos_embeddings=16,
+        num_conv_pos_embedding_groups=2,
+        vocab_size=vocab_size or len(VOCAB),
+        pad_token_id=0,
+        feat_extract_norm=feat_extract_norm,
+        do_stable_layer_norm=layer,
+    )
+    model = Wav2Vec2ForCTC(config).eval()
+    with torch.no_grad():  # a spread-out head, so that argmax is not all blanks
+        model.lm_head.weight.normal_(0, 1.0)
+    return model
+
+
+def write_checkpoint(
+    run_dir,
+    step,
+    model=None,
+    *,
+    seed=0,
+    feat_extract_norm="layer",
+    prepared_dir=None,
+    eval_per=None,
+    vocab=VOCAB,
+):
+    """RUN_DIR/checkpoints/step_<step>/ exactly as the training stage writes it."""
+    model = model if model is not None else tiny_model(seed, feat_extract_norm, len(vocab))
+    path = run_dir / "checkpoints" / f"step_{step}"
+    path.mkdir(parents=True)
+    model.save_pretrained(path / "model")
+    (path / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
+    config = {
+        "data": {"prepared_dir": str(prepared_dir) if prepared_dir else None},
+        "model": {"name_or_path": "tiny-random-wav2vec2"},
+    }
+    (path / "config.yaml").write_text(yaml.safe_dump(config), encoding="utf-8")
+    state = {
+        "step": step,
+        "epoch": 1,
+        "eval_per": eval_per,
+        "versions": {
+            "espeak_ng": "1.52.0",
+            "phonemizer": "3.3.0",
+            "transformers": "5.24.0",
+            "torch": "2.13.0",
+            "phonetune": "0.1.0",
+        },
+    }
+    (path / "state.json").write_text(json.dumps(state), encoding="utf-8")
+    return path
+
+
+@functools.cache
+def synthesizer():
+    from data.espeak import Synthesizer
+
+    return Synthesizer()  # one per process: espeak-ng keeps global state
+
+
+def speech(text, voice="en-us", rate=SAMPLE_RATE):
+    """`text` spoken by espeak-ng at `rate` Hz: real speech, no download."""
+    from data.espeak import synthesis_voice
+
+    synth = synthesizer()
+    wave = synth.speak(text, synthesis_voice(voice))
+    return soxr.resample(wave, synth.sample_rate, rate).astype(np.float32)
+
+
+def write_prepared(path, rows):
+    """A prepared dataset (docs/formats.md) from rows of {audio (float), phones, locale, split}."""
+    import datasets
+
+    from data.audio import count_ctc_frames, to_pcm16
+
+    splits = {}
+    for row in rows:
+        pcm = to_pcm16(row["audio"])
+        splits.setdefault(row["split"], []).append(
+            {
+                "audio": pcm.tolist(),
+                "phones": row["phones"],
+                "num_phones": len(row["phones"].split()),
+                "locale": row["locale"],
+                "split": row["split"],
+                "duration": len(pcm) / SAMPLE_RATE,
+                "num_frames": count_ctc_frames(len(pcm)),
+                "client_id": "spk",
+                "sentence": "",
+                "path": f"{row['locale']}/clips/x.mp3",
+            }
+        )
+    features = datasets.Features(
+        {
+            "audio": datasets.List(datasets.Value("int16")),
+            "phones": datasets.Value("string"),
+            "num_phones": datasets.Value("int32"),
+            "locale": datasets.Value("string"),
+            "split": datasets.Value("string"),
+            "duration": datasets.Value("float32"),
+            "num_frames": datasets.Value("int32"),
+            "client_id": datasets.Value("string"),
+            "sentence": datasets.Value("string"),
+            "path": datasets.Value("string"),
+        }
+    )
+    dataset = datasets.DatasetDict(
+        {
+            name: datasets.Dataset.from_list(items, features=features)
+            for name, items in splits.items()
+        }
+    )
+    dataset.save_to_disk(str(path))
+    (path / "vocab.json").write_text(json.dumps(VOCAB, ensure_ascii=False), encoding="utf-8")
+    locales = sorted({row["locale"] for row in rows})
+    report = {
+        "versions": {"phonetune": "0.1.0", "espeak_ng": "1.52.0", "phonemizer": "3.3.0"},
+        "settings": {
+            "language_switch": "remove-flags",
+            "phonemizer_strip": False,
+            "with_stress": False,
+        },
+        "per_locale": {
+            loc: {
+                "espeak_language": {"en": "en-us", "fr": "fr-fr"}.get(loc, loc),
+                "splits": {"train": {"hours": 0.25 if loc == "en" else 0.5}},
+            }
+            for loc in locales
+        },
+    }
+    (path / "prep_report.json").write_text(json.dumps(report), encoding="utf-8")
+    return path
+
+
+def checkpoint_logits(step_dir, wave):
+    """The checkpoint's logits for one clip, fed as training feeds it."""
+    from train.evaluate import normalize_batch
+
+    model = Wav2Vec2ForCTC.from_pretrained(str(step_dir / "model")).eval()
+    with torch.inference_mode():
+        return model(**normalize_batch([wave], model.config.feat_extract_norm == "layer")).logits
+
+
+# --- fixtures -----------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+    rows = [
+        {
+            "audio": speech("the cat sat on the mat"),
+            "phones": "ð ə k æ t",
+            "locale": "en",
+            "split": "dev",
+        },
+        {
+            "audio": speech("bonjour mes amis", "fr-fr"),
+            "phones": "b ɔ̃ ʒ u ʁ",
+            "locale": "fr",
+            "split": "dev",
+        },
+        {"audio": speech("a big red apple"), "phones": "ɐ b ɪ ɡ", "locale": "en", "split": "train"},
+        {
+            "audio": speech("merci beaucoup", "fr-fr"),
+            "phones": "m ɛ ʁ s i",
+            "locale": "fr",
+            "split": "train",
+        },
+    ]
+    return write_prepared(tmp_path_factory.mktemp("prepared") / "prep", rows)
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory, prepared):
+    """Steps 2 (best) and 4 (newest), plus an interrupted save and a folder without state.json."""
+    run = tmp_path_factory.mktemp("run") / "run"
+    write_checkpoint(run, 2, seed=2, prepared_dir=prepared, eval_per=0.40)
+    write_checkpoint(run, 4, seed=4, prepared_dir=prepared, eval_per=0.45)
+    interrupted = write_checkpoint(run, 6, seed=6, prepared_dir=prepared)
+    interrupted.rename(interrupted.with_name("step_6.tmp"))
+    (write_checkpoint(run, 8, seed=8, prepared_dir=prepared) / "state.json").unlink()
+    (run / "checkpoints" / "best.json").write_text(
+        json.dumps({"step": 2, "eval_per": 0.40, "path": "step_2"})
+    )
+    (run / "metrics.jsonl").write_text(
+        json.dumps({"step": 4, "eval_per": 0.45, "eval_per_locale": {"en": 0.5, "fr": 0.4}})
+        + "\n"
+        + '{"step": 4, "trunc'  # a line cut short by a crash is skipped
+    )
+    return run
+
+
+@pytest.fixture(scope="module")
+def export_dir(run_dir, tmp_path_factory):
+    return export_model(
+        run_dir, tmp_path_factory.mktemp("exports") / "phones", onnx=True, verbose=False
+    )
+
+
+@pytest.fixture(scope="module")
+def clip():
+    return speech("she sells sea shells by the sea shore")
+
+
+# --- the folder ---------------------------------------------------------------------------------
+def test_export_reloads_with_identical_logits(run_dir, export_dir, clip):
+    processor = Wav2Vec2Processor.from_pretrained(export_dir)
+    model = Wav2Vec2ForCTC.from_pretrained(export_dir).eval()
+    with torch.inference_mode():
+        exported = model(
+            processor(clip, sampling_rate=SAMPLE_RATE, return_tensors="pt").input_values
+        ).logits
+    reference = checkpoint_logits(
+        run_dir / "checkpoints" / "step_4", clip
+    )  # the newest complete one
+    assert exported.shape == reference.shape
+    assert (exported - reference).abs().max() <= 1e-5
+    other = checkpoint_logits(run_dir / "checkpoints" / "step_2", clip)
+    assert (exported - other).abs().max() > 1e-2  # the comparison can tell checkpoints apart
+
+
+def test_folder_has_the_layout_transformers_4_and_5_read(export_dir):
+    names = {p.name for p in export_dir.iterdir()}
+    assert {
+        "config.json",
+        "model.safetensors",
+        "preprocessor_config.json",
+        "processor_config.json",
+        "vocab.json",
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+        "README.md",
+        "model.onnx",
+    } <= names
+    assert not any(name.endswith((".bin", ".pt", ".pth")) for name in names)  # safetensors only
+    mode = (export_dir / "model.safetensors").stat().st_mode & 0o777
+    assert mode == (export_dir / "config.json").stat().st_mode & 0o777  # not owner-only
+    preprocessor = json.loads((export_dir / "preprocessor_config.json").read_text())
+    assert preprocessor["sampling_rate"] == 16_000
+    assert preprocessor["do_normalize"] is True
+    assert preprocessor["return_attention_mask"] is True  # layer-normalised feature encoder
+    tokenizer_config = json.loads((export_dir / "tokenizer_config.json").read_text())
+    assert tokenizer_config["tokenizer_class"] == "Wav2Vec2PhonemeCTCTokenizer"
+    assert tokenizer_config["do_phonemize"] is False
+    special = json.loads((export_dir / "special_tokens_map.json").read_text())
+    assert special["pad_token"] == "<pad>"
+    assert json.loads((export_dir / "config.json").read_text())["pad_token_id"] == 0
+
+
+def test_hub_layout_without_processor_config_loads_the_same(export_dir, tmp_path, clip):
+    """The released hub folder has only preprocessor_config.json: that alone must be enough."""
+    hub = tmp_path / "hub"
+    shutil.copytree(export_dir, hub)
+    (hub / "processor_config.json").unlink()
+    processor = Wav2Vec2Processor.from_pretrained(hub)
+    assert processor.feature_extractor.return_attention_mask is True
+    reference = Wav2Vec2Processor.from_pretrained(export_dir)(
+        clip, sampling_rate=SAMPLE_RATE
+    ).input_values
+    assert np.array_equal(processor(clip, sampling_rate=SAMPLE_RATE).input_values[0], reference[0])
+
+
+def test_model_card_snippet_gives_phone_strings(run_dir, export_dir, clip):
+    # The released model card's code, unchanged but for the folder and the audio.
+    processor = Wav2Vec2Processor.from_pretrained(export_dir)
+    model = Wav2Vec2ForCTC.from_pretrained(export_dir)
+    input_values = processor(clip, return_tensors="pt").input_values
+    with torch.no_grad():
+        logits = model(input_values).logits
+    predicted_ids = torch.argmax(logits, dim=-1)
+    transcription = processor.batch_decode(predicted_ids)
+
+    assert isinstance(transcription, list) and len(transcription) == 1
+    text = transcription[0]
+    assert text and "  " not in text and text == text.strip()
+    assert set(text.split(" ")) <= set(VOCAB) - {"<pad>"}
+    # The same phones as training's own greedy decoder (which also drops <s>, </s>, <unk>).
+    expected = greedy_decode(
+        checkpoint_logits(run_dir / "checkpoints" / "step_4", clip).argmax(-1)[0].tolist(),
+        {i: t for t, i in VOCAB.items()},
+    )
+    assert " ".join(p for p in text.split(" ") if p not in SPECIAL_TOKENS) == expected
+
+
+def test_asr_pipeline_returns_the_same_phones(export_dir, clip):
+    recognizer = pipeline("automatic-speech-recognition", model=str(export_dir), device="cpu")
+    result = recognizer(clip)
+    processor = Wav2Vec2Processor.from_pretrained(export_dir)
+    model = Wav2Vec2ForCTC.from_pretrained(export_dir).eval()
+    with torch.no_grad():
+        logits = model(
+            processor(clip, sampling_rate=SAMPLE_RATE, return_tensors="pt").input_values
+        ).logits
+    assert result["text"] == processor.batch_decode(logits.argmax(-1))[0]
+    assert result["text"]
+
+
+def test_tokenizer_decodes_single_spaced_phones_without_word_delimiter(export_dir):
+    processor = Wav2Vec2Processor.from_pretrained(export_dir)
+    tokenizer = processor.tokenizer
+    ids = [0, 4, 4, 0, 4, 5, 5, 6, 0, 0, 8, 7, 7, 0, 6]  # blanks between repeats keep them apart
+    assert processor.batch_decode(torch.tensor([ids]))[0] == "a a aɪ tʃ i5 n tʃ"
+    assert tokenizer.decode(ids) == "a a aɪ tʃ i5 n tʃ"
+    assert tokenizer.do_phonemize is False
+    assert tokenizer.word_delimiter_token is None
+    assert " " not in tokenizer.all_special_tokens and "|" not in tokenizer.get_vocab()
+    # Phones in, ids out, with no espeak-ng involved.
+    assert tokenizer("aɪ tʃ i5").input_ids == [5, 6, 8]
+
+
+def test_onnx_matches_pytorch_on_new_batch_sizes_and_lengths(export_dir):
+    import onnx
+    import onnxruntime
+
+    from train.evaluate import count_output_frames, normalize_batch
+
+    graph = onnx.load(str(export_dir / "model.onnx")).graph
+    assert [i.name for i in graph.input] == ["input_values", "attention_mask"]
+    assert [o.name for o in graph.output] == ["logits"]
+    assert all(
+        d.dim_param for d in graph.input[0].type.tensor_type.shape.dim
+    )  # batch, samples dynamic
+
+    model = Wav2Vec2ForCTC.from_pretrained(export_dir).eval()
+    waves = [speech("one two three"), speech("four"), speech("five six seven eight", "fr-fr")]
+    batch = normalize_batch(waves, uses_attention_mask=True)
+    session = onnxruntime.InferenceSession(
+        str(export_dir / "model.onnx"), providers=["CPUExecutionProvider"]
+    )
+    result = session.run(["logits"], {k: v.numpy() for k, v in batch.items()})[0]
+    with torch.inference_mode():
+        reference = model(**batch).logits.numpy()
+    assert result.shape == reference.shape and result.shape[0] == 3
+    for row, wave in enumerate(waves):
+        frames = count_output_frames(model, len(wave))
+        assert np.abs(result[row, :frames] - reference[row, :frames]).max() <= ONNX_TOLERANCE
+
+
+def test_model_card_reports_data_training_and_versions(export_dir):
+    card = (export_dir / "README.md").read_text()
+    assert "step_4" in card and "step 4" in card
+    assert "| en | 0.250 | 50.00 % | not measured |" in card  # hours, dev PER from metrics.jsonl
+    assert "| fr | 0.500 | 40.00 % | not measured |" in card
+    assert "| **all** | 0.750 | 45.00 % | not measured |" in card
+    assert "`strip=False`" in card and "`with_stress=False`" in card
+    assert "`remove-flags`" in card and "en -> en-us" in card
+    assert "| data preparation | 1.52.0 | 3.3.0 |" in card
+    assert "Wav2Vec2Processor.from_pretrained" in card and "processor.batch_decode" in card
+    assert "tiny-random-wav2vec2" in card
+    assert f"tolerance {ONNX_TOLERANCE:g}" in card and f"tolerance {LOGITS_TOLERANCE:g}" in card
+
+
+def test_group_norm_model_exports_without_attention_mask(tmp_path, clip):
+    import onnx
+
+    run = tmp_path / "run"
+    write_checkpoint(run, 10, seed=1, feat_extract_norm="group")
+    out = export_model(run, tmp_path / "export", onnx=True, verbose=False)
+    assert (
+        json.loads((out / "preprocessor_config.json").read_text())["return_attention_mask"] is False
+    )
+    assert [i.name for i in onnx.load(str(out / "model.onnx")).graph.input] == ["input_values"]
+    processor = Wav2Vec2Processor.from_pretrained(out)
+    assert "attention_mask" not in processor(clip, sampling_rate=SAMPLE_RATE)
+    model = Wav2Vec2ForCTC.from_pretrained(out).eval()
+    with torch.inference_mode():
+        logits = model(
+            processor(clip, sampling_rate=SAMPLE_RATE, return_tensors="pt").input_values
+        ).logits
+    assert (logits - checkpoint_logits(run / "checkpoints" / "step_10", clip)).abs().max() <= 1e-5
+    # No prepared data in this checkpoint's config: the check ran on espeak-ng speech.
+    assert "synthesised by espeak-ng" in (out / "README.md").read_text()
+
+
+# --- choosing the checkpoint ---------------------------------------------------------------------
+def test_find_checkpoint_ignores_incomplete_saves(run_dir):
+    assert find_checkpoint(run_dir).step == 4  # not step_6.tmp, not step_8 (no state.json)
+    assert find_checkpoint(run_dir / "checkpoints").step == 4
+    assert find_checkpoint(run_dir, best=True).path.name == "step_2"
+    assert find_checkpoint(run_dir, step=2).step == 2
+    assert find_checkpoint(run_dir / "checkpoints" / "step_2").step == 2
+    with pytest.raises(
+        PhonetuneError, match=r"no complete checkpoint for step 6; available steps: 2, 4"
+    ):
+        find_checkpoint(run_dir, step=6)
+    with pytest.raises(PhonetuneError, match="not a complete checkpoint"):
+        find_checkpoint(run_dir / "checkpoints" / "step_8")
+    with pytest.raises(PhonetuneError, match="not a complete checkpoint"):
+        find_checkpoint(run_dir / "checkpoints" / "step_6.tmp")
+    with pytest.raises(PhonetuneError, match="give the run folder"):
+        find_checkpoint(run_dir / "checkpoints" / "step_2", best=True)
+
+
+def test_best_without_best_json_says_why(tmp_path):
+    write_checkpoint(tmp_path / "run", 3)
+    with pytest.raises(PhonetuneError, match=r"best\.json does not exist.*available steps: 3"):
+        find_checkpoint(tmp_path / "run", best=True)
+
+
+def test_no_checkpoint_is_a_clear_error(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(PhonetuneError, match="no complete checkpoint in"):
+        export_model(tmp_path / "empty", tmp_path / "out")
+    interrupted = tmp_path / "run" / "checkpoints" / "step_5.tmp"
+    interrupted.mkdir(parents=True)
+    assert main(["export", str(tmp_path / "run"), "--out", str(tmp_path / "out")]) == 2
+    error = capsys.readouterr().err
+    assert "no complete checkpoint" in error and "step_5.tmp" in error and "Traceback" not in error
+    assert not (tmp_path / "out").exists()
+
+
+def test_best_and_step_selection_and_overwrite(run_dir, tmp_path, clip):
+    out = tmp_path / "export"
+    export_model(run_dir, out, best=True, verbose=False)
+    assert "`step_2`" in (out / "README.md").read_text()
+    model = Wav2Vec2ForCTC.from_pretrained(out).eval()
+    processor = Wav2Vec2Processor.from_pretrained(out)
+    with torch.inference_mode():
+        logits = model(
+            processor(clip, sampling_rate=SAMPLE_RATE, return_tensors="pt").input_values
+        ).logits
+    assert (
+        logits - checkpoint_logits(run_dir / "checkpoints" / "step_2", clip)
+    ).abs().max() <= 1e-5
+
+    with pytest.raises(PhonetuneError, match="not empty.*--overwrite"):
+        export_model(run_dir, out, step=4, verbose=False)
+    assert "`step_2`" in (out / "README.md").read_text()  # untouched
+
+    export_model(run_dir, out, step=4, overwrite=True, verbose=False)
+    assert "`step_4`" in (out / "README.md").read_text()
+    assert not (out / "model.onnx").exists()  # nothing left over from another export
+    assert [p.name for p in tmp_path.iterdir()] == ["export"]  # no staging folder left behind
+
+
+def test_refuses_non_empty_out_dir(run_dir, tmp_path, capsys):
+    out = tmp_path / "notes"
+    out.mkdir()
+    (out / "thesis.tex").write_text("precious")
+    assert main(["export", str(run_dir), "--out", str(out)]) == 2
+    assert "not empty" in capsys.readouterr().err
+    # --overwrite replaces an earlier export, never a folder of other files.
+    with pytest.raises(PhonetuneError, match="thesis.tex"):
+        export_model(run_dir, out, overwrite=True, verbose=False)
+    assert (out / "thesis.tex").read_text() == "precious"
+    with pytest.raises(PhonetuneError, match="would overwrite the checkpoint"):
+        export_model(run_dir, run_dir / "checkpoints" / "step_4", verbose=False)
+
+
+# --- the checks catch what they exist for --------------------------------------------------------
+def test_changed_weights_fail_the_export(run_dir, tmp_path, monkeypatch):
+    """As if a weight-norm parameter were renamed and re-initialised on the way to disk."""
+    original = Wav2Vec2ForCTC.save_pretrained
+
+    def save_with_a_changed_weight(self, *args, **kwargs):
+        conv = self.wav2vec2.encoder.pos_conv_embed.conv
+        with torch.no_grad():
+            conv.bias.add_(0.5)
+        try:
+            return original(self, *args, **kwargs)
+        finally:
+            with torch.no_grad():
+                conv.bias.sub_(0.5)
+
+    monkeypatch.setattr(Wav2Vec2ForCTC, "save_pretrained", save_with_a_changed_weight)
+    with pytest.raises(PhonetuneError, match="reloaded logits differ"):
+        export_model(run_dir, tmp_path / "export", verbose=False)
+    assert list(tmp_path.iterdir()) == []  # nothing written, no staging left
+
+
+def test_missing_weights_fail_the_export(run_dir, tmp_path, monkeypatch):
+    from safetensors.torch import load_file, save_file
+
+    original = Wav2Vec2ForCTC.save_pretrained
+
+    def save_without_weight_norm(self, folder, *args, **kwargs):
+        original(self, folder, *args, **kwargs)
+        weights = load_file(f"{folder}/model.safetensors")
+        kept = {k: v for k, v in weights.items() if "pos_conv_embed.conv.parametrizations" not in k}
+        save_file(kept, f"{folder}/model.safetensors", metadata={"format": "pt"})
+
+    monkeypatch.setattr(Wav2Vec2ForCTC, "save_pretrained", save_without_weight_norm)
+    with pytest.raises(PhonetuneError, match="weights missing.*pos_conv_embed"):
+        export_model(run_dir, tmp_path / "export", verbose=False)
+
+
+def test_preprocessing_that_differs_from_training_fails_the_export(run_dir, tmp_path, monkeypatch):
+    import train.export as export_module
+
+    build = export_module.build_processor
+
+    def unnormalised(vocab_path, uses_attention_mask):
+        processor = build(vocab_path, uses_attention_mask)
+        processor.feature_extractor.do_normalize = False
+        return processor
+
+    monkeypatch.setattr(export_module, "build_processor", unnormalised)
+    with pytest.raises(PhonetuneError, match="reloaded logits differ"):
+        export_model(run_dir, tmp_path / "export", verbose=False)
+
+
+def test_unreadable_check_audio_is_a_clear_error(run_dir, tmp_path):
+    bad = tmp_path / "bad.wav"
+    bad.write_bytes(b"not audio at all")
+    with pytest.raises(PhonetuneError, match="--audio .*bad.wav"):
+        export_model(run_dir, tmp_path / "export", audio=bad, verbose=False)
+    assert not (tmp_path / "export").exists()

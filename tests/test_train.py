@@ -1,0 +1,443 @@
+"""The training loop on the shared synthetic corpus: learning, exact resume, checkpoints, refusals."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from data.errors import PhonetuneError
+from train import checkpoint as ckpt
+from train.config import load_config
+from train.loop import train
+
+ROOT = Path(__file__).parents[1]
+TINY = ROOT / "configs" / "tiny_cpu.yaml"
+
+# A smaller model than tiny_cpu.yaml's, for the tests that check plumbing rather than learning.
+MICRO = [
+    "model.config.hidden_size=48",
+    "model.config.num_hidden_layers=2",
+    "model.config.num_attention_heads=2",
+    "model.config.intermediate_size=96",
+    "model.config.conv_dim=[32]",
+    "model.config.num_conv_pos_embeddings=16",
+    "model.config.num_conv_pos_embedding_groups=4",
+]
+FAST = [
+    "train.batch_seconds=12",
+    "data.max_duration=12",
+    "log.progress_bar=false",
+    "log.every_steps=1",
+    "train.eval_batch_seconds=60",
+]
+# Masking, LayerDrop and dropout on: a resumed run only matches if every RNG is restored.
+RANDOM = [
+    "model.mask_time_prob=0.3",
+    "model.mask_time_length=4",
+    "model.mask_feature_prob=0.2",
+    "model.mask_feature_length=4",
+    "model.layerdrop=0.2",
+    "model.hidden_dropout=0.1",
+    "model.attention_dropout=0.1",
+    "model.final_dropout=0.1",
+    "model.activation_dropout=0.1",
+]
+
+
+def config(prepared_dir, run_dir, *overrides):
+    return load_config(
+        TINY, [f"data.prepared_dir={prepared_dir}", f"run.output_dir={run_dir}", *FAST, *overrides]
+    )
+
+
+def read_metrics(run_dir):
+    lines = [
+        json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()
+    ]
+    return [r for r in lines if "loss" in r], [r for r in lines if "eval_per" in r]
+
+
+def test_tiny_model_learns(prepared_dir, tmp_path):
+    steps = ["train.max_steps=20", "train.eval_steps=20", "train.save_steps=20"]
+    result = train(config(prepared_dir, tmp_path / "run", *steps))
+    losses, evals = read_metrics(tmp_path / "run")
+    assert [r["step"] for r in losses] == list(range(1, 21))
+    first = sum(r["loss"] for r in losses[:3]) / 3
+    last = sum(r["loss"] for r in losses[-5:]) / 5
+    assert last < 0.4 * first, (first, last)  # from random outputs to (at least) the blank plateau
+    assert all(r["skipped_steps"] == 0 and r["audio_seconds"] > 0 for r in losses)
+    assert evals[-1]["step"] == 20 and evals[-1]["eval_per"] >= 0.0
+    assert set(evals[-1]["eval_per_locale"]) == {"en", "fr", "ru", "zh-CN"}
+    assert 0.0 <= evals[-1]["eval_blank_fraction"] <= 1.0
+    assert [e["locale"] for e in evals[-1]["eval_examples"]] == ["en", "fr", "ru", "zh-CN"]
+    assert all(e["reference"] for e in evals[-1]["eval_examples"])
+    assert result["step"] == 20 and result["best_checkpoint"].endswith("step_20")
+
+
+def test_resume_is_exact(prepared_dir, tmp_path, monkeypatch):
+    import train.loop as loop
+
+    common = [
+        *MICRO,
+        *RANDOM,
+        "train.max_steps=7",
+        "train.save_steps=2",
+        "train.eval_steps=3",
+        "train.lr=3e-3",
+    ]
+    train(config(prepared_dir, tmp_path / "straight", *common))
+
+    real_step, calls = loop.train_step, {"n": 0}
+
+    def killed_in_step_6(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 6:
+            raise KeyboardInterrupt  # as if killed: step 5 is logged but its state never saved
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "train_step", killed_in_step_6)
+    with pytest.raises(KeyboardInterrupt):
+        train(config(prepared_dir, tmp_path / "stopped", *common))
+    monkeypatch.setattr(loop, "train_step", real_step)
+    assert ckpt.find_latest_checkpoint(tmp_path / "stopped").name == "step_4"
+    assert read_metrics(tmp_path / "stopped")[0][-1]["step"] == 5
+    train(config(prepared_dir, tmp_path / "stopped", *common, "resume=auto"))
+
+    straight, straight_evals = read_metrics(tmp_path / "straight")
+    resumed, resumed_evals = read_metrics(tmp_path / "stopped")
+    assert [r["step"] for r in resumed] == list(range(1, 8))  # step 5 was replaced, not duplicated
+    assert [r["loss"] for r in resumed] == [r["loss"] for r in straight]  # bit for bit
+    assert [r["grad_norm"] for r in resumed] == [r["grad_norm"] for r in straight]
+    assert [r["lr"] for r in resumed] == [r["lr"] for r in straight]
+    assert [(r["step"], r["eval_per"]) for r in resumed_evals] == [
+        (r["step"], r["eval_per"]) for r in straight_evals
+    ]
+    from safetensors.torch import load_file
+
+    first = load_file(
+        ckpt.find_latest_checkpoint(tmp_path / "straight") / "model" / "model.safetensors"
+    )
+    second = load_file(
+        ckpt.find_latest_checkpoint(tmp_path / "stopped") / "model" / "model.safetensors"
+    )
+    assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
+
+
+def test_checkpoint_contents_keep_last_and_best(prepared_dir, tmp_path):
+    run = tmp_path / "run"
+    train(
+        config(
+            prepared_dir,
+            run,
+            *MICRO,
+            "train.max_steps=8",
+            "train.save_steps=2",
+            "train.eval_steps=2",
+            "train.keep_last=2",
+            "train.lr=3e-3",
+        )
+    )
+    checkpoints = ckpt.list_checkpoints(run)
+    best = json.loads((run / "checkpoints" / "best.json").read_text())
+    kept = {step for step, _ in checkpoints}
+    assert {6, 8} <= kept and kept <= {6, 8, best["step"]}
+    assert ckpt.find_best_checkpoint(run).name == best["path"] == f"step_{best['step']}"
+    _, evals = read_metrics(run)
+    assert best["eval_per"] == min(r["eval_per"] for r in evals)
+
+    latest = ckpt.find_latest_checkpoint(run)
+    names = {p.name for p in latest.iterdir()}
+    assert {
+        "model",
+        "vocab.json",
+        "config.yaml",
+        "state.json",
+        "optimizer.pt",
+        "scheduler.pt",
+        "rng_state_0.pt",
+    } <= names
+    assert {p.name for p in (latest / "model").iterdir()} >= {"config.json", "model.safetensors"}
+    model_config = json.loads((latest / "model" / "config.json").read_text())
+    vocab = json.loads((latest / "vocab.json").read_text())
+    assert vocab == json.loads((Path(prepared_dir) / "vocab.json").read_text())
+    assert (
+        model_config["vocab_size"] == len(vocab)
+        and model_config["pad_token_id"] == 0
+        and vocab["<pad>"] == 0
+    )
+    state = json.loads((latest / "state.json").read_text())
+    assert state["step"] == 8 and state["eval_per"] == evals[-1]["eval_per"]
+    assert set(state["versions"]) >= {
+        "espeak_ng",
+        "phonemizer",
+        "transformers",
+        "torch",
+        "phonetune",
+    }
+    assert state["versions"]["espeak_ng"] and state["versions"]["phonemizer"]
+    assert (
+        state["sampler"]["position"] == state["position"] and state["sampler"]["num_processes"] == 1
+    )
+    assert yaml.safe_load((latest / "config.yaml").read_text())["train"]["max_steps"] == 8
+    assert yaml.safe_load((run / "config.yaml").read_text())["data"]["prepared_dir"] == str(
+        prepared_dir
+    )
+    for name in ("optimizer.pt", "scheduler.pt", "rng_state_0.pt"):
+        torch.load(latest / name, weights_only=True)
+
+    from train.model import load_checkpoint_model
+
+    model, loaded_vocab = load_checkpoint_model(latest)
+    assert loaded_vocab == vocab and model.config.vocab_size == len(vocab)
+
+
+def test_resume_rules(prepared_dir, tmp_path, capsys):
+    run = tmp_path / "run"
+    common = [*MICRO, "train.save_steps=2", "train.eval_steps=100"]
+    train(config(prepared_dir, run, "train.max_steps=2", *common))
+    with pytest.raises(
+        PhonetuneError, match=r"already holds checkpoints \(newest: step_2\).*resume=auto"
+    ):
+        train(config(prepared_dir, run, "train.max_steps=4", *common))
+    # half-written or incomplete checkpoints newer than step 2 are not resumed from
+    (run / "checkpoints" / "step_3.tmp").mkdir()
+    (run / "checkpoints" / "step_9").mkdir()
+    capsys.readouterr()
+    result = train(
+        config(
+            prepared_dir, run, *common, "train.max_steps=4", "train.eval_steps=50", "resume=auto"
+        )
+    )
+    out = capsys.readouterr().out
+    assert "resumed from:" in out and "step_2 (step 2" in out
+    assert "warning: train.eval_steps differs from the checkpoint's config: 100 -> 50" in out
+    assert "warning: train.max_steps differs" in out
+    assert result["step"] == 4 and not (run / "checkpoints" / "step_3.tmp").exists()
+    # another model cannot continue this run
+    with pytest.raises(
+        PhonetuneError,
+        match="configured model differs from the checkpoint's.*hidden_size: 48 -> 64",
+    ):
+        train(
+            config(
+                prepared_dir,
+                run,
+                "train.max_steps=6",
+                "resume=auto",
+                *common,
+                "model.config.hidden_size=64",
+            )
+        )
+    # resume=auto in an empty directory starts fresh
+    fresh = train(
+        config(prepared_dir, tmp_path / "fresh", "train.max_steps=1", "resume=auto", *common)
+    )
+    assert fresh["step"] == 1
+
+
+def test_resume_with_another_vocabulary_is_refused(prepared_dir, tmp_path):
+    import shutil
+
+    run = tmp_path / "run"
+    train(config(prepared_dir, run, *MICRO, "train.max_steps=1", "train.eval_steps=100"))
+    other = tmp_path / "prep"
+    shutil.copytree(prepared_dir, other)
+    vocab = json.loads((other / "vocab.json").read_text())
+    vocab["zz_new_phone"] = len(vocab)
+    (other / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False))
+    with pytest.raises(
+        PhonetuneError, match="trained with another vocabulary.*only in the data: zz_new_phone"
+    ):
+        train(config(other, run, *MICRO, "train.max_steps=2", "resume=auto"))
+
+
+def test_non_finite_steps_are_skipped_then_training_stops(prepared_dir, tmp_path, monkeypatch):
+    import train.loop as loop
+
+    real_ctc_loss = loop.ctc_loss
+    calls = {"n": 0}
+
+    def poisoned(*args, **kwargs):
+        calls["n"] += 1
+        loss = real_ctc_loss(*args, **kwargs)
+        return loss * float("nan") if calls["n"] > 2 else loss
+
+    monkeypatch.setattr(loop, "ctc_loss", poisoned)
+    with pytest.raises(PhonetuneError, match="3 steps in a row had a NaN/inf gradient"):
+        train(
+            config(
+                prepared_dir,
+                tmp_path / "run",
+                *MICRO,
+                "train.max_steps=20",
+                "train.eval_steps=100",
+                "train.max_consecutive_nonfinite=3",
+            )
+        )
+    losses, _ = read_metrics(tmp_path / "run")
+    assert [r["skipped_steps"] for r in losses] == [0, 0, 1, 2]
+    assert losses[2]["loss"] is None and losses[1]["loss"] is not None
+
+
+def test_cli_reports_config_errors_without_traceback(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "train.cli",
+            "train",
+            "--config",
+            str(TINY),
+            "train.lr=fast",
+            "trian.max_steps=3",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+    )
+    assert done.returncode == 2
+    assert "Traceback" not in done.stderr
+    assert "train.lr must be a number" in done.stderr and "unknown key 'trian'" in done.stderr
+    assert "data.prepared_dir is required" in done.stderr
+
+
+@pytest.mark.slow
+def test_two_processes_under_accelerate_launch(prepared_dir, tmp_path):
+    # `--multi_gpu` makes accelerate start the processes with torchrun; without a GPU they join a gloo
+    # group on the CPU. (`--cpu --num_processes 2` starts a single process unless MPI is configured.)
+    launcher = "-m accelerate.commands.launch --multi_gpu --num_processes 2 --num_machines 1"
+    launcher += " --mixed_precision no --dynamo_backend no -m train"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    run = tmp_path / "run"
+    settings = [
+        f"data.prepared_dir={prepared_dir}",
+        f"run.output_dir={run}",
+        *MICRO,
+        *FAST,
+        "model.layerdrop=0.1",
+        "train.max_steps=3",
+        "train.save_steps=3",
+        "train.eval_steps=3",
+    ]
+    done = subprocess.run(
+        [sys.executable, *launcher.split(), "--config", str(TINY), *settings],
+        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "processes:       2" in done.stdout
+    latest = ckpt.find_latest_checkpoint(run)
+    assert latest.name == "step_3"
+    assert {"rng_state_0.pt", "rng_state_1.pt"} <= {p.name for p in latest.iterdir()}
+    losses, evals = read_metrics(run)
+    assert [r["step"] for r in losses] == [1, 2, 3]
+    dev = json.loads((Path(prepared_dir) / "prep_report.json").read_text())
+    dev_clips = sum(entry["splits"]["dev"]["kept"] for entry in dev["per_locale"].values())
+    assert evals[-1]["eval_utterances"] == dev_clips  # gathered whole: no clip dropped or doubled
+
+
+def test_transformer_frozen_for_the_first_updates_then_trained(prepared_dir, tmp_path):
+    from safetensors.torch import load_file
+
+    run = tmp_path / "run"
+    common = [
+        *MICRO,
+        "train.save_steps=1",
+        "train.eval_steps=100",
+        "train.keep_last=5",
+        "train.max_steps=3",
+    ]
+    train(config(prepared_dir, run, *common, "train.freeze_finetune_updates=2"))
+    weights = {
+        step: load_file(path / "model" / "model.safetensors")
+        for step, path in ckpt.list_checkpoints(run)
+    }
+    layer = "wav2vec2.encoder.layers.0.attention.q_proj.weight"
+    head = "lm_head.weight"
+    conv = "wav2vec2.feature_extractor.conv_layers.0.conv.weight"
+    assert torch.equal(weights[1][layer], weights[2][layer])  # steps 1-2: only the CTC layer moves
+    assert not torch.equal(weights[1][head], weights[2][head])
+    assert not torch.equal(weights[2][layer], weights[3][layer])  # step 3: the transformer trains
+    assert torch.equal(weights[1][conv], weights[3][conv])  # the feature encoder never does
+    losses, _ = read_metrics(run)
+    assert [r["frozen_transformer"] for r in losses] == [True, True, False]
+
+
+def test_loss_is_normalised_by_the_tokens_of_the_whole_step(prepared_dir):
+    """Two accumulated batches give the update of one batch holding both (CTC summed / all tokens)."""
+    from accelerate import Accelerator
+
+    from train.batching import PreparedSplit, collate
+    from train.loop import CTCModel, build_model, load_data, train_step
+
+    cfg = config(prepared_dir, "/unused", *MICRO, "train.max_grad_norm=0")
+    data = load_data(cfg)
+    split = PreparedSplit(data.train.dataset)
+    first, second = [int(r) for r in data.train_rows[:3]], [int(r) for r in data.train_rows[3:5]]
+    updates = []
+    for batches in (
+        [collate(split, first, data.vocab), collate(split, second, data.vocab)],
+        [collate(split, first + second, data.vocab)],
+    ):
+        torch.manual_seed(0)
+        model, _ = build_model(cfg.model, data.vocab)
+        module = CTCModel(model)
+        before = {n: p.detach().clone() for n, p in module.named_parameters() if p.requires_grad}
+        optimizer = torch.optim.SGD([p for p in module.parameters() if p.requires_grad], lr=1.0)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+        result = train_step(
+            module, optimizer, scheduler, batches, Accelerator(cpu=True), cfg, False
+        )
+        updates.append(
+            (
+                result.loss,
+                {n: before[n] - p.detach() for n, p in module.named_parameters() if n in before},
+            )
+        )
+    (loss_a, grads_a), (loss_b, grads_b) = updates
+    assert loss_a == pytest.approx(loss_b, rel=1e-5)
+    for name in grads_a:
+        torch.testing.assert_close(grads_a[name], grads_b[name], rtol=1e-4, atol=1e-6)
+
+
+def test_wandb_is_offline_without_a_key_and_never_fatal(prepared_dir, tmp_path, monkeypatch):
+    import wandb
+
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc with a wandb key
+    seen = {"logged": []}
+
+    class FakeRun:
+        def log(self, values, step):
+            seen["logged"].append((step, values))
+
+        def finish(self):
+            seen["finished"] = True
+
+    def fake_init(**kwargs):
+        seen["mode"] = os.environ.get("WANDB_MODE")
+        seen["config"] = kwargs["config"]
+        return FakeRun()
+
+    monkeypatch.setattr(wandb, "init", fake_init)
+    common = [*MICRO, "train.max_steps=2", "train.eval_steps=2", "log.report_to=[wandb]"]
+    train(config(prepared_dir, tmp_path / "run", *common))
+    assert seen["mode"] == "offline" and seen["finished"]
+    assert seen["config"]["train"]["max_steps"] == 2
+    assert [step for step, _ in seen["logged"]] == [1, 2, 2]
+    assert "loss" in seen["logged"][0][1] and "eval_per_locale/en" in seen["logged"][2][1]
+
+    def broken_init(**kwargs):
+        raise RuntimeError("no network")
+
+    monkeypatch.setattr(wandb, "init", broken_init)
+    with pytest.warns(UserWarning, match="wandb disabled: no network"):
+        result = train(config(prepared_dir, tmp_path / "run2", *common))
+    assert result["step"] == 2

@@ -1,0 +1,134 @@
+"""`phonetune transcribe`: any format and rate in, the same phones as the model card's code out;
+long recordings in windows; an unreadable file reported while the others are still transcribed."""
+
+import json
+
+import numpy as np
+import pytest
+import soundfile
+import soxr
+import torch
+from test_export import SAMPLE_RATE, synthesizer, write_checkpoint
+from transformers import Wav2Vec2ForCTC, Wav2Vec2Processor
+
+from data.espeak import synthesis_voice
+from train.cli import main
+from train.export import export_model
+from train.per import SPECIAL_TOKENS
+from train.transcribe import split_into_chunks, transcribe_files
+
+
+@pytest.fixture(scope="module")
+def export_dir(tmp_path_factory, audio_files):
+    root = tmp_path_factory.mktemp("transcribe")
+    write_checkpoint(root / "run", 5, seed=5)
+    _, files = audio_files
+    # --audio: the export checks run on a file (no prepared data in this checkpoint's config).
+    return export_model(
+        root / "run", root / "export", audio=files["bread_22k.ogg"][0], verbose=False
+    )
+
+
+@pytest.fixture(scope="module")
+def audio_files(tmp_path_factory):
+    """The same kinds of files users have: WAV, FLAC, MP3, OGG at several rates, one stereo."""
+    folder = tmp_path_factory.mktemp("audio")
+    synth = synthesizer()
+    files = {}
+    for name, text, voice, rate, channels, kind in [
+        ("hello_8k.wav", "hello my friend", "en-us", 8_000, 1, "WAV"),
+        ("bonjour_44k_stereo.flac", "bonjour tout le monde", "fr-fr", 44_100, 2, "FLAC"),
+        ("morning_48k.mp3", "good morning to you all", "en-us", 48_000, 1, "MP3"),
+        ("bread_22k.ogg", "we like warm bread", "en-us", 22_050, 1, "OGG"),
+    ]:
+        wave = soxr.resample(synth.speak(text, synthesis_voice(voice)), synth.sample_rate, rate)
+        data = np.stack([wave, 0.5 * wave], axis=1) if channels == 2 else wave
+        soundfile.write(folder / name, data, rate, format=kind)
+        files[name] = (folder / name, len(wave) / rate)
+    (folder / "broken.wav").write_bytes(b"RIFF this is not audio")
+    return folder, files
+
+
+def model_card_phones(export_dir, wave_16k):
+    """What the released model card's code prints for this audio (special tokens dropped)."""
+    processor = Wav2Vec2Processor.from_pretrained(export_dir)
+    model = Wav2Vec2ForCTC.from_pretrained(export_dir).eval()
+    with torch.no_grad():
+        logits = model(
+            processor(wave_16k, sampling_rate=SAMPLE_RATE, return_tensors="pt").input_values
+        ).logits
+    decoded = processor.batch_decode(torch.argmax(logits, dim=-1))[0]
+    return " ".join(p for p in decoded.split(" ") if p not in SPECIAL_TOKENS)
+
+
+def read_16k(path):
+    samples, rate = soundfile.read(path, dtype="float32", always_2d=True)
+    return soxr.resample(samples.mean(axis=1), rate, SAMPLE_RATE, quality="HQ").astype(np.float32)
+
+
+def test_formats_and_rates_give_the_model_card_phones(export_dir, audio_files):
+    folder, files = audio_files
+    paths = [path for path, _ in files.values()]
+    transcripts = transcribe_files(export_dir, paths)  # one padded batch for all files
+    assert [t.path for t in transcripts] == [str(p) for p in paths]
+    for transcript, (path, seconds) in zip(transcripts, files.values(), strict=True):
+        assert transcript.error is None
+        # Resampled to 16 kHz: the duration is the recording's (MP3 adds a little encoder padding).
+        assert transcript.duration == pytest.approx(seconds, abs=0.06)
+        assert transcript.phones and "  " not in transcript.phones
+        assert transcript.phones == model_card_phones(export_dir, read_16k(path))
+
+
+def test_unreadable_file_is_reported_and_the_others_transcribed(export_dir, audio_files, capsys):
+    folder, files = audio_files
+    good = files["hello_8k.wav"][0]
+    missing = folder / "missing.flac"
+    code = main(
+        ["transcribe", str(export_dir), str(good), str(folder / "broken.wav"), str(missing)]
+    )
+    captured = capsys.readouterr()
+    assert code == 1
+    lines = captured.out.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"{good}\t") and len(lines[0].split("\t")[1]) > 0
+    assert "broken.wav" in captured.err and "missing.flac" in captured.err
+    assert "Traceback" not in captured.err
+
+
+def test_json_output(export_dir, audio_files, capsys):
+    folder, files = audio_files
+    good = files["bonjour_44k_stereo.flac"][0]
+    code = main(["transcribe", str(export_dir), str(good), str(folder / "broken.wav"), "--json"])
+    assert code == 1
+    results = json.loads(capsys.readouterr().out)
+    assert (
+        results[0]["path"] == str(good)
+        and results[0]["phones"]
+        and results[0]["duration"] == pytest.approx(files["bonjour_44k_stereo.flac"][1], abs=0.01)
+    )
+    assert "error" not in results[0]
+    assert results[1]["path"].endswith("broken.wav") and "cannot read" in results[1]["error"]
+    assert "phones" not in results[1]
+
+
+def test_split_into_chunks():
+    wave = np.arange(45 * SAMPLE_RATE, dtype=np.float32)
+    assert [len(c) / SAMPLE_RATE for c in split_into_chunks(wave, 20)] == [20, 20, 5]
+    short_tail = wave[: 41 * SAMPLE_RATE]
+    chunks = split_into_chunks(short_tail, 20)
+    assert [len(c) / SAMPLE_RATE for c in chunks] == [20, 21]  # a 1 s tail joins the last window
+    assert np.array_equal(np.concatenate(chunks), short_tail)
+    assert len(split_into_chunks(wave[: 10 * SAMPLE_RATE], 20)) == 1
+
+
+def test_long_recording_is_transcribed_window_by_window(export_dir, audio_files):
+    _, files = audio_files
+    path = files["morning_48k.mp3"][0]
+    wave = read_16k(path)
+    (transcript,) = transcribe_files(export_dir, [path], chunk_seconds=0.6)
+    windows = split_into_chunks(wave, 0.6)
+    assert len(windows) >= 2
+    assert transcript.phones == " ".join(
+        phones for phones in (model_card_phones(export_dir, w) for w in windows) if phones
+    )
+    (whole,) = transcribe_files(export_dir, [path])
+    assert whole.phones != transcript.phones  # the windows really were recognised separately

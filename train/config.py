@@ -1,0 +1,584 @@
+"""The training configuration: typed dataclasses, YAML loading, `key=value` overrides, validation.
+
+A config file has the sections `data`, `model`, `train`, `run` and `log`, plus the top-level key
+`resume`. Every field below is documented where it is declared. Overrides use dotted keys
+(`train.max_steps=40`, `model.config.hidden_size=256`) and their values are read as YAML scalars
+(`true`, `1e-3`, `[0.9, 0.98]`, `null`).
+
+Everything is checked before any work starts: unknown keys (the message names the valid ones),
+wrong types and contradictions are collected and reported together in one `PhonetuneError`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from data.errors import PhonetuneError
+
+LR_SCHEDULES = ("tri_stage", "linear", "cosine")
+MIXED_PRECISION = ("no", "bf16", "fp16")
+REPORTERS = ("wandb", "tensorboard")
+CTC_REDUCTIONS = ("sum", "mean")
+
+
+@dataclass
+class DataConfig:
+    """Where the prepared dataset is and which of its clips train and evaluate."""
+
+    prepared_dir: str | None = None
+    """Folder written by `phonetune prepare` (vocab.json, prep_report.json, the DatasetDict). Required."""
+    train_split: str = "train"
+    """Split to train on."""
+    eval_split: str = "dev"
+    """Split to compute the phone error rate on every `train.eval_steps`."""
+    locales: list[str] | None = None
+    """Train and evaluate only on these Common Voice locales; null = every locale of the dataset."""
+    max_duration: float = 20.0
+    """Training clips longer than this many seconds are skipped (attention cost grows with length²)."""
+    eval_max_utterances: int | None = None
+    """Evaluate on at most this many clips of the eval split (a fixed, evenly spaced subset); null = all."""
+    num_workers: int = 0
+    """DataLoader worker processes that slice and pad batches; 0 = in the training process."""
+
+
+@dataclass
+class ModelConfig:
+    """The Wav2Vec2ForCTC to fine-tune. Regularisation settings keep their Hugging Face names."""
+
+    name_or_path: str | None = None
+    """Pretrained checkpoint: a Hugging Face hub id (e.g. facebook/wav2vec2-large-xlsr-53) or a local
+    directory with config.json + weights. Exactly one of name_or_path and config is set."""
+    config: dict[str, Any] | str | None = None
+    """Build a randomly initialised model instead: Wav2Vec2Config arguments as a mapping, or the path
+    of a config.json. vocab_size and pad_token_id come from the prepared vocab.json."""
+    feature_encoder_init: str = "random"
+    """With model.config only: "random" (Hugging Face's initialisation) or "filterbank": a feature
+    encoder of ONE convolution (kernel 400 = 25 ms, stride 320 = 20 ms) whose filters are Hann-windowed
+    cosines and sines at mel-spaced frequencies, in + and - pairs. The feature encoder is frozen, so a
+    random one stays random forever; a filterbank gives a from-scratch model spectral features and
+    lets a tiny model leave the all-blank plateau in a few hundred steps instead of thousands."""
+    reset_head: bool = False
+    """Start a new CTC output layer even if the checkpoint has one (by default a CTC checkpoint keeps
+    the output rows of the phones its vocab.json shares with the prepared vocabulary)."""
+    attn_implementation: str = "sdpa"
+    """Attention kernel: "sdpa" (PyTorch scaled-dot-product attention) or "eager"."""
+    gradient_checkpointing: bool = False
+    """Recompute transformer activations in the backward pass (non-reentrant) to save memory."""
+    mask_time_prob: float = 0.05
+    """SpecAugment: fraction of frames that start a masked time span (fairseq mask_prob)."""
+    mask_time_length: int = 10
+    """SpecAugment: frames per masked time span (fairseq mask_length)."""
+    mask_time_min_masks: int = 2
+    """SpecAugment: minimum number of masked time spans per utterance."""
+    mask_feature_prob: float = 0.0
+    """SpecAugment: fraction of feature channels that start a masked span (fairseq mask_channel_prob)."""
+    mask_feature_length: int = 10
+    """SpecAugment: channels per masked feature span (fairseq mask_channel_length)."""
+    mask_feature_min_masks: int = 0
+    """SpecAugment: minimum number of masked feature spans."""
+    layerdrop: float = 0.1
+    """Probability of skipping a whole transformer layer in a training step."""
+    hidden_dropout: float = 0.1
+    """Dropout on transformer hidden states (fairseq dropout)."""
+    activation_dropout: float = 0.1
+    """Dropout inside the feed-forward blocks (fairseq activation_dropout)."""
+    attention_dropout: float = 0.1
+    """Dropout on attention probabilities (fairseq attention_dropout)."""
+    feat_proj_dropout: float = 0.0
+    """Dropout after the feature projection (fairseq dropout_input)."""
+    final_dropout: float = 0.1
+    """Dropout before the CTC output layer (fairseq final_dropout)."""
+    ctc_loss_reduction: str = "sum"
+    """"sum": summed CTC loss divided by the number of label tokens in the whole optimizer step
+    (fairseq's sentence_avg=false). "mean": each utterance's loss divided by its label length,
+    averaged over the utterances of the step."""
+    ctc_zero_infinity: bool = True
+    """Zero the loss of clips too short to align with their phones instead of poisoning the step."""
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation, batching, evaluation and checkpoint frequency."""
+
+    seed: int = 0
+    """Seed of model initialisation, masking, dropout and the data order."""
+    max_steps: int = 20000
+    """Optimizer steps to train for (fairseq max_update)."""
+    batch_seconds: float = 80.0
+    """Seconds of audio (padding included) per batch per process (fairseq max_tokens / 16000)."""
+    grad_accum: int = 1
+    """Batches accumulated into one optimizer step (fairseq update_freq)."""
+    bucket_width: float = 0.5
+    """Clips whose durations fall in the same bucket of this many seconds are shuffled together
+    before batching: smaller = less padding, larger = more varied batches."""
+    longest_first: bool = True
+    """Put each epoch's longest batch first, so that running out of memory happens in minute one."""
+    lr: float = 5e-5
+    """Peak learning rate."""
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
+    """AdamW betas."""
+    eps: float = 1e-8
+    """AdamW epsilon."""
+    weight_decay: float = 0.0
+    """AdamW decoupled weight decay (not applied to biases and norms)."""
+    max_grad_norm: float = 1.0
+    """Clip the gradient norm to this value; 0 = no clipping (the norm is still logged)."""
+    lr_schedule: str = "tri_stage"
+    """"tri_stage" (linear warm-up, hold, exponential decay; fairseq's), "linear" or "cosine"
+    (warm-up, hold, then linear / cosine decay to final_lr_scale)."""
+    warmup_ratio: float = 0.1
+    """Fraction of max_steps spent warming up from init_lr_scale × lr to lr."""
+    hold_ratio: float = 0.4
+    """Fraction of max_steps held at the peak lr; the rest decays."""
+    init_lr_scale: float = 0.01
+    """Learning rate at step 0, as a fraction of lr."""
+    final_lr_scale: float = 0.05
+    """Learning rate at the last step, as a fraction of lr."""
+    freeze_finetune_updates: int = 0
+    """Steps during which the whole transformer is frozen and only the CTC output layer trains.
+    (The convolutional feature encoder is always frozen.)"""
+    mixed_precision: str = "no"
+    """"no", "bf16" or "fp16" autocast; the CTC loss and its log-softmax always run in fp32."""
+    max_consecutive_nonfinite: int = 20
+    """Stop training after this many steps in a row with a NaN/inf gradient (each one is skipped)."""
+    eval_steps: int = 1000
+    """Evaluate on the eval split every this many steps (and at the end)."""
+    eval_batch_seconds: float | None = None
+    """Seconds of audio per evaluation batch per process; null = batch_seconds."""
+    eval_num_examples: int = 4
+    """Decoded predictions printed and logged next to their references at each evaluation."""
+    save_steps: int = 1000
+    """Write a checkpoint every this many steps (and at the end)."""
+    keep_last: int = 3
+    """Checkpoints kept, newest first; the best by eval PER is kept as well."""
+
+
+@dataclass
+class RunConfig:
+    """Where the run writes."""
+
+    output_dir: str | None = None
+    """Run directory: config.yaml, metrics.jsonl, checkpoints/. Required."""
+    name: str | None = None
+    """Run name shown by wandb / TensorBoard; null = the run directory's name."""
+
+
+@dataclass
+class LogConfig:
+    """What is reported, where and how often."""
+
+    every_steps: int = 10
+    """Write a training line to metrics.jsonl every this many steps."""
+    report_to: list[str] = field(default_factory=list)
+    """Extra reporters besides metrics.jsonl: "wandb" (offline unless WANDB_MODE/a key says
+    otherwise) and/or "tensorboard"."""
+    wandb_project: str = "phonetune"
+    """wandb project name."""
+    progress_bar: bool = True
+    """Show a progress bar on the main process."""
+
+
+@dataclass
+class Config:
+    """A whole training run."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    resume: str = "none"
+    """"none": start fresh (refused if the run directory already holds checkpoints); "auto": continue
+    from the newest complete checkpoint of the run directory, or start fresh if there is none; or the
+    path of a checkpoint directory (…/checkpoints/step_<n>)."""
+
+
+SECTIONS: dict[str, type] = {
+    "data": DataConfig,
+    "model": ModelConfig,
+    "train": TrainConfig,
+    "run": RunConfig,
+    "log": LogConfig,
+}
+TOP_LEVEL_KEYS = (*SECTIONS, "resume")
+
+# Training settings that ModelConfig carries with their Hugging Face names; they are applied on top
+# of whatever the checkpoint or model.config says, so they must not be given in model.config too.
+HF_TRAINING_SETTINGS = (
+    "mask_time_prob",
+    "mask_time_length",
+    "mask_time_min_masks",
+    "mask_feature_prob",
+    "mask_feature_length",
+    "mask_feature_min_masks",
+    "layerdrop",
+    "hidden_dropout",
+    "activation_dropout",
+    "attention_dropout",
+    "feat_proj_dropout",
+    "final_dropout",
+    "ctc_loss_reduction",
+    "ctc_zero_infinity",
+)
+
+
+# --- loading ------------------------------------------------------------------------------------
+def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Read a YAML config file, apply `key=value` overrides, check everything; raise all errors at once."""
+    raw: dict[str, Any] = {}
+    source = "overrides"
+    if path is not None:
+        path = Path(path)
+        source = str(path)
+        try:
+            loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise PhonetuneError(f"config file {path} does not exist") from None
+        except yaml.YAMLError as error:
+            raise PhonetuneError(f"config file {path} is not valid YAML: {error}") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise PhonetuneError(
+                f"config file {path} must be a mapping of sections, not {type(loaded).__name__}"
+            )
+        raw = loaded
+    errors: list[str] = []
+    for override in overrides:
+        apply_override(raw, override, errors)
+    config = build_config(raw, errors)
+    errors += find_contradictions(config)
+    if errors:
+        listing = "\n".join(f"  - {error}" for error in errors)
+        raise PhonetuneError(f"invalid training configuration ({source}):\n{listing}")
+    return config
+
+
+def apply_override(raw: dict[str, Any], override: str, errors: list[str]) -> None:
+    """Set `a.b.c=value` in the raw mapping; the value is parsed as a YAML scalar/flow value."""
+    key, sep, text = override.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        errors.append(
+            f"override {override!r} is not of the form key=value (e.g. train.max_steps=100)"
+        )
+        return
+    try:
+        value = yaml.safe_load(text) if text.strip() else ""
+    except yaml.YAMLError:
+        value = text  # not YAML (e.g. an unbalanced bracket in a path): take it as a string
+    parts = key.split(".")
+    node = raw
+    for depth, part in enumerate(parts[:-1]):
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            errors.append(f"override {key}: {'.'.join(parts[: depth + 1])} is not a mapping")
+            return
+        node = child
+    node[parts[-1]] = value
+
+
+def build_config(raw: dict[str, Any], errors: list[str]) -> Config:
+    """Turn the raw mapping into dataclasses, appending unknown-key and type errors to `errors`."""
+    unknown = [key for key in raw if key not in TOP_LEVEL_KEYS]
+    for key in unknown:
+        errors.append(f"unknown key {key!r}; valid top-level keys: {', '.join(TOP_LEVEL_KEYS)}")
+    sections = {}
+    for name, cls in SECTIONS.items():
+        values = raw.get(name) or {}
+        if not isinstance(values, dict):
+            errors.append(f"{name} must be a mapping of keys, not {values!r}")
+            values = {}
+        sections[name] = _build_section(name, cls, values, errors)
+    resume = raw.get("resume", "none")
+    if resume is None:
+        resume = "none"
+    if not isinstance(resume, str):
+        errors.append(f"resume must be 'none', 'auto' or a checkpoint path, not {resume!r}")
+        resume = "none"
+    return Config(**sections, resume=resume)
+
+
+def _build_section(name: str, cls: type, values: dict[str, Any], errors: list[str]) -> Any:
+    hints = _type_hints(cls)
+    valid = [f.name for f in dataclasses.fields(cls)]
+    accepted = {}
+    for key, value in values.items():
+        if key not in hints:
+            errors.append(f"unknown key {name}.{key}; valid keys in {name}: {', '.join(valid)}")
+            continue
+        if _accepts_float(hints[key]) and isinstance(value, str):
+            value = _parse_float(value)  # PyYAML reads 1e-3 (no dot) as a string
+        problem = _type_problem(value, hints[key])
+        if problem:
+            errors.append(f"{name}.{key} {problem} (got {value!r})")
+            continue
+        if _accepts_float(hints[key]) and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        accepted[key] = value
+    return cls(**accepted)
+
+
+@functools.cache
+def _type_hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _parse_float(text: str) -> float | str:
+    try:
+        return float(text)
+    except ValueError:
+        return text
+
+
+def _accepts_float(hint: Any) -> bool:
+    return hint is float or float in typing.get_args(hint)
+
+
+def _type_problem(value: Any, hint: Any) -> str | None:
+    """None if `value` fits the annotation `hint`, else what was expected."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(hint)
+        if any(_type_problem(value, option) is None for option in options):
+            return None
+        return "must be " + " or ".join(_describe(option) for option in options)
+    if hint is type(None):
+        return None if value is None else "must be null"
+    if origin is Literal:
+        return None if value in typing.get_args(hint) else f"must be one of {typing.get_args(hint)}"
+    if origin is list:
+        if not isinstance(value, list):
+            return f"must be {_describe(hint)}"
+        (item_hint,) = typing.get_args(hint)
+        if any(_type_problem(item, item_hint) for item in value):
+            return f"must be {_describe(hint)}"
+        return None
+    if origin is dict:
+        return None if isinstance(value, dict) else "must be a mapping"
+    if hint is bool:
+        return None if isinstance(value, bool) else "must be true or false"
+    if hint is int:
+        return (
+            None if isinstance(value, int) and not isinstance(value, bool) else "must be an integer"
+        )
+    if hint is float:
+        ok = isinstance(value, int | float) and not isinstance(value, bool)
+        return None if ok else "must be a number"
+    if hint is str:
+        return None if isinstance(value, str) else "must be a string"
+    return None if isinstance(value, hint) else f"must be {_describe(hint)}"
+
+
+def _describe(hint: Any) -> str:
+    origin = typing.get_origin(hint)
+    if origin is list:
+        return f"a list of {_describe(typing.get_args(hint)[0])}"
+    if origin is dict:
+        return "a mapping"
+    names = {
+        bool: "true/false",
+        int: "an integer",
+        float: "a number",
+        str: "a string",
+        type(None): "null",
+    }
+    return names.get(hint, str(hint))
+
+
+# --- contradictions -----------------------------------------------------------------------------
+def find_contradictions(config: Config) -> list[str]:
+    """Values that are each well-typed but cannot work (together); every problem, not the first."""
+    errors: list[str] = []
+    data, model, train, log = config.data, config.model, config.train, config.log
+
+    if not data.prepared_dir:
+        errors.append("data.prepared_dir is required (the output folder of `phonetune prepare`)")
+    if not config.run.output_dir:
+        errors.append("run.output_dir is required (where checkpoints and metrics.jsonl go)")
+    if data.max_duration <= 0:
+        errors.append(f"data.max_duration must be positive, not {data.max_duration}")
+    if data.eval_max_utterances is not None and data.eval_max_utterances < 1:
+        errors.append("data.eval_max_utterances must be at least 1 (or null for all)")
+    if data.num_workers < 0:
+        errors.append("data.num_workers must be 0 or more")
+    if data.locales is not None and not data.locales:
+        errors.append("data.locales is an empty list: give locales or null for all")
+
+    if (model.name_or_path is None) == (model.config is None):
+        errors.append(
+            "set exactly one of model.name_or_path (a pretrained checkpoint) and model.config "
+            "(a random initialisation); "
+            + ("both are set" if model.name_or_path is not None else "neither is set")
+        )
+    if isinstance(model.config, dict):
+        errors += _check_hf_config_keys(model.config)
+    if model.feature_encoder_init not in ("random", "filterbank"):
+        errors.append(
+            "model.feature_encoder_init must be 'random' or 'filterbank', "
+            f"not {model.feature_encoder_init!r}"
+        )
+    elif model.feature_encoder_init == "filterbank":
+        errors += _check_filterbank_encoder(model)
+    if model.attn_implementation not in ("sdpa", "eager"):
+        errors.append(
+            f"model.attn_implementation must be 'sdpa' or 'eager', not {model.attn_implementation!r}"
+        )
+    for key in (
+        "mask_time_prob",
+        "mask_feature_prob",
+        "layerdrop",
+        "hidden_dropout",
+        "activation_dropout",
+        "attention_dropout",
+        "feat_proj_dropout",
+        "final_dropout",
+    ):
+        value = getattr(model, key)
+        if not 0.0 <= value < 1.0:
+            errors.append(f"model.{key} must be in [0, 1), not {value}")
+    for key in ("mask_time_length", "mask_feature_length"):
+        if getattr(model, key) < 1:
+            errors.append(f"model.{key} must be at least 1, not {getattr(model, key)}")
+    for key in ("mask_time_min_masks", "mask_feature_min_masks"):
+        if getattr(model, key) < 0:
+            errors.append(f"model.{key} must be 0 or more")
+    if model.ctc_loss_reduction not in CTC_REDUCTIONS:
+        errors.append(
+            f"model.ctc_loss_reduction must be one of {', '.join(CTC_REDUCTIONS)}, not {model.ctc_loss_reduction!r}"
+        )
+
+    for key in (
+        "max_steps",
+        "grad_accum",
+        "eval_steps",
+        "save_steps",
+        "keep_last",
+        "max_consecutive_nonfinite",
+    ):
+        if getattr(train, key) < 1:
+            errors.append(f"train.{key} must be at least 1, not {getattr(train, key)}")
+    for key in ("freeze_finetune_updates", "eval_num_examples"):
+        if getattr(train, key) < 0:
+            errors.append(f"train.{key} must be 0 or more")
+    if train.batch_seconds <= 0:
+        errors.append(f"train.batch_seconds must be positive, not {train.batch_seconds}")
+    elif train.batch_seconds < data.max_duration:
+        errors.append(
+            f"train.batch_seconds ({train.batch_seconds}) is smaller than data.max_duration "
+            f"({data.max_duration}): the longest clips could never fit in a batch; raise the first "
+            "or lower the second"
+        )
+    if train.eval_batch_seconds is not None and train.eval_batch_seconds <= 0:
+        errors.append("train.eval_batch_seconds must be positive (or null = train.batch_seconds)")
+    if train.bucket_width <= 0:
+        errors.append("train.bucket_width must be positive")
+    if train.lr <= 0:
+        errors.append(f"train.lr must be positive, not {train.lr}")
+    if len(train.betas) != 2 or not all(0.0 <= beta < 1.0 for beta in train.betas):
+        errors.append(f"train.betas must be two numbers in [0, 1), not {train.betas}")
+    if train.eps <= 0:
+        errors.append("train.eps must be positive")
+    if train.weight_decay < 0:
+        errors.append("train.weight_decay must be 0 or more")
+    if train.max_grad_norm < 0:
+        errors.append("train.max_grad_norm must be 0 (no clipping) or positive")
+    if train.lr_schedule not in LR_SCHEDULES:
+        errors.append(
+            f"train.lr_schedule must be one of {', '.join(LR_SCHEDULES)}, not {train.lr_schedule!r}"
+        )
+    for key in ("warmup_ratio", "hold_ratio"):
+        if not 0.0 <= getattr(train, key) <= 1.0:
+            errors.append(f"train.{key} must be in [0, 1], not {getattr(train, key)}")
+    if train.warmup_ratio + train.hold_ratio > 1.0 + 1e-9:
+        errors.append(
+            f"train.warmup_ratio + train.hold_ratio = {train.warmup_ratio + train.hold_ratio:g} exceeds 1: "
+            "the warm-up and hold phases cannot be longer than the whole run"
+        )
+    for key in ("init_lr_scale", "final_lr_scale"):
+        if not 0.0 < getattr(train, key) <= 1.0:
+            errors.append(f"train.{key} must be in (0, 1], not {getattr(train, key)}")
+    if train.mixed_precision not in MIXED_PRECISION:
+        errors.append(
+            f"train.mixed_precision must be one of {', '.join(MIXED_PRECISION)}, not {train.mixed_precision!r}"
+        )
+
+    if log.every_steps < 1:
+        errors.append("log.every_steps must be at least 1")
+    for reporter in log.report_to:
+        if reporter not in REPORTERS:
+            errors.append(
+                f"log.report_to: unknown reporter {reporter!r}; choose from {', '.join(REPORTERS)}"
+            )
+    return errors
+
+
+def _check_filterbank_encoder(model: ModelConfig) -> list[str]:
+    if not isinstance(model.config, dict):
+        return [
+            "model.feature_encoder_init=filterbank needs model.config as a mapping (random init)"
+        ]
+    kernels = model.config.get("conv_kernel")
+    strides = model.config.get("conv_stride")
+    dims = model.config.get("conv_dim")
+    if kernels != [400] or strides != [320] or not dims or len(dims) != 1 or dims[0] % 4:
+        return [
+            "model.feature_encoder_init=filterbank needs a one-layer feature encoder: "
+            "model.config.conv_kernel=[400], conv_stride=[320] and conv_dim=[N] with N a multiple of 4 "
+            f"(got conv_kernel={kernels}, conv_stride={strides}, conv_dim={dims})"
+        ]
+    return []
+
+
+def _check_hf_config_keys(values: dict[str, Any]) -> list[str]:
+    from transformers import Wav2Vec2Config
+
+    errors = []
+    known = set(Wav2Vec2Config().to_dict())
+    for key in values:
+        if key in HF_TRAINING_SETTINGS:
+            errors.append(
+                f"model.config.{key}: set model.{key} instead (training settings live in model)"
+            )
+        elif key not in known:
+            errors.append(f"model.config.{key} is not a Wav2Vec2Config argument")
+    return errors
+
+
+# --- saving and comparing -----------------------------------------------------------------------
+def config_to_dict(config: Config) -> dict[str, Any]:
+    """The resolved config as plain data (what config.yaml holds)."""
+    return dataclasses.asdict(config)
+
+
+def dump_config(config: Config) -> str:
+    return yaml.safe_dump(config_to_dict(config), sort_keys=False, allow_unicode=True)
+
+
+def write_config(config: Config, path: Path) -> None:
+    path.write_text(dump_config(config), encoding="utf-8")
+
+
+def config_differences(
+    old: dict[str, Any], new: dict[str, Any], prefix: str = ""
+) -> list[tuple[str, Any, Any]]:
+    """(dotted key, old value, new value) for every leaf that differs between two config dicts."""
+    differences = []
+    for key in sorted(set(old) | set(new), key=str):
+        dotted = f"{prefix}{key}"
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict) and dotted != "model.config":
+            differences += config_differences(a, b, dotted + ".")
+        elif a != b:
+            differences.append((dotted, a, b))
+    return differences

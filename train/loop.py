@@ -1,0 +1,1127 @@
+"""`phonetune train`: fine-tune a wav2vec 2.0 encoder with CTC on a prepared dataset.
+
+One process (CPU or one GPU) with `phonetune train --config FILE [key=value ...]`; several with
+`accelerate launch [options] -m train --config FILE [key=value ...]` (on GPUs: `--multi_gpu
+--num_processes N`; the same flags also work without GPUs, the processes then join a gloo group on
+the CPU, whereas `--cpu --num_processes N` starts a single process unless MPI is set up).
+The run can be killed at any
+moment and continued with `resume=auto`: the next steps are the ones the uninterrupted run would
+have taken (same batches, same masks and dropout, same updates).
+
+Read top to bottom: `train()` sets up (data, model, optimizer, resume), then loops over optimizer
+steps calling `train_step`, and every so often `evaluate` and `save_checkpoint`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import random
+import secrets
+import sys
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from data.errors import PhonetuneError
+from data.vocab import BLANK_ID, load_vocab
+from train import checkpoint as ckpt
+from train.batching import (
+    IGNORE_INDEX,
+    Batch,
+    DurationBatchSampler,
+    PreparedSplit,
+    make_loader,
+    plan_eval,
+    unknown_phones,
+)
+from train.config import (
+    Config,
+    config_differences,
+    config_to_dict,
+    dump_config,
+    load_config,
+    write_config,
+)
+from train.model import (
+    CTCModel,
+    architecture_differences,
+    build_model,
+    count_parameters,
+    expected_architecture,
+    load_checkpoint_model,
+)
+from train.schedule import lr_multiplier
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
+
+METRICS_FILE = "metrics.jsonl"
+Say = Callable[[str], None]  # prints on the main process only (Accelerator.print)
+
+
+# --- command line ---------------------------------------------------------------------------------
+def configure_parser(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--config", type=Path, required=True, help="YAML training recipe (see configs/)"
+    )
+    parser.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="KEY=VALUE",
+        help="override config values with dotted keys, e.g. data.prepared_dir=prep run.output_dir=runs/x "
+        "train.max_steps=100 resume=auto",
+    )
+    parser.add_argument(
+        "--print-config",
+        action="store_true",
+        help="validate the configuration, print it resolved, and exit",
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    config = load_config(args.config, args.overrides)
+    if args.print_config:
+        print(dump_config(config), end="")
+        return 0
+    train(config)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The `accelerate launch -m train` entry (train/__main__.py)."""
+    parser = argparse.ArgumentParser(
+        prog="python -m train", description="phonetune training (one process of it)"
+    )
+    parser.add_argument("--debug", action="store_true", help="show the full traceback on errors")
+    configure_parser(parser)
+    args = parser.parse_args(argv)
+    try:
+        return run(args)
+    except PhonetuneError as error:
+        if args.debug:
+            raise
+        print(f"phonetune train: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("phonetune train: interrupted", file=sys.stderr)
+        return 130
+
+
+# --- state ------------------------------------------------------------------------------------------
+@dataclass
+class TrainState:
+    """What a checkpoint's state.json records about the progress of training."""
+
+    step: int = 0  # optimizer steps taken (including skipped non-finite ones)
+    epoch: int = 0  # current epoch of the sampler
+    position: int = 0  # batches of this epoch already consumed by each process
+    skipped_steps: int = 0  # steps whose gradient was NaN/inf (no update)
+    consecutive_nonfinite: int = 0
+    ctc_infeasible: int = 0  # clips whose CTC loss was infinite (too few frames for the phones)
+    audio_seconds: float = 0.0  # audio trained on, all processes
+    eval_per: float | None = None  # dev PER of the evaluation at `eval_step`
+    eval_step: int | None = None
+    # running sums since the last training line of metrics.jsonl (so a resumed run logs the same)
+    interval_loss: float = 0.0
+    interval_steps: int = 0
+    interval_audio: float = 0.0
+    interval_padded: float = 0.0
+
+
+@dataclass
+class Data:
+    vocab: dict[str, int]
+    train: PreparedSplit
+    train_rows: np.ndarray
+    eval: PreparedSplit | None
+    eval_rows: np.ndarray
+    versions: dict[str, Any]
+    skipped: dict[str, int] = field(default_factory=dict)
+
+
+# --- setup ------------------------------------------------------------------------------------------
+def make_accelerator(config: Config) -> Accelerator:
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedDataParallelKwargs
+
+    if config.train.mixed_precision == "fp16" and not torch.cuda.is_available():
+        raise PhonetuneError(
+            "train.mixed_precision=fp16 needs a CUDA GPU; use bf16 or no on this machine"
+        )
+    # LayerDrop and the frozen-transformer phase leave parameters without gradients in some steps;
+    # DDP must then look for them or it waits forever ("Expected to have finished reduction").
+    find_unused = config.model.layerdrop > 0 or config.train.freeze_finetune_updates > 0
+    return Accelerator(
+        mixed_precision=config.train.mixed_precision,
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=find_unused)],
+        # Without a GPU, say so: several processes started by torchrun (`accelerate launch
+        # --multi_gpu`, `torchrun`) then form a gloo process group instead of each running alone.
+        cpu=not torch.cuda.is_available(),
+    )
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def find_resume_checkpoint(config: Config, run_dir: Path) -> Path | None:
+    """The checkpoint to continue from (None = start fresh), per `resume`."""
+    if config.resume == "none":
+        existing = ckpt.list_checkpoints(run_dir)
+        if existing:
+            raise PhonetuneError(
+                f"{run_dir} already holds checkpoints (newest: {existing[-1][1].name}). Pass resume=auto to "
+                "continue from the newest, resume=PATH for a given one, or choose another run.output_dir."
+            )
+        return None
+    if config.resume == "auto":
+        return ckpt.find_latest_checkpoint(run_dir)
+    checkpoint = ckpt.resolve_checkpoint(run_dir, config.resume)
+    step = ckpt.read_state(checkpoint)["step"]
+    newer = [path.name for s, path in ckpt.list_checkpoints(run_dir) if s > step]
+    if newer:
+        warnings.warn(
+            f"resuming from step {step} while {run_dir} holds later checkpoints ({', '.join(newer)}): "
+            "they are replaced as training reaches their steps",
+            stacklevel=2,
+        )
+    return checkpoint
+
+
+def read_versions(prepared_dir: Path) -> dict[str, Any]:
+    """espeak-ng / phonemizer versions of the prepared data, and the libraries training runs with."""
+    import transformers
+
+    from data import __version__
+
+    prepared: dict[str, Any] = {}
+    report = prepared_dir / "prep_report.json"
+    if report.is_file():
+        prepared = json.loads(report.read_text(encoding="utf-8")).get("versions", {})
+    return {
+        "espeak_ng": prepared.get("espeak_ng"),
+        "phonemizer": prepared.get("phonemizer"),
+        "phonetune_prepare": prepared.get("phonetune"),
+        "transformers": transformers.__version__,
+        "torch": torch.__version__,
+        "phonetune": __version__,
+    }
+
+
+def load_data(config: Config) -> Data:
+    """The prepared vocabulary and splits, with the training clips filtered by locale and duration."""
+    import datasets
+
+    prepared = Path(config.data.prepared_dir)
+    if not (prepared / "dataset_dict.json").is_file():
+        raise PhonetuneError(
+            f"data.prepared_dir={prepared} is not a prepared dataset (no dataset_dict.json); "
+            "create one with `phonetune prepare`"
+        )
+    vocab = load_vocab(prepared / "vocab.json")
+    splits = datasets.load_from_disk(str(prepared))
+    if config.data.train_split not in splits:
+        raise PhonetuneError(
+            f"{prepared} has no {config.data.train_split!r} split (it has: {', '.join(splits)}); "
+            "set data.train_split"
+        )
+    train_split = PreparedSplit(splits[config.data.train_split])
+    wanted = set(config.data.locales) if config.data.locales else None
+    rows = np.arange(len(train_split))
+    skipped: dict[str, int] = {}
+    if wanted is not None:
+        missing = wanted - set(train_split.locales)
+        if missing:
+            raise PhonetuneError(
+                f"data.locales: {', '.join(sorted(missing))} not in the {config.data.train_split} split of "
+                f"{prepared} (it has: {', '.join(sorted(set(train_split.locales)))})"
+            )
+        rows = rows[np.isin(train_split.locales[rows], list(wanted))]
+    too_long = train_split.durations[rows] > config.data.max_duration
+    skipped["longer_than_max_duration"] = int(too_long.sum())
+    rows = rows[~too_long]
+    unknown = unknown_phones(train_split.column("phones", rows), vocab)
+    if unknown:
+        raise PhonetuneError(
+            f"phones of the {config.data.train_split} split are missing from {prepared}/vocab.json: "
+            f"{' '.join(sorted(unknown))}. The prepared directory is inconsistent; prepare it again."
+        )
+
+    eval_split, eval_rows = None, np.zeros(0, dtype=np.int64)
+    if config.data.eval_split in splits:
+        eval_split = PreparedSplit(splits[config.data.eval_split])
+        eval_rows = np.arange(len(eval_split))
+        if wanted is not None:
+            eval_rows = eval_rows[np.isin(eval_split.locales[eval_rows], list(wanted))]
+        limit = config.data.eval_max_utterances
+        if limit is not None and len(eval_rows) > limit:
+            # an evenly spaced subset: every locale and length stays represented, the same every time
+            eval_rows = eval_rows[
+                np.unique(np.linspace(0, len(eval_rows) - 1, limit).round().astype(int))
+            ]
+    return Data(vocab, train_split, rows, eval_split, eval_rows, read_versions(prepared), skipped)
+
+
+def drop_unalignable(data: Data, module: CTCModel) -> None:
+    """Skip training clips with fewer CTC frames than phones (+1 per repeated phone).
+
+    Their CTC loss is infinite: with ctc_zero_infinity it is zeroed (a wasted clip), without it the
+    whole step is lost. `phonetune prepare` already rejects them for the standard feature encoder;
+    this catches models with another stride.
+    """
+    samples = torch.from_numpy(data.train.num_samples()[data.train_rows])
+    frames = module.output_lengths(samples).numpy()
+    needed = np.array(
+        [_ctc_min_frames(text) for text in data.train.column("phones", data.train_rows)]
+    )
+    ok = (frames >= needed) & (needed > 0)
+    data.skipped["fewer_frames_than_phones_or_no_phones"] = int((~ok).sum())
+    data.train_rows = data.train_rows[ok]
+
+
+def _ctc_min_frames(phones: str) -> int:
+    tokens = phones.split()
+    return len(tokens) + sum(1 for a, b in zip(tokens, tokens[1:], strict=False) if a == b)
+
+
+def make_optimizer(module: torch.nn.Module, config: Config) -> torch.optim.Optimizer:
+    """AdamW over the trainable parameters; no weight decay on biases and norms."""
+    decay, no_decay = [], []
+    for name, parameter in module.named_parameters():
+        if not parameter.requires_grad:
+            continue
+        (no_decay if parameter.ndim < 2 or "norm" in name else decay).append(parameter)
+    groups = [
+        {"params": decay, "weight_decay": config.train.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(
+        [group for group in groups if group["params"]],
+        lr=config.train.lr,
+        betas=tuple(config.train.betas),
+        eps=config.train.eps,
+    )
+
+
+def check_resume_compatible(
+    config: Config, checkpoint: Path, vocab: dict[str, int], say: Say
+) -> None:
+    """A different vocabulary or model is an error; other differences are reported as warnings."""
+    saved_vocab = ckpt.read_checkpoint_vocab(checkpoint)
+    if saved_vocab != vocab:
+        only_old = sorted(set(saved_vocab) - set(vocab))[:10]
+        only_new = sorted(set(vocab) - set(saved_vocab))[:10]
+        raise PhonetuneError(
+            f"cannot resume from {checkpoint}: it was trained with another vocabulary "
+            f"({len(saved_vocab)} tokens vs {len(vocab)} in {config.data.prepared_dir}/vocab.json; "
+            f"only in the checkpoint: {' '.join(only_old) or '-'}; only in the data: {' '.join(only_new) or '-'}"
+            f"{'; same tokens, different ids' if not only_old and not only_new else ''}). "
+            "Resume with the prepared data it was trained on, or start a new run."
+        )
+    saved_model = json.loads(
+        (checkpoint / ckpt.MODEL_DIR / "config.json").read_text(encoding="utf-8")
+    )
+    expected = expected_architecture(config.model, len(vocab))
+    if expected is None:
+        say(
+            f"warning: could not read {config.model.name_or_path}'s config to check it matches {checkpoint}"
+        )
+    else:
+        differences = architecture_differences(saved_model, expected)
+        if differences:
+            raise PhonetuneError(
+                f"cannot resume from {checkpoint}: the configured model differs from the checkpoint's "
+                f"({'; '.join(differences)}). Resume with the model settings it was trained with."
+            )
+    saved_config_file = checkpoint / ckpt.CONFIG_FILE
+    if saved_config_file.is_file():
+        import yaml
+
+        saved = yaml.safe_load(saved_config_file.read_text(encoding="utf-8")) or {}
+        current = config_to_dict(config)
+        saved.pop("resume", None)
+        current.pop("resume", None)
+        for key, old, new in config_differences(saved, current):
+            say(f"warning: {key} differs from the checkpoint's config: {old!r} -> {new!r}")
+
+
+# --- metrics --------------------------------------------------------------------------------------
+class MetricsLogger:
+    """metrics.jsonl always (main process); wandb and TensorBoard when asked, never fatal."""
+
+    def __init__(
+        self, run_dir: Path, config: Config, enabled: bool, resume_step: int | None
+    ) -> None:
+        self.path = run_dir / METRICS_FILE
+        self.enabled = enabled
+        self.wandb = self.tensorboard = None
+        if not enabled:
+            return
+        keep_through = -1 if resume_step is None else resume_step
+        if self.path.is_file():
+            # Lines after the resumed checkpoint belong to the interrupted run's lost steps; the
+            # resumed run writes them again, so drop them to keep one line per step.
+            lines = [
+                line
+                for line in self.path.read_text(encoding="utf-8").splitlines()
+                if _step_of(line) <= keep_through
+            ]
+            self.path.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+        self.file = open(self.path, "a", encoding="utf-8")  # closed in close()
+        if "wandb" in config.log.report_to:
+            self.wandb = _start_wandb(config, run_dir)
+        if "tensorboard" in config.log.report_to:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tensorboard = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+            except Exception as error:  # a reporter must never stop training
+                warnings.warn(f"TensorBoard logging disabled: {error}", stacklevel=2)
+
+    def log(self, record: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        self.file.write(json.dumps(_finite(record), ensure_ascii=False, allow_nan=False) + "\n")
+        self.file.flush()
+        scalars = _flatten_scalars(record)
+        step = record["step"]
+        if self.wandb is not None:
+            try:
+                self.wandb.log(scalars, step=step)
+            except Exception as error:
+                warnings.warn(f"wandb logging failed, disabling it: {error}", stacklevel=2)
+                self.wandb = None
+        if self.tensorboard is not None:
+            try:
+                for key, value in scalars.items():
+                    self.tensorboard.add_scalar(key, value, step)
+            except Exception as error:
+                warnings.warn(f"TensorBoard logging failed, disabling it: {error}", stacklevel=2)
+                self.tensorboard = None
+
+    def close(self) -> None:
+        if not self.enabled:
+            return
+        self.file.close()
+        for reporter, finish in ((self.wandb, "finish"), (self.tensorboard, "close")):
+            if reporter is not None:
+                with contextlib.suppress(Exception):
+                    getattr(reporter, finish)()
+
+
+def _finite(value: Any) -> Any:
+    """NaN/inf -> None, recursively: metrics.jsonl stays strict JSON."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: _finite(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_finite(item) for item in value]
+    return value
+
+
+def _step_of(line: str) -> float:
+    """The step of a metrics line; a line cut short by a kill counts as after every step."""
+    try:
+        return json.loads(line).get("step", math.inf)
+    except json.JSONDecodeError:
+        return math.inf
+
+
+def _flatten_scalars(record: dict[str, Any], prefix: str = "") -> dict[str, float]:
+    out = {}
+    for key, value in record.items():
+        if key == "step":
+            continue
+        if isinstance(value, dict):
+            out.update(_flatten_scalars(value, f"{prefix}{key}/"))
+        elif isinstance(value, int | float) and not isinstance(value, bool) and value is not None:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def _start_wandb(config: Config, run_dir: Path):  # -> a wandb run or None
+    """wandb in offline mode unless the user chose a mode or has a key; failures only warn."""
+    try:
+        if "WANDB_MODE" not in os.environ and not _wandb_key_available():
+            os.environ["WANDB_MODE"] = "offline"
+        import wandb
+
+        id_file = run_dir / "wandb_run_id"  # the same wandb run across resumes
+        run_id = id_file.read_text().strip() if id_file.is_file() else secrets.token_hex(4)
+        id_file.write_text(run_id + "\n")
+        return wandb.init(
+            project=config.log.wandb_project,
+            name=config.run.name or run_dir.name,
+            id=run_id,
+            resume="allow",
+            dir=str(run_dir),
+            config=config_to_dict(config),
+            settings=wandb.Settings(init_timeout=60, silent=True),
+        )
+    except Exception as error:  # logging must never stop training
+        warnings.warn(f"wandb disabled: {error}", stacklevel=2)
+        return None
+
+
+def _wandb_key_available() -> bool:
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    try:
+        import netrc
+
+        return netrc.netrc().authenticators("api.wandb.ai") is not None
+    except Exception:  # no or unreadable ~/.netrc
+        return False
+
+
+# --- the training step ------------------------------------------------------------------------------
+def ctc_loss(
+    logits: torch.Tensor,
+    output_lengths: torch.Tensor,
+    labels: torch.Tensor,
+    label_lengths: torch.Tensor,
+    reduction: str,
+    zero_infinity: bool,
+) -> torch.Tensor:
+    """Summed CTC loss of a batch, in fp32 whatever the autocast dtype (half-precision CTC gives NaN).
+
+    reduction "sum": per-utterance losses summed; "mean": each divided by its label length first.
+    The caller divides by the step's global token (or utterance) count.
+    """
+    with (
+        torch.autocast(device_type=logits.device.type, enabled=False),
+        torch.backends.cudnn.flags(enabled=False),
+    ):
+        log_probs = F.log_softmax(logits.float(), dim=-1).transpose(0, 1)
+        targets = labels[labels != IGNORE_INDEX]
+        losses = F.ctc_loss(
+            log_probs,
+            targets,
+            output_lengths,
+            label_lengths,
+            blank=BLANK_ID,
+            reduction="none",
+            zero_infinity=zero_infinity,
+        )
+    if reduction == "mean":
+        losses = losses / label_lengths.clamp(min=1)
+    return losses.sum()
+
+
+def count_infeasible(
+    output_lengths: torch.Tensor, labels: torch.Tensor, label_lengths: torch.Tensor
+) -> int:
+    """Utterances whose CTC loss is infinite: fewer frames than phones plus repeated neighbours."""
+    repeats = ((labels[:, 1:] == labels[:, :-1]) & (labels[:, 1:] != IGNORE_INDEX)).sum(dim=1)
+    return int((output_lengths < label_lengths + repeats).sum())
+
+
+@dataclass
+class StepResult:
+    loss: float  # global loss of the step (per token or per utterance), NaN if non-finite
+    grad_norm: float
+    skipped: bool
+    audio_seconds: float  # all processes
+    padded_seconds: float
+    infeasible: int
+
+
+def train_step(
+    module: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    batches: list[Batch],
+    accelerator: Accelerator,
+    config: Config,
+    freeze_transformer: bool,
+) -> StepResult:
+    """Forward/backward over the step's batches (gradient accumulation), clip, update, schedule."""
+    device = accelerator.device
+    unwrapped: CTCModel = accelerator.unwrap_model(module)
+    mean_per_utterance = config.model.ctc_loss_reduction == "mean"
+    # The loss is normalised by the number of label tokens of the whole step: all accumulated batches
+    # on all processes (or by the number of utterances with reduction "mean"). Long and short batches
+    # thus weigh by their content, not equally, and the result does not depend on the process count.
+    local_count = sum(
+        len(b.rows) if mean_per_utterance else int(b.label_lengths.sum()) for b in batches
+    )
+    global_count = accelerator.reduce(torch.tensor(float(local_count), device=device), "sum").clamp(
+        min=1.0
+    )
+    loss_sum = torch.zeros((), device=device)
+    infeasible = 0
+    for index, batch in enumerate(batches):
+        batch = batch.to(device)
+        last = index == len(batches) - 1
+        with contextlib.nullcontext() if last else accelerator.no_sync(module):
+            logits = module(
+                batch.input_values, batch.attention_mask, freeze_transformer=freeze_transformer
+            )
+            output_lengths = unwrapped.output_lengths(batch.input_lengths)
+            loss = ctc_loss(
+                logits,
+                output_lengths,
+                batch.labels,
+                batch.label_lengths,
+                config.model.ctc_loss_reduction,
+                config.model.ctc_zero_infinity,
+            )
+            # DDP averages gradients over processes: scaling by the process count makes that average
+            # the gradient of (sum of all losses) / global_count.
+            accelerator.backward(loss * accelerator.num_processes / global_count)
+        loss_sum += loss.detach()
+        infeasible += count_infeasible(output_lengths, batch.labels, batch.label_lengths)
+
+    parameters = [p for p in module.parameters() if p.requires_grad]
+    max_norm = config.train.max_grad_norm if config.train.max_grad_norm > 0 else math.inf
+    grad_norm = accelerator.clip_grad_norm_(parameters, max_norm)
+    finite = bool(torch.isfinite(grad_norm))
+    skipped = not finite
+    if finite or accelerator.scaler is not None:
+        optimizer.step()  # with fp16 the grad scaler skips an overflowing step itself and lowers its scale
+        skipped = skipped or accelerator.optimizer_step_was_skipped
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+
+    totals = torch.tensor(
+        [
+            float(loss_sum),
+            float(infeasible),
+            sum(b.audio_seconds for b in batches),
+            sum(b.padded_seconds for b in batches),
+        ],
+        dtype=torch.float64,
+        device=device,
+    )
+    totals = accelerator.reduce(totals, "sum")
+    loss_value = float(totals[0] / global_count.double())
+    return StepResult(
+        loss=loss_value if finite and math.isfinite(loss_value) else math.nan,
+        grad_norm=float(grad_norm),
+        skipped=skipped,
+        audio_seconds=float(totals[2]),
+        padded_seconds=float(totals[3]),
+        infeasible=int(totals[1]),
+    )
+
+
+class BatchStream:
+    """This process's batches, `grad_accum` at a time, across epochs, from a resumable position."""
+
+    def __init__(
+        self, data: Data, sampler: DurationBatchSampler, config: Config, pin_memory: bool
+    ) -> None:
+        self.data, self.sampler, self.config, self.pin_memory = data, sampler, config, pin_memory
+        self.iterator = None
+
+    def next_step(self, state: TrainState) -> list[Batch]:
+        accum = self.config.train.grad_accum
+        if state.position >= self.sampler.batches_per_epoch():
+            state.epoch, state.position = state.epoch + 1, 0
+            self.iterator = None
+        if self.iterator is None:
+            self.sampler.set_epoch(state.epoch, state.position)
+            loader = make_loader(
+                self.data.train,
+                self.sampler,
+                self.data.vocab,
+                self.config.data.num_workers,
+                self.pin_memory,
+            )
+            self.iterator = iter(loader)
+        batches = [next(self.iterator) for _ in range(accum)]
+        state.position += accum
+        return batches
+
+
+# --- evaluation -------------------------------------------------------------------------------------
+def evaluate(
+    module: torch.nn.Module, data: Data, accelerator: Accelerator, config: Config
+) -> dict[str, Any] | None:
+    """Dev PER per locale and overall, blank fraction, a few decoded examples (main process only).
+
+    Each process decodes a disjoint share of the clips; the shares are gathered whole, so no clip
+    is dropped or counted twice however the split divides among processes.
+    """
+    from accelerate.utils import gather_object
+
+    from train.per import greedy_decode, score_predictions
+
+    if data.eval is None or len(data.eval_rows) == 0:
+        return None
+    unwrapped: CTCModel = accelerator.unwrap_model(module)
+    id_to_token = {index: token for token, index in data.vocab.items()}
+    batch_seconds = config.train.eval_batch_seconds or config.train.batch_seconds
+    mine = plan_eval(
+        data.eval.durations[data.eval_rows],
+        batch_seconds,
+        accelerator.num_processes,
+        accelerator.process_index,
+    )
+    loader = make_loader(
+        data.eval, [data.eval_rows[b] for b in mine], None, config.data.num_workers
+    )
+    records: list[tuple[int, str, str, str]] = []
+    blank_frames = total_frames = 0
+    unwrapped.eval()
+    try:
+        for batch in loader:
+            batch = batch.to(accelerator.device)
+            with torch.no_grad(), accelerator.autocast():
+                logits = unwrapped(
+                    batch.input_values, batch.attention_mask, freeze_transformer=True
+                )
+            ids = logits.argmax(dim=-1).cpu()
+            lengths = unwrapped.output_lengths(batch.input_lengths).cpu()
+            for i, row in enumerate(batch.rows):
+                frames = ids[i, : int(lengths[i])]
+                blank_frames += int((frames == BLANK_ID).sum())
+                total_frames += len(frames)
+                records.append(
+                    (
+                        row,
+                        batch.locales[i],
+                        batch.phones[i],
+                        greedy_decode(frames.tolist(), id_to_token),
+                    )
+                )
+    finally:
+        unwrapped.train()
+    if accelerator.num_processes > 1:
+        records = gather_object(records)
+    frame_counts = accelerator.reduce(
+        torch.tensor([blank_frames, total_frames], dtype=torch.float64, device=accelerator.device),
+        "sum",
+    )
+    if not accelerator.is_main_process:
+        return None
+    records.sort(key=lambda record: record[0])
+    scores = score_predictions(
+        [r[3] for r in records], [r[2] for r in records], [r[1] for r in records]
+    )
+    return {
+        "eval_per": scores["overall"]["per"],
+        "eval_per_locale": {loc: counts["per"] for loc, counts in scores["per_locale"].items()},
+        "eval_counts": scores["overall"],
+        "eval_counts_per_locale": scores["per_locale"],
+        "eval_blank_fraction": float(frame_counts[0] / frame_counts[1].clamp(min=1)),
+        "eval_utterances": len(records),
+        "eval_examples": pick_examples(records, config.train.eval_num_examples),
+    }
+
+
+def pick_examples(records: list[tuple[int, str, str, str]], count: int) -> list[dict[str, str]]:
+    """The first clip of each locale in turn, `count` in all (the same clips at every evaluation)."""
+    by_locale: dict[str, list[tuple[int, str, str, str]]] = {}
+    for record in records:
+        by_locale.setdefault(record[1], []).append(record)
+    picked: list[dict[str, str]] = []
+    depth = 0
+    while len(picked) < count and any(depth < len(v) for v in by_locale.values()):
+        for locale in sorted(by_locale):
+            if depth < len(by_locale[locale]) and len(picked) < count:
+                _, _, reference, prediction = by_locale[locale][depth]
+                picked.append({"locale": locale, "reference": reference, "prediction": prediction})
+        depth += 1
+    return picked
+
+
+# --- checkpoints ----------------------------------------------------------------------------------
+def save_checkpoint(
+    run_dir: Path,
+    state: TrainState,
+    module: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    sampler: DurationBatchSampler,
+    accelerator: Accelerator,
+    config: Config,
+    data: Data,
+) -> Path:
+    """Write checkpoints/step_<n>/ atomically (every process adds its RNG state), then prune."""
+    tmp = ckpt.checkpoints_dir(run_dir) / (ckpt.step_dir_name(state.step) + ".tmp")
+    if accelerator.is_main_process:
+        ckpt.begin_checkpoint(run_dir, state.step)
+    accelerator.wait_for_everyone()
+    ckpt.write_rng_state(tmp, accelerator.process_index)
+    if accelerator.is_main_process:
+        scaler = accelerator.scaler
+        payload = {
+            **asdict(state),
+            "eval_per": state.eval_per if state.eval_step == state.step else None,
+            # The batches consumed, not the sampler's own position: DataLoader workers read ahead.
+            "sampler": {
+                "epoch": state.epoch,
+                "position": state.position,
+                "seed": config.train.seed,
+                "num_processes": accelerator.num_processes,
+                "grad_accum": config.train.grad_accum,
+                "batches_per_epoch": sampler.batches_per_epoch(),
+            },
+            "num_processes": accelerator.num_processes,
+            "versions": data.versions,
+            "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        }
+        ckpt.write_checkpoint_files(
+            tmp,
+            model=accelerator.unwrap_model(module).model,
+            vocab=data.vocab,
+            config_yaml=dump_config(config),
+            state=payload,
+            optimizer_state=optimizer.state_dict(),
+            scheduler_state=scheduler.state_dict(),
+            scaler_state=scaler.state_dict() if scaler is not None else None,
+        )
+    accelerator.wait_for_everyone()
+    final = ckpt.checkpoints_dir(run_dir) / ckpt.step_dir_name(state.step)
+    if accelerator.is_main_process:
+        ckpt.commit_checkpoint(tmp)
+        ckpt.update_best(run_dir)
+        ckpt.prune_checkpoints(run_dir, config.train.keep_last)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def load_checkpoint(
+    checkpoint: Path,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    sampler: DurationBatchSampler,
+    accelerator: Accelerator,
+    config: Config,
+    say: Say,
+) -> TrainState:
+    """Restore optimizer, scheduler, scaler, sampler position and this process's RNG state.
+
+    (The weights were loaded with the model.) RNG comes last, so nothing drawn during setup leaks
+    into the continued run.
+    """
+    saved = ckpt.read_state(checkpoint)
+    known = {f for f in TrainState.__dataclass_fields__}
+    state = TrainState(**{key: value for key, value in saved.items() if key in known})
+    optimizer.load_state_dict(ckpt.load_tensors(checkpoint, "optimizer.pt"))
+    scheduler.load_state_dict(ckpt.load_tensors(checkpoint, "scheduler.pt"))
+    scaler_state = ckpt.load_tensors(checkpoint, "scaler.pt")
+    if accelerator.scaler is not None and scaler_state is not None:
+        accelerator.scaler.load_state_dict(scaler_state)
+    sampler_saved = saved.get("sampler", {})
+    same_layout = (
+        sampler_saved.get("num_processes") == accelerator.num_processes
+        and sampler_saved.get("grad_accum") == config.train.grad_accum
+    )
+    sampler.set_epoch(state.epoch)
+    if not same_layout or sampler_saved.get("batches_per_epoch") != sampler.batches_per_epoch():
+        # Another process count / accumulation / batch size: the epoch's batches differ, so continue
+        # at the same fraction of the epoch (the data order now differs from an uninterrupted run).
+        fraction = state.position / max(sampler_saved.get("batches_per_epoch") or 1, 1)
+        accum = config.train.grad_accum
+        state.position = min(
+            int(fraction * sampler.batches_per_epoch()) // accum * accum,
+            sampler.batches_per_epoch(),
+        )
+        say(
+            "warning: batching differs from the checkpoint's (processes, grad_accum or batch size); "
+            "continuing at the same fraction of the epoch, in a different data order"
+        )
+    sampler.set_epoch(state.epoch, state.position)
+    rng = ckpt.load_tensors(checkpoint, f"rng_state_{accelerator.process_index}.pt")
+    if rng is None:
+        say(
+            f"warning: {checkpoint} has no RNG state for process {accelerator.process_index}; seeding it afresh"
+        )
+        seed_everything(config.train.seed + 1000 * accelerator.process_index + state.step)
+    else:
+        ckpt.restore_rng_state(rng)
+    return state
+
+
+# --- the run ----------------------------------------------------------------------------------------
+def train(config: Config) -> dict[str, Any]:
+    """Train as `config` says; returns a summary (final step, last evaluation, checkpoint paths)."""
+    accelerator = make_accelerator(config)
+    main_process = accelerator.is_main_process
+    say = accelerator.print
+    run_dir = Path(config.run.output_dir).resolve()
+    resume_from = find_resume_checkpoint(config, run_dir)
+    data = load_data(config)
+    if resume_from is not None:
+        check_resume_compatible(config, resume_from, data.vocab, say)
+
+    # Model: the same initialisation on every process (DDP also broadcasts rank 0's weights).
+    seed_everything(config.train.seed)
+    if resume_from is not None:
+        model, _ = load_checkpoint_model(resume_from, config.model)
+        origin = f"checkpoint {resume_from}"
+    else:
+        model, origin = build_model(config.model, data.vocab)
+    module = CTCModel(model)
+    drop_unalignable(data, module)
+    trainable, total = count_parameters(module)
+    optimizer = make_optimizer(module, config)
+    t = config.train
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer,
+        lr_multiplier(
+            t.lr_schedule,
+            t.max_steps,
+            t.warmup_ratio,
+            t.hold_ratio,
+            t.init_lr_scale,
+            t.final_lr_scale,
+        ),
+    )
+    module, optimizer = accelerator.prepare(module, optimizer)
+    sampler = DurationBatchSampler(
+        data.train_rows,
+        data.train.durations[data.train_rows],
+        t.batch_seconds,
+        t.seed,
+        accelerator.num_processes,
+        accelerator.process_index,
+        t.grad_accum,
+        t.bucket_width,
+        t.longest_first,
+    )
+    steps_per_epoch = sampler.batches_per_epoch() // t.grad_accum
+    if steps_per_epoch == 0:
+        raise PhonetuneError(
+            f"the {config.data.train_split} split ({len(data.train_rows)} usable clips, "
+            f"{data.train.durations[data.train_rows].sum():.0f} s) fills less than one optimizer step of "
+            f"{accelerator.num_processes} process(es) × {t.grad_accum} batch(es) of ≤{t.batch_seconds:g} s; "
+            "lower train.batch_seconds or train.grad_accum"
+        )
+
+    if main_process:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        for stale in ckpt.remove_stale_tmp(run_dir):
+            say(f"removed an interrupted checkpoint write: {stale}")
+        write_config(config, run_dir / "config.yaml")
+    accelerator.wait_for_everyone()
+    logger = MetricsLogger(
+        run_dir,
+        config,
+        main_process,
+        None if resume_from is None else ckpt.read_state(resume_from)["step"],
+    )
+
+    # Masking and dropout draw from the RNGs: seed each process differently, or restore them.
+    if resume_from is not None:
+        state = load_checkpoint(
+            resume_from, optimizer, scheduler, sampler, accelerator, config, say
+        )
+    else:
+        state = TrainState()
+        seed_everything(config.train.seed + 1000 * accelerator.process_index)
+
+    print_summary(
+        say,
+        config,
+        data,
+        origin,
+        trainable,
+        total,
+        accelerator,
+        sampler,
+        steps_per_epoch,
+        run_dir,
+        resume_from,
+        state,
+    )
+    stream = BatchStream(data, sampler, config, pin_memory=accelerator.device.type == "cuda")
+    progress = _progress_bar(config, main_process, state.step)
+    last_saved: Path | None = None
+    last_eval: dict[str, Any] | None = None
+    started, last_log_time = time.time(), time.time()
+    session_audio = 0.0
+    module.train()
+    try:
+        while state.step < t.max_steps:
+            batches = stream.next_step(state)
+            frozen = state.step < t.freeze_finetune_updates
+            lr = optimizer.param_groups[0][
+                "lr"
+            ]  # the rate this step uses (the scheduler then moves on)
+            result = train_step(module, optimizer, scheduler, batches, accelerator, config, frozen)
+            state.step += 1
+            state.audio_seconds += result.audio_seconds
+            state.ctc_infeasible += result.infeasible
+            state.interval_audio += result.audio_seconds
+            state.interval_padded += result.padded_seconds
+            if result.skipped:
+                state.skipped_steps += 1
+                state.consecutive_nonfinite += 1
+                if state.consecutive_nonfinite >= t.max_consecutive_nonfinite:
+                    latest = ckpt.find_latest_checkpoint(run_dir)
+                    raise PhonetuneError(
+                        f"stopped at step {state.step}: {state.consecutive_nonfinite} steps in a row had a "
+                        f"NaN/inf gradient and were skipped. Lower train.lr, keep model.ctc_zero_infinity=true, "
+                        f"or check the data. Last checkpoint: {latest or 'none'}"
+                    )
+            else:
+                state.consecutive_nonfinite = 0
+                state.interval_loss += result.loss
+                state.interval_steps += 1
+
+            session_audio += result.audio_seconds
+            if progress is not None:
+                progress.update(1)
+                progress.set_postfix(
+                    loss=f"{result.loss:.3f}",
+                    lr=f"{lr:.2e}",
+                    refresh=False,
+                    audio_s_per_s=f"{session_audio / max(time.time() - started, 1e-9):.1f}",
+                )
+            if state.step % config.log.every_steps == 0 or state.step == t.max_steps:
+                now = time.time()
+                record = {
+                    "step": state.step,
+                    "loss": state.interval_loss / state.interval_steps
+                    if state.interval_steps
+                    else None,
+                    "lr": lr,
+                    "grad_norm": result.grad_norm if math.isfinite(result.grad_norm) else None,
+                    "epoch": state.epoch + state.position / max(sampler.batches_per_epoch(), 1),
+                    "audio_seconds": state.interval_audio,
+                    "audio_seconds_per_second": state.interval_audio
+                    / max(now - last_log_time, 1e-9),
+                    "padding_fraction": 1.0
+                    - state.interval_audio / max(state.interval_padded, 1e-9),
+                    "frozen_transformer": frozen,
+                    "skipped_steps": state.skipped_steps,
+                    "ctc_infeasible": state.ctc_infeasible,
+                }
+                logger.log(record)
+                state.interval_loss, state.interval_steps = 0.0, 0
+                state.interval_audio = state.interval_padded = 0.0
+                last_log_time = now
+
+            at_end = state.step == t.max_steps
+            if state.step % t.eval_steps == 0 or at_end:
+                last_eval = evaluate(module, data, accelerator, config)
+                if last_eval is not None:
+                    state.eval_per, state.eval_step = last_eval["eval_per"], state.step
+                    logger.log({"step": state.step, **last_eval})
+                    _print_eval(progress, state.step, last_eval)
+            if state.step % t.save_steps == 0 or at_end:
+                last_saved = save_checkpoint(
+                    run_dir, state, module, optimizer, scheduler, sampler, accelerator, config, data
+                )
+    finally:
+        if progress is not None:
+            progress.close()
+        logger.close()
+
+    best = ckpt.find_best_checkpoint(run_dir)
+    say(
+        f"done: {state.step} steps in {time.time() - started:.0f} s"
+        + (f", {state.skipped_steps} skipped (non-finite)" if state.skipped_steps else "")
+        + f"\n  run directory: {run_dir}\n  metrics:       {run_dir / METRICS_FILE}"
+        + f"\n  last checkpoint: {last_saved or ckpt.find_latest_checkpoint(run_dir)}"
+        + (
+            f"\n  best checkpoint: {best} (dev PER {ckpt.read_state(best)['eval_per']:.4f})"
+            if best
+            else ""
+        )
+    )
+    return {
+        "step": state.step,
+        "run_dir": str(run_dir),
+        "last_checkpoint": str(last_saved) if last_saved else None,
+        "best_checkpoint": str(best) if best else None,
+        "eval": last_eval,
+        "skipped_steps": state.skipped_steps,
+    }
+
+
+def _progress_bar(config: Config, main_process: bool, initial: int):  # -> tqdm or None
+    if not (main_process and config.log.progress_bar):
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(
+        total=config.train.max_steps, initial=initial, desc="train", unit="step", dynamic_ncols=True
+    )
+
+
+def _print_eval(progress: Any, step: int, result: dict[str, Any]) -> None:
+    write = progress.write if progress is not None else print
+    per_locale = "  ".join(f"{loc} {per:.3f}" for loc, per in result["eval_per_locale"].items())
+    write(
+        f"step {step}: dev PER {result['eval_per']:.4f} ({result['eval_utterances']} clips; "
+        f"blank frames {result['eval_blank_fraction']:.0%})  {per_locale}"
+    )
+    for example in result["eval_examples"]:
+        write(
+            f"  [{example['locale']}] ref: {example['reference']}\n  {' ' * (len(example['locale']) + 2)} hyp: "
+            f"{example['prediction']}"
+        )
+
+
+def print_summary(
+    say: Say,
+    config: Config,
+    data: Data,
+    origin: str,
+    trainable: int,
+    total: int,
+    accelerator: Accelerator,
+    sampler: DurationBatchSampler,
+    steps_per_epoch: int,
+    run_dir: Path,
+    resume_from: Path | None,
+    state: TrainState,
+) -> None:
+    t = config.train
+    train_seconds = float(data.train.durations[data.train_rows].sum())
+    locales = sorted(set(data.train.locales[data.train_rows]))
+    skipped = ", ".join(
+        f"{count} {reason.replace('_', ' ')}" for reason, count in data.skipped.items() if count
+    )
+    effective = t.batch_seconds * accelerator.num_processes * t.grad_accum
+    say(
+        "phonetune train\n"
+        f"  run directory:   {run_dir} (config.yaml, {METRICS_FILE}, checkpoints/)\n"
+        f"  data:            {config.data.prepared_dir}: {config.data.train_split} {len(data.train_rows)} clips, "
+        f"{train_seconds / 3600:.2f} h, {len(locales)} locale(s) ({', '.join(locales)})"
+        + (f"; skipped {skipped}" if skipped else "")
+        + (
+            f"\n                   {config.data.eval_split}: {len(data.eval_rows)} clips"
+            if data.eval is not None
+            else f"\n                   no {config.data.eval_split!r} split: no evaluation"
+        )
+        + f"\n  vocabulary:      {len(data.vocab)} tokens (blank <pad> = 0)\n"
+        f"  model:           {origin}\n"
+        f"  parameters:      {trainable / 1e6:.2f}M trainable / {total / 1e6:.2f}M total "
+        f"(feature encoder frozen"
+        + (
+            f"; transformer frozen for the first {t.freeze_finetune_updates} steps"
+            if t.freeze_finetune_updates
+            else ""
+        )
+        + ")\n"
+        f"  processes:       {accelerator.num_processes} on {accelerator.device.type}, mixed precision {t.mixed_precision}\n"
+        f"  batch:           ≤{t.batch_seconds:g} s audio per process × {accelerator.num_processes} process(es) × "
+        f"{t.grad_accum} accumulation = ≤{effective:g} s per optimizer step\n"
+        f"  steps per epoch: {steps_per_epoch} ({t.max_steps} steps ≈ {t.max_steps / steps_per_epoch:.1f} epochs)\n"
+        f"  schedule:        {t.lr_schedule}, peak lr {t.lr:g}, warm-up {t.warmup_ratio:g} / hold {t.hold_ratio:g} "
+        f"of the steps\n"
+        + (
+            f"  resumed from:    {resume_from} (step {state.step}, epoch {state.epoch})\n"
+            if resume_from
+            else ""
+        )
+    )

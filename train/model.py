@@ -1,0 +1,375 @@
+"""Building, loading and wrapping the `Wav2Vec2ForCTC` that training fine-tunes.
+
+Three ways in, one rule: the output layer has one row per token of the prepared vocab.json, and the
+CTC blank is `<pad>` = id 0 = `pad_token_id`. Any disagreement between a checkpoint, `model.config`
+and the vocabulary is an error, never a silent reshuffle of output rows.
+
+- `model.config`: a randomly initialised model from Wav2Vec2Config arguments (tests, the tiny demo).
+- `model.name_or_path` of a *pretrained* encoder (e.g. `facebook/wav2vec2-large-xlsr-53`, which holds
+  a `Wav2Vec2ForPreTraining`): the encoder is loaded and a new CTC output layer is initialised. Hub ids
+  are fetched through `from_pretrained` (and its cache); local directories are read directly.
+- `model.name_or_path` of a *fine-tuned CTC* model (e.g. `facebook/wav2vec2-xlsr-53-espeak-cv-ft`):
+  its vocab.json is read and the output rows (weight and bias) of the tokens both vocabularies share
+  are kept, so continuing with a new or extended phone set starts from what the model knew.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from data.errors import PhonetuneError
+from data.vocab import BLANK_ID, BLANK_TOKEN
+from train.config import HF_TRAINING_SETTINGS, ModelConfig
+
+# Wav2Vec2Config fields that decide the shapes of the weights: two configs that differ here describe
+# different models, whatever their dropout or masking settings.
+ARCHITECTURE_KEYS = (
+    "hidden_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "intermediate_size",
+    "hidden_act",
+    "conv_dim",
+    "conv_kernel",
+    "conv_stride",
+    "conv_bias",
+    "feat_extract_norm",
+    "feat_extract_activation",
+    "do_stable_layer_norm",
+    "num_conv_pos_embeddings",
+    "num_conv_pos_embedding_groups",
+    "add_adapter",
+    "vocab_size",
+)
+
+
+def training_settings(model_cfg: ModelConfig) -> dict[str, Any]:
+    """The Hugging Face config values training sets on top of any checkpoint (masking, dropout, CTC)."""
+    return {key: getattr(model_cfg, key) for key in HF_TRAINING_SETTINGS}
+
+
+def _hf_config_from_model_cfg(model_cfg: ModelConfig, vocab_size: int):  # -> Wav2Vec2Config
+    from transformers import Wav2Vec2Config
+
+    if isinstance(model_cfg.config, str):
+        path = Path(model_cfg.config)
+        if path.is_dir():
+            path = path / "config.json"
+        try:
+            values = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise PhonetuneError(f"model.config: {path} does not exist") from None
+        except json.JSONDecodeError as error:
+            raise PhonetuneError(f"model.config: {path} is not valid JSON: {error}") from None
+    else:
+        values = dict(model_cfg.config or {})
+    if "vocab_size" in values and values["vocab_size"] != vocab_size:
+        raise PhonetuneError(
+            f"model.config says vocab_size={values['vocab_size']} but the prepared vocab.json has "
+            f"{vocab_size} tokens; remove vocab_size from model.config (it comes from the vocabulary)"
+        )
+    if values.get("pad_token_id", BLANK_ID) != BLANK_ID:
+        raise PhonetuneError(
+            f"model.config says pad_token_id={values['pad_token_id']}, but the CTC blank is "
+            f"{BLANK_TOKEN} = id {BLANK_ID}; remove pad_token_id from model.config"
+        )
+    values.update(training_settings(model_cfg))
+    values.update(vocab_size=vocab_size, pad_token_id=BLANK_ID)
+    return Wav2Vec2Config(**values)
+
+
+def read_model_vocab(name_or_path: str) -> dict[str, int] | None:
+    """The vocab.json next to a (local or hub) model, or None if it has none."""
+    local = Path(name_or_path)
+    if local.is_dir():
+        path = local / "vocab.json"
+        if not path.is_file():
+            return None
+    else:
+        from transformers.utils import cached_file
+
+        try:
+            found = cached_file(
+                name_or_path, "vocab.json", _raise_exceptions_for_missing_entries=False
+            )
+        except OSError:
+            return None
+        if found is None:
+            return None
+        path = Path(found)
+    raw = json.loads(path.read_text(encoding="utf-8"))
+    if raw and all(isinstance(value, dict) for value in raw.values()):
+        raise PhonetuneError(
+            f"{name_or_path}/vocab.json holds one vocabulary per language; phonetune needs a single "
+            "token -> id mapping. Pass model.reset_head=true to start a new output layer."
+        )
+    from data.vocab import load_vocab
+
+    return load_vocab(path)
+
+
+def transfer_head(
+    model: nn.Module, old_vocab: Mapping[str, int], new_vocab: Mapping[str, int]
+) -> int:
+    """Replace the CTC output layer by one for `new_vocab`, keeping the rows of shared tokens.
+
+    Rows of new tokens are initialised as Hugging Face initialises a Linear layer (normal with
+    `initializer_range`, zero bias). Returns how many rows were kept.
+    """
+    old_head: nn.Linear = model.lm_head
+    if old_head.out_features != len(old_vocab):
+        raise PhonetuneError(
+            f"the checkpoint's CTC output layer has {old_head.out_features} rows but its vocab.json has "
+            f"{len(old_vocab)} tokens: the checkpoint and its vocabulary do not belong together"
+        )
+    new_head = nn.Linear(
+        old_head.in_features,
+        len(new_vocab),
+        dtype=old_head.weight.dtype,
+        device=old_head.weight.device,
+    )
+    kept = 0
+    with torch.no_grad():
+        new_head.weight.normal_(0.0, model.config.initializer_range)
+        new_head.bias.zero_()
+        for token, new_id in new_vocab.items():
+            old_id = old_vocab.get(token)
+            if old_id is not None:
+                new_head.weight[new_id] = old_head.weight[old_id]
+                new_head.bias[new_id] = old_head.bias[old_id]
+                kept += 1
+    model.lm_head = new_head
+    model.config.vocab_size = len(new_vocab)
+    model.config.pad_token_id = BLANK_ID
+    return kept
+
+
+def build_model(model_cfg: ModelConfig, vocab: Mapping[str, int]) -> tuple[nn.Module, str]:
+    """A Wav2Vec2ForCTC for `vocab` as `model_cfg` describes; returns (model, how it was made).
+
+    The feature encoder is frozen (always, as in fairseq's wav2vec 2.0 fine-tuning).
+    """
+    from transformers import Wav2Vec2Config, Wav2Vec2ForCTC
+
+    vocab_size = len(vocab)
+    if model_cfg.config is not None:
+        config = _hf_config_from_model_cfg(model_cfg, vocab_size)
+        config._attn_implementation = model_cfg.attn_implementation
+        model = Wav2Vec2ForCTC(config)
+        origin = f"random initialisation from model.config ({_count(model) / 1e6:.1f}M parameters)"
+        if model_cfg.feature_encoder_init == "filterbank":
+            init_filterbank_encoder(model)
+            origin += ", mel filterbank feature encoder"
+    else:
+        source = model_cfg.name_or_path
+        try:
+            source_config = Wav2Vec2Config.from_pretrained(source)
+        except (OSError, ValueError) as error:
+            raise PhonetuneError(
+                f"model.name_or_path={source!r} could not be loaded: {error}. Give a local directory with "
+                "config.json and weights, or a Hugging Face hub id (needs network or a filled cache)."
+            ) from None
+        has_head = any("ForCTC" in name for name in (source_config.architectures or []))
+        common = dict(
+            dtype=torch.float32,
+            attn_implementation=model_cfg.attn_implementation,
+            **training_settings(model_cfg),
+        )
+        if has_head and not model_cfg.reset_head:
+            old_vocab = read_model_vocab(source)
+            if old_vocab is None:
+                raise PhonetuneError(
+                    f"{source} is a fine-tuned CTC model but has no vocab.json, so its output rows cannot "
+                    "be matched to the prepared vocabulary. Put its vocab.json next to it, or pass "
+                    "model.reset_head=true to train a new output layer."
+                )
+            if source_config.vocab_size != len(old_vocab):
+                raise PhonetuneError(
+                    f"{source}: config.json says vocab_size={source_config.vocab_size} but its vocab.json "
+                    f"has {len(old_vocab)} tokens"
+                )
+            if source_config.pad_token_id != old_vocab.get(BLANK_TOKEN):
+                raise PhonetuneError(
+                    f"{source}: its blank (pad_token_id={source_config.pad_token_id}) is not {BLANK_TOKEN} "
+                    f"(id {old_vocab.get(BLANK_TOKEN)}) of its vocab.json"
+                )
+            model = Wav2Vec2ForCTC.from_pretrained(source, **common)
+            kept = transfer_head(model, old_vocab, vocab)
+            origin = (
+                f"fine-tuned CTC model {source}; kept the output rows of {kept} of "
+                f"{vocab_size} tokens shared with its vocabulary"
+            )
+        else:
+            model = Wav2Vec2ForCTC.from_pretrained(
+                source,
+                vocab_size=vocab_size,
+                pad_token_id=BLANK_ID,
+                ignore_mismatched_sizes=has_head,
+                **common,
+            )
+            origin = (
+                f"pretrained encoder {source} with a new CTC output layer of {vocab_size} tokens"
+            )
+    check_model_vocab(model, vocab, where=str(model_cfg.name_or_path or "model.config"))
+    prepare_for_training(model, model_cfg)
+    return model, origin
+
+
+def init_filterbank_encoder(model: nn.Module, sample_rate: int = 16_000) -> None:
+    """Set a one-convolution feature encoder to a bank of mel-spaced band-pass filters.
+
+    Each frequency gets four filters (Hann-windowed cosine and sine, each with both signs): after
+    the encoder's GELU, +x and -x together carry |x|, so the layers above can read band energies.
+    The weights are a function of the config alone, so the model is still "initialised from a
+    config", and the encoder is frozen like every phonetune feature encoder.
+    """
+    conv = model.wav2vec2.feature_extractor.conv_layers[0].conv
+    channels, _, kernel = conv.weight.shape
+    bands = channels // 4
+    low, high = (2595 * torch.log10(1 + torch.tensor(f) / 700) for f in (60.0, 7600.0))
+    mels = torch.linspace(float(low), float(high), bands, dtype=torch.float64)
+    freqs = 700 * (10 ** (mels / 2595) - 1)
+    t = torch.arange(kernel, dtype=torch.float64) / sample_rate
+    window = torch.hann_window(kernel, periodic=False, dtype=torch.float64)
+    phase = 2 * torch.pi * freqs[:, None] * t[None, :]
+    cos, sin = torch.cos(phase) * window, torch.sin(phase) * window
+    cos = cos / cos.norm(dim=1, keepdim=True)
+    sin = sin / sin.norm(dim=1, keepdim=True)
+    filters = torch.stack([cos, -cos, sin, -sin], dim=1).reshape(channels, 1, kernel)
+    with torch.no_grad():
+        conv.weight.copy_(filters.to(conv.weight.dtype))
+        if conv.bias is not None:
+            conv.bias.zero_()
+
+
+def load_checkpoint_model(
+    checkpoint: str | Path, model_cfg: ModelConfig | None = None
+) -> tuple[nn.Module, dict[str, int]]:
+    """The model and vocabulary of a training checkpoint (`…/checkpoints/step_<n>`).
+
+    Weights come from `model/model.safetensors`. With `model_cfg`, its training settings (masking,
+    dropout, attention kernel) are applied, as when resuming; without, the saved config is used as is
+    (export, evaluation). The model is returned in eval mode when `model_cfg` is None.
+    """
+    from transformers import Wav2Vec2ForCTC
+
+    from train.checkpoint import MODEL_DIR, read_checkpoint_vocab
+
+    checkpoint = Path(checkpoint)
+    vocab = read_checkpoint_vocab(checkpoint)
+    kwargs: dict[str, Any] = {"dtype": torch.float32}
+    if model_cfg is not None:
+        kwargs.update(
+            training_settings(model_cfg), attn_implementation=model_cfg.attn_implementation
+        )
+    model = Wav2Vec2ForCTC.from_pretrained(checkpoint / MODEL_DIR, **kwargs)
+    check_model_vocab(model, vocab, where=str(checkpoint))
+    if model_cfg is None:
+        model.eval()
+    else:
+        prepare_for_training(model, model_cfg)
+    return model, vocab
+
+
+def check_model_vocab(model: nn.Module, vocab: Mapping[str, int], where: str) -> None:
+    problems = []
+    if model.config.vocab_size != len(vocab) or model.lm_head.out_features != len(vocab):
+        problems.append(
+            f"the model has {model.lm_head.out_features} output rows (vocab_size={model.config.vocab_size}) "
+            f"but the vocabulary has {len(vocab)} tokens"
+        )
+    if model.config.pad_token_id != BLANK_ID or vocab.get(BLANK_TOKEN) != BLANK_ID:
+        problems.append(
+            f"the blank must be {BLANK_TOKEN} = id {BLANK_ID} = pad_token_id "
+            f"(model pad_token_id={model.config.pad_token_id})"
+        )
+    if problems:
+        raise PhonetuneError(f"{where}: model and vocabulary disagree: {'; '.join(problems)}")
+
+
+def prepare_for_training(model: nn.Module, model_cfg: ModelConfig) -> None:
+    """Freeze the feature encoder; enable non-reentrant gradient checkpointing if asked."""
+    model.freeze_feature_encoder()
+    if model_cfg.gradient_checkpointing:
+        # Non-reentrant: works with frozen inputs and LayerDrop (the reentrant variant does not).
+        if hasattr(model, "activation_checkpointing_enable"):
+            model.activation_checkpointing_enable(
+                activation_checkpointing_kwargs={"use_reentrant": False}
+            )
+        else:
+            model.gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs={"use_reentrant": False}
+            )
+
+
+def architecture_differences(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
+    """Architecture keys whose values differ between two config.json mappings."""
+    return [
+        f"{key}: {saved.get(key)!r} -> {current.get(key)!r}"
+        for key in ARCHITECTURE_KEYS
+        if saved.get(key) != current.get(key)
+    ]
+
+
+def expected_architecture(model_cfg: ModelConfig, vocab_size: int) -> dict[str, Any] | None:
+    """The config.json values `model_cfg` would build (without loading weights), or None if the
+    pretrained source's config cannot be read (e.g. offline with an empty cache)."""
+    from transformers import Wav2Vec2Config
+
+    if model_cfg.config is not None:
+        return _hf_config_from_model_cfg(model_cfg, vocab_size).to_dict()
+    try:
+        values = Wav2Vec2Config.from_pretrained(model_cfg.name_or_path).to_dict()
+    except (OSError, ValueError):
+        return None
+    values["vocab_size"] = vocab_size
+    return values
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameters."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return trainable, _count(model)
+
+
+def _count(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+class CTCModel(nn.Module):
+    """The Wav2Vec2ForCTC forward pass, with the transformer optionally frozen (fairseq's
+    freeze_finetune_updates).
+
+    Freezing runs the encoder under `torch.no_grad()` rather than flipping `requires_grad`, so that the
+    parameters the optimizer and DistributedDataParallel registered at start-up stay the same set for
+    the whole run (DDP ignores parameters that start frozen and never syncs them once unfrozen).
+    Returns logits only; the loss is computed by the training loop (fp32, token-normalised).
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        # Group-norm feature encoders (wav2vec2-base) were trained without attention masks and
+        # expect zero-padded input only; layer-norm ones (XLSR) need the mask.
+        self.use_attention_mask = model.config.feat_extract_norm == "layer"
+
+    def forward(
+        self,
+        input_values: torch.Tensor,
+        attention_mask: torch.Tensor,
+        freeze_transformer: bool = False,
+    ) -> torch.Tensor:
+        mask = attention_mask if self.use_attention_mask else None
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not freeze_transformer):
+            hidden = self.model.wav2vec2(input_values, attention_mask=mask).last_hidden_state
+        return self.model.lm_head(self.model.dropout(hidden))
+
+    def output_lengths(self, input_lengths: torch.Tensor) -> torch.Tensor:
+        """CTC frames the encoder produces for inputs of `input_lengths` samples."""
+        return self.model._get_feat_extract_output_lengths(input_lengths).to(torch.long)

@@ -1,0 +1,149 @@
+"""`phonetune transcribe`: print the phones of audio files (any rate; WAV, FLAC, MP3, OGG).
+
+Long recordings are cut into fixed windows (attention cost grows with the square of the length)
+and the windows' phones are joined. All windows of all files are batched together by duration.
+A file that cannot be read is reported and skipped; the others are still transcribed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from data.audio import load_audio
+from data.errors import PhonetuneError
+from train.evaluate import (
+    DEFAULT_BATCH_SECONDS,
+    LoadedModel,
+    batch_by_seconds,
+    load_model,
+    recognize,
+)
+from train.export import SAMPLE_RATE
+
+DEFAULT_CHUNK_SECONDS = 20.0
+MIN_CHUNK_SECONDS = 0.5
+# A last window shorter than this fraction of a window joins the previous one: a short tail carries
+# too little context to be recognised on its own (and under 25 ms the feature encoder gives nothing).
+MIN_TAIL_FRACTION = 0.1
+
+
+@dataclass
+class Transcript:
+    path: str
+    phones: str | None = None
+    duration: float | None = None
+    error: str | None = None
+
+
+def split_into_chunks(wave: np.ndarray, chunk_seconds: float) -> list[np.ndarray]:
+    """Consecutive windows of `chunk_seconds`; a tail under a tenth of that joins the window before."""
+    size = int(chunk_seconds * SAMPLE_RATE)
+    if len(wave) <= size:
+        return [wave]
+    starts = list(range(0, len(wave), size))
+    if len(wave) - starts[-1] < MIN_TAIL_FRACTION * size:
+        starts.pop()
+    ends = starts[1:] + [len(wave)]
+    return [wave[start:end] for start, end in zip(starts, ends, strict=True)]
+
+
+def transcribe_files(
+    model: Path | LoadedModel,
+    paths: Sequence[Path],
+    chunk_seconds: float = DEFAULT_CHUNK_SECONDS,
+    batch_seconds: float = DEFAULT_BATCH_SECONDS,
+) -> list[Transcript]:
+    """One Transcript per path, in order; unreadable files carry `error` instead of `phones`."""
+    if chunk_seconds < MIN_CHUNK_SECONDS:
+        raise PhonetuneError(f"--chunk-seconds must be at least {MIN_CHUNK_SECONDS:g}")
+    if batch_seconds <= 0:
+        raise PhonetuneError("--batch-seconds must be positive")
+    loaded = model if isinstance(model, LoadedModel) else load_model(Path(model))
+    transcripts = [Transcript(path=str(path)) for path in paths]
+    chunks: list[np.ndarray] = []
+    owners: list[int] = []  # chunk -> index of its file
+    for index, path in enumerate(paths):
+        try:
+            wave = load_audio(path)
+        except Exception as error:  # any failure: one bad file must not stop the others
+            transcripts[index].error = f"cannot read {path}: {error}"
+            continue
+        transcripts[index].duration = round(len(wave) / SAMPLE_RATE, 3)
+        if len(wave) < loaded.min_samples:
+            transcripts[index].phones = ""  # too short for a single output frame
+            continue
+        for chunk in split_into_chunks(wave, chunk_seconds):
+            chunks.append(chunk)
+            owners.append(index)
+
+    phones = [""] * len(chunks)
+    for indices in batch_by_seconds([len(c) / SAMPLE_RATE for c in chunks], batch_seconds):
+        for chunk_index, text in zip(
+            indices, recognize(loaded, [chunks[i] for i in indices]), strict=True
+        ):
+            phones[chunk_index] = text
+    pieces: dict[int, list[str]] = {}
+    for chunk_index, owner in enumerate(owners):  # chunks were appended in time order
+        pieces.setdefault(owner, []).append(phones[chunk_index])
+    for owner, texts in pieces.items():
+        transcripts[owner].phones = " ".join(text for text in texts if text)
+    return transcripts
+
+
+# --- command line -----------------------------------------------------------------------------
+def configure_parser(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "model",
+        type=Path,
+        metavar="MODEL",
+        help="an export folder, a run folder (its newest checkpoint) or a checkpoints/step_<n> folder",
+    )
+    parser.add_argument(
+        "audio",
+        type=Path,
+        nargs="+",
+        metavar="AUDIO",
+        help="audio files: WAV, FLAC, MP3, OGG at any sample rate (stereo is mixed to mono)",
+    )
+    parser.add_argument(
+        "--json",
+        action="store_true",
+        help="print one JSON document: [{path, phones, duration} or {path, error}, ...]",
+    )
+    parser.add_argument(
+        "--chunk-seconds",
+        type=float,
+        default=DEFAULT_CHUNK_SECONDS,
+        help=f"cut longer recordings into windows of this many seconds (default {DEFAULT_CHUNK_SECONDS:g})",
+    )
+    parser.add_argument(
+        "--batch-seconds",
+        type=float,
+        default=DEFAULT_BATCH_SECONDS,
+        help=f"seconds of padded audio per batch (default {DEFAULT_BATCH_SECONDS:g})",
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    transcripts = transcribe_files(args.model, args.audio, args.chunk_seconds, args.batch_seconds)
+    if args.json:
+        payload = [{k: v for k, v in asdict(t).items() if v is not None} for t in transcripts]
+        print(json.dumps(payload, indent=2, ensure_ascii=False))
+    else:
+        for transcript in transcripts:
+            if transcript.error is None:
+                print(f"{transcript.path}\t{transcript.phones}")
+    failed = [t for t in transcripts if t.error is not None]
+    for transcript in failed:
+        print(f"phonetune transcribe: error: {transcript.error}", file=sys.stderr)
+    return 1 if failed else 0
