@@ -72,6 +72,7 @@ class ClipTask:
 class Outcome:
     kept: list[dict] = field(default_factory=list)  # {"locale", "split", "duration", "phones"}
     rejected: list[Rejection] = field(default_factory=list)
+    rows: dict[str, int] = field(default_factory=dict)  # shard path -> clips kept in it
 
 
 # --- step 1: rows ---------------------------------------------------------------------------
@@ -397,6 +398,7 @@ def collect_outcomes(
         record = json.loads(Path(path + ".json").read_text(encoding="utf-8"))
         outcome.kept.extend(record["kept"])
         outcome.rejected.extend(Rejection(**item) for item in record["rejected"])
+        outcome.rows[path] = len(record["kept"])
         outside[chunk[0].locale].update(record["outside_vocab"])
         phonemized[get_locale(chunk[0].locale).espeak].update(record["phonemized"])
     for language, table in phonemized.items():
@@ -407,26 +409,42 @@ def collect_outcomes(
 
 # --- step 4: vocabulary and dataset -----------------------------------------------------------
 def assemble_dataset(
-    shards: list[tuple[str, list[ClipTask]]], out: Path, splits: tuple[str, ...]
+    shards: list[tuple[str, list[ClipTask]]], out: Path, rows: dict[str, int]
 ) -> None:
-    """Concatenate the shards into one DatasetDict saved in `out` (load_from_disk(out) opens it)."""
-    from datasets import Dataset, DatasetDict, concatenate_datasets
+    """Move the shards into `out` in the layout of `DatasetDict.save_to_disk`, without a copy.
 
-    by_split: dict[str, list] = defaultdict(list)
-    for path, chunk in shards:
-        by_split[chunk[0].split].append(Dataset.from_file(path + ".arrow"))
-    parts = {
-        split: concatenate_datasets(by_split[split]) for split in splits if by_split.get(split)
-    }
-    parts = {split: ds for split, ds in parts.items() if len(ds) > 0}
-    if not parts:
-        raise PhonetuneError("no clip was kept")
-    import datasets
+    Each split folder gets its shards as `data-<i>-of-<n>.arrow` plus the two small files
+    `datasets.load_from_disk(out)` reads; empty shards (every clip rejected) are left out.
+    """
+    from datasets import Dataset
 
-    datasets.disable_progress_bars()  # our own progress bar already covered the slow part
     staging = out / ".staging"
     shutil.rmtree(staging, ignore_errors=True)
-    DatasetDict(parts).save_to_disk(str(staging))
+    by_split: dict[str, list[str]] = defaultdict(list)
+    for path, chunk in shards:
+        if rows[path]:
+            by_split[chunk[0].split].append(path + ".arrow")
+    splits = [split for split in SPLITS if by_split[split]]
+    for split in splits:
+        files = by_split[split]
+        folder = staging / split
+        folder.mkdir(parents=True)
+        names = [f"data-{i:05d}-of-{len(files):05d}.arrow" for i in range(len(files))]
+        Dataset.from_file(files[0]).info.write_to_directory(str(folder))
+        for source, name in zip(files, names, strict=True):
+            os.replace(source, folder / name)
+        fingerprint = hashlib.sha256("".join(names + files).encode()).hexdigest()[:16]
+        state = {
+            "_data_files": [{"filename": name} for name in names],
+            "_fingerprint": fingerprint,
+            "_format_columns": None,
+            "_format_kwargs": {},
+            "_format_type": None,
+            "_output_all_columns": False,
+            "_split": split,
+        }
+        (folder / "state.json").write_text(json.dumps(state, indent=2), encoding="utf-8")
+    (staging / "dataset_dict.json").write_text(json.dumps({"splits": splits}), encoding="utf-8")
     for old in [out / "dataset_dict.json", *(out / split for split in SPLITS)]:
         if old.is_dir():
             shutil.rmtree(old)
@@ -595,6 +613,8 @@ def prepare(options: PrepareOptions) -> dict:
     if options.num_workers > 1:
         # Started first, so that the workers import while the main process reads the TSVs.
         pool = multiprocessing.get_context("spawn").Pool(options.num_workers)
+    import datasets  # noqa: F401 - needed at assembly; imported while the workers start up
+
     try:
         clips, rejected, read = read_rows(options)
         clips, script_rejections = check_scripts(clips)
@@ -629,7 +649,7 @@ def prepare(options: PrepareOptions) -> dict:
             f"rejection and its reason is in {options.out / REPORT_NAME}"
         )
     if not finished:
-        assemble_dataset(shards, options.out, options.splits)
+        assemble_dataset(shards, options.out, outcome.rows)
     save_vocab(vocab, options.out / "vocab.json")
     report["shards"]["plan"] = plan  # written last: it marks the dataset as finished
     _write_atomically(options.out / REPORT_NAME, _to_json(report))

@@ -46,7 +46,10 @@ def synthesize_stage(out: Path, locales: list[str], clips: int, seed: int, worke
     if manifest.is_file():
         print(f"reusing the corpus in {corpus} (delete it to synthesize again)")
         return corpus
-    synthesize_corpus(corpus, locales, clips, seed=seed, num_workers=workers, progress=True)
+    summary = synthesize_corpus(
+        corpus, locales, clips, seed=seed, num_workers=workers, progress=True
+    )
+    print(f"{summary['clips']} clips, {summary['hours']:.2f} h of speech in {len(locales)} locales")
     return corpus
 
 
