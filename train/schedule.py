@@ -14,21 +14,23 @@ import math
 from collections.abc import Callable
 
 
-def _phase_lengths(
-    total_steps: int, warmup_ratio: float, hold_ratio: float
-) -> tuple[int, int, int]:
+def _multiplier(
+    step: int,
+    total_steps: int,
+    warmup_ratio: float,
+    hold_ratio: float,
+    init_scale: float,
+    decay: Callable[[float], float],
+) -> float:
+    """Warm-up from `init_scale` to 1, hold at 1, then `decay(progress)` with progress 0 -> 1."""
     warmup = int(total_steps * warmup_ratio)
     hold = int(total_steps * hold_ratio)
-    return warmup, hold, max(total_steps - warmup - hold, 0)
-
-
-def _warmup_or_hold(step: int, warmup: int, hold: int, init_scale: float) -> float | None:
-    """The multiplier during warm-up or hold, or None once decay has begun."""
+    decay_steps = max(total_steps - warmup - hold, 0)
     if step < warmup:
         return init_scale + (1.0 - init_scale) * step / warmup
-    if step < warmup + hold:
+    if step < warmup + hold or decay_steps == 0:
         return 1.0
-    return None
+    return decay(min((step - warmup - hold) / decay_steps, 1.0))
 
 
 def tri_stage(
@@ -40,14 +42,10 @@ def tri_stage(
     final_scale: float,
 ) -> float:
     """fairseq's tri-stage schedule: linear warm-up, hold, then exponential decay to `final_scale`."""
-    warmup, hold, decay = _phase_lengths(total_steps, warmup_ratio, hold_ratio)
-    early = _warmup_or_hold(step, warmup, hold, init_scale)
-    if early is not None:
-        return early
-    if decay == 0:
-        return 1.0
-    progress = min((step - warmup - hold) / decay, 1.0)
-    return math.exp(math.log(final_scale) * progress)
+    return _multiplier(
+        step, total_steps, warmup_ratio, hold_ratio, init_scale,
+        lambda progress: math.exp(math.log(final_scale) * progress),
+    )  # fmt: skip
 
 
 def linear(
@@ -59,14 +57,10 @@ def linear(
     final_scale: float,
 ) -> float:
     """Linear warm-up, hold, then linear decay to `final_scale`."""
-    warmup, hold, decay = _phase_lengths(total_steps, warmup_ratio, hold_ratio)
-    early = _warmup_or_hold(step, warmup, hold, init_scale)
-    if early is not None:
-        return early
-    if decay == 0:
-        return 1.0
-    progress = min((step - warmup - hold) / decay, 1.0)
-    return 1.0 + (final_scale - 1.0) * progress
+    return _multiplier(
+        step, total_steps, warmup_ratio, hold_ratio, init_scale,
+        lambda progress: 1.0 + (final_scale - 1.0) * progress,
+    )  # fmt: skip
 
 
 def cosine(
@@ -78,14 +72,10 @@ def cosine(
     final_scale: float,
 ) -> float:
     """Linear warm-up, hold, then half a cosine down to `final_scale`."""
-    warmup, hold, decay = _phase_lengths(total_steps, warmup_ratio, hold_ratio)
-    early = _warmup_or_hold(step, warmup, hold, init_scale)
-    if early is not None:
-        return early
-    if decay == 0:
-        return 1.0
-    progress = min((step - warmup - hold) / decay, 1.0)
-    return final_scale + (1.0 - final_scale) * 0.5 * (1.0 + math.cos(math.pi * progress))
+    return _multiplier(
+        step, total_steps, warmup_ratio, hold_ratio, init_scale,
+        lambda progress: final_scale + (1.0 - final_scale) * 0.5 * (1.0 + math.cos(math.pi * progress)),
+    )  # fmt: skip
 
 
 SCHEDULES: dict[str, Callable[..., float]] = {
