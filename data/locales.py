@@ -12,6 +12,8 @@ from __future__ import annotations
 import unicodedata
 from dataclasses import dataclass
 
+from data.errors import PhonetuneError
+
 
 @dataclass(frozen=True)
 class Locale:
@@ -126,8 +128,8 @@ DEFAULT_LOCALES: tuple[str, ...] = (
 )
 
 
-class UnsupportedLocaleError(ValueError):
-    pass
+class UnsupportedLocaleError(PhonetuneError, ValueError):
+    """A locale outside the table: a user mistake, printed by the CLI without a traceback."""
 
 
 def get_locale(code: str) -> Locale:

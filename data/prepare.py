@@ -743,10 +743,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        locales = parse_locales(args.locales)
-    except ValueError as error:
-        raise PhonetuneError(str(error)) from None
+    locales = parse_locales(args.locales)  # an unknown locale is a PhonetuneError
     options = PrepareOptions(
         cv_root=args.cv_root,
         locales=locales,

@@ -40,7 +40,7 @@ import numpy as np
 
 from data.commonvoice import SPLITS
 from data.errors import PhonetuneError
-from data.locales import DEFAULT_LOCALES, LOCALES, UnsupportedLocaleError, parse_locales
+from data.locales import DEFAULT_LOCALES, LOCALES, parse_locales
 
 # Common Voice's columns, in its order (the releases phonetune reads).
 TSV_COLUMNS: tuple[str, ...] = (
@@ -677,10 +677,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        locales = parse_locales(args.locales)
-    except UnsupportedLocaleError as error:
-        raise PhonetuneError(str(error)) from None
+    locales = parse_locales(args.locales)  # an unknown locale is a PhonetuneError
     summary = synthesize_corpus(
         args.out,
         locales,

@@ -147,10 +147,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        locales = parse_locales(args.locales)
-    except ValueError as error:
-        raise PhonetuneError(str(error)) from None
+    locales = parse_locales(args.locales)  # an unknown locale is a PhonetuneError
     if args.clips_per_locale < 10:
         raise PhonetuneError(
             "--clips-per-locale must be at least 10 (train, dev and test need clips)"
