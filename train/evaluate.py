@@ -265,6 +265,16 @@ def print_table(results: dict) -> None:
 
 
 # --- command line -----------------------------------------------------------------------------
+def add_batch_seconds_option(parser: argparse.ArgumentParser) -> None:
+    """`--batch-seconds`, shared by `evaluate` and `transcribe`."""
+    parser.add_argument(
+        "--batch-seconds",
+        type=float,
+        default=DEFAULT_BATCH_SECONDS,
+        help=f"seconds of padded audio per batch (default {DEFAULT_BATCH_SECONDS:g})",
+    )
+
+
 def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "model",
@@ -291,12 +301,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         help="write the results as JSON here (default for a checkpoint: eval_<split>.json "
         "next to it, which `phonetune export` puts in the model card)",
     )
-    parser.add_argument(
-        "--batch-seconds",
-        type=float,
-        default=DEFAULT_BATCH_SECONDS,
-        help=f"seconds of padded audio per batch (default {DEFAULT_BATCH_SECONDS:g})",
-    )
+    add_batch_seconds_option(parser)
 
 
 def run(args: argparse.Namespace) -> int:

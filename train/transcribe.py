@@ -21,6 +21,7 @@ from data.errors import PhonetuneError
 from train.evaluate import (
     DEFAULT_BATCH_SECONDS,
     LoadedModel,
+    add_batch_seconds_option,
     batch_by_seconds,
     load_model,
     recognize,
@@ -123,12 +124,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         default=DEFAULT_CHUNK_SECONDS,
         help=f"cut longer recordings into windows of this many seconds (default {DEFAULT_CHUNK_SECONDS:g})",
     )
-    parser.add_argument(
-        "--batch-seconds",
-        type=float,
-        default=DEFAULT_BATCH_SECONDS,
-        help=f"seconds of padded audio per batch (default {DEFAULT_BATCH_SECONDS:g})",
-    )
+    add_batch_seconds_option(parser)
 
 
 def run(args: argparse.Namespace) -> int:
