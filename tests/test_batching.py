@@ -71,30 +71,33 @@ def test_padding_stays_small_and_longest_batch_comes_first():
     assert shuffled != sorted(shuffled)  # batch order is shuffled, not sorted by length
 
 
-def test_processes_split_the_same_global_batches():
+def test_processes_split_the_global_batches_one_process_with_their_total_budget_cuts():
     d = durations(301)
-    groups = plan_epoch(d, 20.0, seed=0, epoch=2, num_replicas=3, grad_accum=2)
-    assert len(groups) % 2 == 0
-    assert all(len(group) == 3 for group in groups)
-    samplers = [
-        DurationBatchSampler(
-            np.arange(301) + 1000, d, 20.0, seed=0, num_replicas=3, rank=r, grad_accum=2
-        )
-        for r in range(3)
-    ]
-    for sampler in samplers:
-        sampler.set_epoch(2)
+    alone = plan_epoch(d, 60.0, seed=0, epoch=2, grad_accum=2)
+    shared = plan_epoch(d, 20.0, seed=0, epoch=2, num_replicas=3, grad_accum=2)
+    assert len(shared) == len(alone) and len(shared) % 2 == 0
+    for (whole,), shares in zip(alone, shared, strict=True):
+        assert len(shares) == 3
+        assert np.array_equal(np.concatenate(shares), whole)  # consecutive, nothing lost or added
+        assert max(len(s) for s in shares) - min(len(s) for s in shares) <= 1
+    # Every clip once, except the batches beyond a multiple of grad_accum (at most one).
+    seen = np.concatenate([np.concatenate(shares) for shares in shared])
+    assert len(seen) == len(set(seen.tolist()))
+    assert len(seen) >= 301 - max(len(b) for b in pack_batches(np.argsort(d), d, 60.0))
+
+
+def test_a_process_with_an_empty_share_gets_a_zero_weight_copy():
+    d = np.array([12.0, 11.0, 1.0, 1.2, 1.1, 0.9])  # the long clips fill a 2 x 10 s budget alone
+    samplers = [DurationBatchSampler(np.arange(6) + 100, d, 10.0, 0, 2, r) for r in range(2)]
     per_rank = [list(sampler) for sampler in samplers]
-    assert len({len(batches) for batches in per_rank}) == 1  # the same number of batches everywhere
-    for index, group in enumerate(groups):
-        for rank in range(3):
-            assert np.array_equal(per_rank[rank][index], group[rank] + 1000)
-    # Completing the last group repeats a few clips at most; dropping groups beyond a multiple of
-    # grad_accum leaves out at most one group's worth.
-    seen = np.concatenate([b for batches in per_rank for b in batches])
-    assert len(set(seen.tolist())) >= 301 - 2 * 3 * max(
-        len(b) for b in pack_batches(np.argsort(d), d, 20.0)
-    )
+    assert len(per_rank[0]) == len(per_rank[1])  # both processes step together
+    ghosts = [[s.is_ghost(i) for i in range(s.batches_per_epoch())] for s in samplers]
+    assert not any(ghosts[0]) and any(ghosts[1])
+    for position, ghost in enumerate(ghosts[1]):
+        if ghost:  # a copy of a clip the other process trains on, so it costs no extra padding
+            assert np.array_equal(per_rank[1][position], per_rank[0][position][:1])
+    real = [b for rank in range(2) for b, g in zip(per_rank[rank], ghosts[rank]) if not g]
+    assert sorted(np.concatenate(real).tolist()) == list(range(100, 106))
 
 
 def test_sampler_resumes_mid_epoch_without_reading_the_skipped_batches():

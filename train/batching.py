@@ -5,7 +5,7 @@ The training step only slices memory-mapped int16 arrays and pads a batch of sim
 - a batch holds at most `batch_seconds` of audio *including padding* (fairseq's max_tokens);
 - an epoch's order is a pure function of (seed, epoch), so a resumed run replays it exactly from a
   saved position without touching the data it skips;
-- every process computes the same global batches and takes its own share.
+- every process computes the same global batches and takes its own share of each.
 """
 
 from __future__ import annotations
@@ -211,29 +211,32 @@ def plan_epoch(
     bucket_width: float = 0.5,
     longest_first: bool = True,
 ) -> list[list[np.ndarray]]:
-    """The global batches of one epoch: a list of groups, each holding one batch per process.
+    """The global batches of one epoch, each split into one share per process.
 
-    A pure function of its arguments. Clips are sorted by duration bucket (random order inside a
-    bucket), packed into batches, and consecutive batches form a group so that the processes of one
-    step get similar lengths. The last group is completed with the epoch's first (shortest) batches,
-    as torch's DistributedSampler repeats samples, so every process has the same number of batches.
-    Groups are then shuffled; groups beyond a multiple of `grad_accum` are left for the next epoch's
-    reshuffle. Values are positions into `durations`.
+    A pure function of its arguments. `batch_seconds` is the budget of one process, so a global
+    batch holds at most `batch_seconds × num_replicas` of padded audio: N processes with budget B
+    cut exactly the batches that one process with budget N×B cuts, and (with the loss normalised by
+    the step's global token count) train the same model up to floating-point summation order.
+    Clips are sorted by duration bucket (random order inside a bucket) and packed into global
+    batches; the batches are shuffled (the longest first if asked) and each is split into
+    `num_replicas` consecutive shares of near-equal clip counts. A share can thus exceed the
+    per-process budget by one clip when the clip count is not a multiple of the process count.
+    A global batch with fewer clips than processes leaves shares empty: the sampler gives those
+    processes a zero-weight copy of a clip (see `DurationBatchSampler`). Batches beyond a multiple
+    of `grad_accum` are left to the next epoch's reshuffle. Values are positions into `durations`.
     """
     if len(durations) == 0:
         return []
     rng = np.random.default_rng([seed, epoch])
     buckets = np.floor(durations / bucket_width)
     order = np.lexsort((rng.random(len(durations)), buckets))
-    batches = pack_batches(order, durations, batch_seconds)
-    shortage = -len(batches) % num_replicas
-    batches += [batches[i % len(batches)] for i in range(shortage)]
-    groups = [batches[i : i + num_replicas] for i in range(0, len(batches), num_replicas)]
-    groups = [groups[i] for i in rng.permutation(len(groups))]
+    batches = pack_batches(order, durations, batch_seconds * num_replicas)
+    batches = [batches[i] for i in rng.permutation(len(batches))]
     if longest_first:
-        longest = max(range(len(groups)), key=lambda g: max(durations[b].max() for b in groups[g]))
-        groups.insert(0, groups.pop(longest))
-    return groups[: len(groups) - len(groups) % grad_accum]
+        longest = max(range(len(batches)), key=lambda i: durations[batches[i]].max())
+        batches.insert(0, batches.pop(longest))
+    batches = batches[: len(batches) - len(batches) % grad_accum]
+    return [np.array_split(batch, num_replicas) for batch in batches]
 
 
 def plan_eval(
@@ -253,10 +256,11 @@ def padding_fraction(durations: np.ndarray, batches: Sequence[np.ndarray]) -> fl
 
 
 class DurationBatchSampler:
-    """Yields this process's batches (dataset rows) of `plan_epoch`, from a resumable position.
+    """Yields this process's share (dataset rows) of each global batch of `plan_epoch`, from a
+    resumable position.
 
-    `position` is where iteration starts: the batches of the epoch already consumed by this process
-    (the same number on every process). The consumer counts what it consumed (DataLoader workers read
+    `position` is where iteration starts: the global batches of the epoch already consumed (the same
+    number on every process). The consumer counts what it consumed (DataLoader workers read
     ahead) and restores it with `set_epoch(epoch, position)` or `load_state_dict`.
     """
 
@@ -287,7 +291,7 @@ class DurationBatchSampler:
         self._planned_epoch: int | None = None
 
     def plan(self) -> list[list[np.ndarray]]:
-        """This epoch's groups (positions into `rows`), computed once per epoch."""
+        """This epoch's global batches split into shares (positions into `rows`), planned once."""
         if self._planned_epoch != self.epoch:
             self._plan = plan_epoch(
                 self.durations,
@@ -311,12 +315,20 @@ class DurationBatchSampler:
         if not 0 <= position <= self.batches_per_epoch():
             raise PhonetuneError(
                 f"sampler position {position} is outside epoch {epoch}, which has "
-                f"{self.batches_per_epoch()} batches per process"
+                f"{self.batches_per_epoch()} global batches"
             )
 
     def __iter__(self) -> Iterator[np.ndarray]:
-        for group in self.plan()[self.position :]:
-            yield self.rows[group[self.rank]]
+        for shares in self.plan()[self.position :]:
+            # An empty share still needs a forward/backward pass, or the other processes would
+            # wait for this one's gradients: it gets a copy of the batch's first clip, which the
+            # training step weighs by zero (`is_ghost`).
+            share = shares[self.rank]
+            yield self.rows[share if len(share) else shares[0][:1]]
+
+    def is_ghost(self, position: int) -> bool:
+        """Whether this process's batch at `position` of the epoch is a zero-weight copy."""
+        return len(self.plan()[position][self.rank]) == 0
 
     def __len__(self) -> int:
         return self.batches_per_epoch() - self.position

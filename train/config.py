@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -113,7 +114,9 @@ class TrainConfig:
     max_steps: int = 20000
     """Optimizer steps to train for (fairseq max_update)."""
     batch_seconds: float = 80.0
-    """Seconds of audio (padding included) per batch per process (fairseq max_tokens / 16000)."""
+    """Seconds of audio (padding included) per batch per process (fairseq max_tokens / 16000).
+    N processes cut global batches of N × batch_seconds and split each among themselves, so they
+    train like one process with N × batch_seconds (a share may hold one clip more than its budget)."""
     grad_accum: int = 1
     """Batches accumulated into one optimizer step (fairseq update_freq)."""
     bucket_width: float = 0.5
@@ -374,6 +377,8 @@ def _type_problem(value: Any, hint: Any) -> str | None:
         )
     if hint is float:
         ok = isinstance(value, int | float) and not isinstance(value, bool)
+        if ok and not math.isfinite(value):  # YAML reads .nan and .inf; so does float("nan")
+            return "must be a finite number"
         return None if ok else "must be a number"
     if hint is str:
         return None if isinstance(value, str) else "must be a string"
@@ -406,6 +411,8 @@ def find_contradictions(config: Config) -> list[str]:
         errors.append("data.prepared_dir is required (the output folder of `phonetune prepare`)")
     if not config.run.output_dir:
         errors.append("run.output_dir is required (where checkpoints and metrics.jsonl go)")
+    elif Path(config.run.output_dir).exists() and not Path(config.run.output_dir).is_dir():
+        errors.append(f"run.output_dir={config.run.output_dir} is a file: give a folder")
     if data.max_duration <= 0:
         errors.append(f"data.max_duration must be positive, not {data.max_duration}")
     if data.eval_max_utterances is not None and data.eval_max_utterances < 1:
@@ -450,6 +457,13 @@ def find_contradictions(config: Config) -> list[str]:
     for key in ("mask_time_length", "mask_feature_length"):
         if getattr(model, key) < 1:
             errors.append(f"model.{key} must be at least 1, not {getattr(model, key)}")
+    if isinstance(model.config, dict) and model.mask_feature_prob > 0:
+        hidden_size = model.config.get("hidden_size", 768)  # Wav2Vec2Config's default
+        if isinstance(hidden_size, int) and model.mask_feature_length > hidden_size:
+            errors.append(
+                f"model.mask_feature_length ({model.mask_feature_length}) is longer than the "
+                f"{hidden_size} feature channels it masks (model.config.hidden_size): lower it"
+            )
     for key in ("mask_time_min_masks", "mask_feature_min_masks"):
         if getattr(model, key) < 0:
             errors.append(f"model.{key} must be 0 or more")

@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from data.errors import PhonetuneError
 from data.vocab import BLANK_ID, load_vocab
 from train import checkpoint as ckpt
+from train import guard
 from train.batching import (
     IGNORE_INDEX,
     Batch,
@@ -162,13 +163,22 @@ def make_accelerator(config: Config) -> Accelerator:
     # LayerDrop and the frozen-transformer phase leave parameters without gradients in some steps;
     # DDP must then look for them or it waits forever ("Expected to have finished reduction").
     find_unused = config.model.layerdrop > 0 or config.train.freeze_finetune_updates > 0
-    return Accelerator(
+    accelerator = Accelerator(
         mixed_precision=config.train.mixed_precision,
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=find_unused)],
         # Without a GPU, say so: several processes started by torchrun (`accelerate launch
         # --multi_gpu`, `torchrun`) then form a gloo process group instead of each running alone.
         cpu=not torch.cuda.is_available(),
     )
+    sharded = {"FSDP", "DEEPSPEED", "MEGATRON_LM"}
+    if accelerator.distributed_type.name in sharded:
+        raise PhonetuneError(
+            f"the launcher asked for {accelerator.distributed_type.name}, which phonetune train does "
+            "not support yet: its checkpoints hold whole tensors written by the main process, which "
+            "would hold only a shard. Launch with DDP instead (configs/accelerate/8gpu_ddp.yaml); "
+            "XLSR-53 fits one GPU's memory."
+        )
+    return accelerator
 
 
 def seed_everything(seed: int) -> None:
@@ -545,26 +555,33 @@ def train_step(
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     batches: list[Batch],
+    ghosts: list[bool],
     accelerator: Accelerator,
     config: Config,
     freeze_transformer: bool,
 ) -> StepResult:
-    """Forward/backward over the step's batches (gradient accumulation), clip, update, schedule."""
+    """Forward/backward over the step's batches (gradient accumulation), clip, update, schedule.
+
+    `ghosts[i]` marks a zero-weight copy standing in for an empty share of a global batch (fewer
+    clips than processes): it runs so that every process joins the gradient reduction, and counts
+    for nothing.
+    """
     device = accelerator.device
     unwrapped: CTCModel = accelerator.unwrap_model(module)
     mean_per_utterance = config.model.ctc_loss_reduction == "mean"
+    real = [b for b, ghost in zip(batches, ghosts, strict=True) if not ghost]
     # The loss is normalised by the number of label tokens of the whole step: all accumulated batches
     # on all processes (or by the number of utterances with reduction "mean"). Long and short batches
     # thus weigh by their content, not equally, and the result does not depend on the process count.
     local_count = sum(
-        len(b.rows) if mean_per_utterance else int(b.label_lengths.sum()) for b in batches
+        len(b.rows) if mean_per_utterance else int(b.label_lengths.sum()) for b in real
     )
     global_count = accelerator.reduce(torch.tensor(float(local_count), device=device), "sum").clamp(
         min=1.0
     )
     loss_sum = torch.zeros((), device=device)
     infeasible = 0
-    for index, batch in enumerate(batches):
+    for index, (batch, ghost) in enumerate(zip(batches, ghosts, strict=True)):
         batch = batch.to(device)
         last = index == len(batches) - 1
         with contextlib.nullcontext() if last else accelerator.no_sync(module):
@@ -582,9 +599,11 @@ def train_step(
             )
             # DDP averages gradients over processes: scaling by the process count makes that average
             # the gradient of (sum of all losses) / global_count.
-            accelerator.backward(loss * accelerator.num_processes / global_count)
-        loss_sum += loss.detach()
-        infeasible += count_infeasible(output_lengths, batch.labels, batch.label_lengths)
+            weight = 0.0 if ghost else accelerator.num_processes
+            accelerator.backward(loss * weight / global_count)
+        if not ghost:
+            loss_sum += loss.detach()
+            infeasible += count_infeasible(output_lengths, batch.labels, batch.label_lengths)
 
     parameters = [p for p in module.parameters() if p.requires_grad]
     max_norm = config.train.max_grad_norm if config.train.max_grad_norm > 0 else math.inf
@@ -601,8 +620,8 @@ def train_step(
         [
             float(loss_sum),
             float(infeasible),
-            sum(b.audio_seconds for b in batches),
-            sum(b.padded_seconds for b in batches),
+            sum(b.audio_seconds for b in real),
+            sum(b.padded_seconds for b in real),
         ],
         dtype=torch.float64,
         device=device,
@@ -620,7 +639,8 @@ def train_step(
 
 
 class BatchStream:
-    """This process's batches, `grad_accum` at a time, across epochs, from a resumable position."""
+    """This process's shares of the global batches, `grad_accum` at a time, across epochs, from a
+    resumable position; with each, whether it is a zero-weight copy (`DurationBatchSampler.is_ghost`)."""
 
     def __init__(
         self, data: Data, sampler: DurationBatchSampler, config: Config, pin_memory: bool
@@ -628,7 +648,7 @@ class BatchStream:
         self.data, self.sampler, self.config, self.pin_memory = data, sampler, config, pin_memory
         self.iterator = None
 
-    def next_step(self, state: TrainState) -> list[Batch]:
+    def next_step(self, state: TrainState) -> tuple[list[Batch], list[bool]]:
         accum = self.config.train.grad_accum
         if state.position >= self.sampler.batches_per_epoch():
             state.epoch, state.position = state.epoch + 1, 0
@@ -644,8 +664,9 @@ class BatchStream:
             )
             self.iterator = iter(loader)
         batches = [next(self.iterator) for _ in range(accum)]
+        ghosts = [self.sampler.is_ghost(state.position + i) for i in range(accum)]
         state.position += accum
-        return batches
+        return batches, ghosts
 
 
 # --- evaluation -------------------------------------------------------------------------------------
@@ -752,13 +773,18 @@ def save_checkpoint(
     config: Config,
     data: Data,
 ) -> Path:
-    """Write checkpoints/step_<n>/ atomically (every process adds its RNG state), then prune."""
+    """Write checkpoints/step_<n>/ atomically (every process adds its RNG state), then prune.
+
+    If a write fails on any process (disk full, permission denied), every process raises a
+    PhonetuneError; the part written is removed and the earlier checkpoints stay as they were.
+    """
     tmp = ckpt.checkpoints_dir(run_dir) / (ckpt.step_dir_name(state.step) + ".tmp")
+    error = None
     if accelerator.is_main_process:
-        ckpt.begin_checkpoint(run_dir, state.step)
-    accelerator.wait_for_everyone()
-    ckpt.write_rng_state(tmp, accelerator.process_index)
-    if accelerator.is_main_process:
+        error = guard.attempt(ckpt.begin_checkpoint, run_dir, state.step)
+    guard.settle_save(accelerator, run_dir, state.step, error)
+    error = guard.attempt(ckpt.write_rng_state, tmp, accelerator.process_index)
+    if accelerator.is_main_process and error is None:
         scaler = accelerator.scaler
         payload = {
             **asdict(state),
@@ -769,6 +795,7 @@ def save_checkpoint(
                 "position": state.position,
                 "seed": config.train.seed,
                 "num_processes": accelerator.num_processes,
+                "global_batch_seconds": config.train.batch_seconds * accelerator.num_processes,
                 "grad_accum": config.train.grad_accum,
                 "batches_per_epoch": sampler.batches_per_epoch(),
             },
@@ -776,7 +803,8 @@ def save_checkpoint(
             "versions": data.versions,
             "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
-        ckpt.write_checkpoint_files(
+        error = guard.attempt(
+            ckpt.write_checkpoint_files,
             tmp,
             model=accelerator.unwrap_model(module).model,
             vocab=data.vocab,
@@ -786,13 +814,13 @@ def save_checkpoint(
             scheduler_state=scheduler.state_dict(),
             scaler_state=scaler.state_dict() if scaler is not None else None,
         )
-    accelerator.wait_for_everyone()
+    guard.settle_save(accelerator, run_dir, state.step, error)
     final = ckpt.checkpoints_dir(run_dir) / ckpt.step_dir_name(state.step)
     if accelerator.is_main_process:
-        ckpt.commit_checkpoint(tmp)
-        ckpt.update_best(run_dir)
-        ckpt.prune_checkpoints(run_dir, config.train.keep_last)
-    accelerator.wait_for_everyone()
+        error = guard.attempt(ckpt.commit_checkpoint, tmp)
+        error = error or guard.attempt(ckpt.update_best, run_dir)
+        error = error or guard.attempt(ckpt.prune_checkpoints, run_dir, config.train.keep_last)
+    guard.settle_save(accelerator, run_dir, state.step, error, discard=False)
     return final
 
 
@@ -818,26 +846,7 @@ def load_checkpoint(
     scaler_state = ckpt.load_tensors(checkpoint, "scaler.pt")
     if accelerator.scaler is not None and scaler_state is not None:
         accelerator.scaler.load_state_dict(scaler_state)
-    sampler_saved = saved.get("sampler", {})
-    same_layout = (
-        sampler_saved.get("num_processes") == accelerator.num_processes
-        and sampler_saved.get("grad_accum") == config.train.grad_accum
-    )
-    sampler.set_epoch(state.epoch)
-    if not same_layout or sampler_saved.get("batches_per_epoch") != sampler.batches_per_epoch():
-        # Another process count / accumulation / batch size: the epoch's batches differ, so continue
-        # at the same fraction of the epoch (the data order now differs from an uninterrupted run).
-        fraction = state.position / max(sampler_saved.get("batches_per_epoch") or 1, 1)
-        accum = config.train.grad_accum
-        state.position = min(
-            int(fraction * sampler.batches_per_epoch()) // accum * accum,
-            sampler.batches_per_epoch(),
-        )
-        say(
-            "warning: batching differs from the checkpoint's (processes, grad_accum or batch size); "
-            "continuing at the same fraction of the epoch, in a different data order"
-        )
-    sampler.set_epoch(state.epoch, state.position)
+    continue_sampler(state, saved.get("sampler", {}), sampler, accelerator, config, say)
     rng = ckpt.load_tensors(checkpoint, f"rng_state_{accelerator.process_index}.pt")
     if rng is None:
         say(
@@ -849,6 +858,53 @@ def load_checkpoint(
     return state
 
 
+def continue_sampler(
+    state: TrainState,
+    saved: dict[str, Any],
+    sampler: DurationBatchSampler,
+    accelerator: Accelerator,
+    config: Config,
+    say: Say,
+) -> None:
+    """Put the sampler where the checkpoint's run stopped, re-sharding it if the layout changed.
+
+    The global batches depend on the global budget (batch_seconds × processes), not on the process
+    count: with the same global budget and accumulation the epoch's batches are the same, and the
+    run continues at the same global batch, now split over another number of processes. Otherwise
+    the batches differ and the run continues at the same fraction of the epoch.
+    """
+    processes = accelerator.num_processes
+    global_seconds = config.train.batch_seconds * processes
+    sampler.set_epoch(state.epoch)
+    same_batches = (
+        saved.get("global_batch_seconds") == global_seconds
+        and saved.get("grad_accum") == config.train.grad_accum
+        and saved.get("batches_per_epoch") == sampler.batches_per_epoch()
+    )
+    if same_batches and saved.get("num_processes") != processes:
+        say(
+            f"warning: resuming a {saved.get('num_processes')}-process run with {processes}: the same "
+            "global batches, now split differently, so floating-point sums (and the random draws of "
+            "masking and dropout) differ from an uninterrupted run"
+        )
+    elif not same_batches:
+        fraction = state.position / max(saved.get("batches_per_epoch") or 1, 1)
+        accum = config.train.grad_accum
+        state.position = min(
+            int(fraction * sampler.batches_per_epoch()) // accum * accum,
+            sampler.batches_per_epoch(),
+        )
+        say(
+            f"warning: the checkpoint's batching differs ({saved.get('num_processes')} process(es) × "
+            f"{saved.get('global_batch_seconds', '?')} s global budget, grad_accum "
+            f"{saved.get('grad_accum')}; now {processes} × {global_seconds:g} s, grad_accum "
+            f"{config.train.grad_accum}): continuing at the same fraction of the epoch "
+            f"({state.position}/{sampler.batches_per_epoch()}), in a different data order. Keep "
+            "train.batch_seconds × processes and train.grad_accum unchanged to continue exactly."
+        )
+    sampler.set_epoch(state.epoch, state.position)
+
+
 # --- the run ----------------------------------------------------------------------------------------
 def train(config: Config) -> dict[str, Any]:
     """Train as `config` says; returns a summary (final step, last evaluation, checkpoint paths)."""
@@ -856,6 +912,13 @@ def train(config: Config) -> dict[str, Any]:
     main_process = accelerator.is_main_process
     say = accelerator.print
     run_dir = Path(config.run.output_dir).resolve()
+    # One run per directory (a second would delete this one's checkpoint writes); released at the
+    # end, or by the kernel if the process dies.
+    guard.lock_run_dir(run_dir, accelerator)
+    if main_process:
+        for line in ckpt.clean_interrupted_saves(run_dir):
+            say(f"{run_dir}: {line}")
+    accelerator.wait_for_everyone()  # everyone looks for the checkpoint after the clean-up
     resume_from = find_resume_checkpoint(config, run_dir)
     data = load_data(config)
     if resume_from is not None:
@@ -906,9 +969,6 @@ def train(config: Config) -> dict[str, Any]:
         )
 
     if main_process:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        for stale in ckpt.remove_stale_tmp(run_dir):
-            say(f"removed an interrupted checkpoint write: {stale}")
         write_config(config, run_dir / "config.yaml")
     accelerator.wait_for_everyone()
     logger = MetricsLogger(
@@ -948,14 +1008,23 @@ def train(config: Config) -> dict[str, Any]:
     started, last_log_time = time.time(), time.time()
     session_audio = 0.0
     module.train()
+    # SIGTERM/SIGINT only set a flag: every process stops at the same step boundary, after saving.
+    stop = guard.StopRequest(announce=main_process)
+    stop.install()
+    saved_step, stop_signal = state.step, 0  # (step 0: nothing to save)
     try:
         while state.step < t.max_steps:
-            batches = stream.next_step(state)
+            stop_signal = stop.agreed(accelerator)
+            if stop_signal:
+                break
+            batches, ghosts = stream.next_step(state)
             frozen = state.step < t.freeze_finetune_updates
             lr = optimizer.param_groups[0][
                 "lr"
             ]  # the rate this step uses (the scheduler then moves on)
-            result = train_step(module, optimizer, scheduler, batches, accelerator, config, frozen)
+            result = train_step(
+                module, optimizer, scheduler, batches, ghosts, accelerator, config, frozen
+            )
             state.step += 1
             state.audio_seconds += result.audio_seconds
             state.ctc_infeasible += result.infeasible
@@ -968,8 +1037,13 @@ def train(config: Config) -> dict[str, Any]:
                     latest = ckpt.find_latest_checkpoint(run_dir)
                     raise PhonetuneError(
                         f"stopped at step {state.step}: {state.consecutive_nonfinite} steps in a row had a "
-                        f"NaN/inf gradient and were skipped. Lower train.lr, keep model.ctc_zero_infinity=true, "
-                        f"or check the data. Last checkpoint: {latest or 'none'}"
+                        f"NaN/inf gradient and were skipped ({state.skipped_steps} in all; "
+                        f"train.max_consecutive_nonfinite={t.max_consecutive_nonfinite}). Likely causes: "
+                        "a learning rate too high for the model (lower train.lr or lengthen "
+                        "train.warmup_ratio); fp16 overflow (train.mixed_precision=bf16 or no); clips with "
+                        "fewer frames than phones while model.ctc_zero_infinity=false; NaN/inf in the "
+                        "audio (prepare the data again). "
+                        f"Last checkpoint: {latest or 'none'} (continue from it with resume=auto)."
                     )
             else:
                 state.consecutive_nonfinite = 0
@@ -1020,10 +1094,23 @@ def train(config: Config) -> dict[str, Any]:
                 last_saved = save_checkpoint(
                     run_dir, state, module, optimizer, scheduler, sampler, accelerator, config, data
                 )
+                saved_step = state.step
+        if stop_signal:
+            if state.step != saved_step:
+                last_saved = save_checkpoint(
+                    run_dir, state, module, optimizer, scheduler, sampler, accelerator, config, data
+                )
+            checkpoint = last_saved or resume_from
+            (progress.write if progress is not None else say)(
+                guard.explain_stop(stop_signal, state.step, t.max_steps, checkpoint, run_dir)
+            )
+            raise guard.TrainingStopped(stop_signal, state.step, checkpoint)
     finally:
+        stop.uninstall()
         if progress is not None:
             progress.close()
         logger.close()
+        guard.unlock_run_dir(run_dir)
 
     best = ckpt.find_best_checkpoint(run_dir)
     say(
