@@ -16,6 +16,8 @@ _CONV_LAYERS = ((10, 5), (3, 2), (3, 2), (3, 2), (3, 2), (2, 2), (2, 2))
 
 # Peak below which a clip is treated as silence (about -80 dBFS): nothing for CTC to align.
 SILENCE_PEAK = 1e-4
+# A file decoding to less than this fraction of the length its header announces is truncated.
+TRUNCATED_FRACTION = 0.95
 
 
 class AudioError(Exception):
@@ -30,20 +32,55 @@ class AudioError(Exception):
 def load_audio(path: str | Path, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
     """Return the clip at `path` as float32 mono samples at `sample_rate`.
 
-    Raises AudioError('unreadable_audio' | 'empty_audio', ...) for files that cannot be decoded
-    or hold no samples.
+    Raises AudioError with reason 'unreadable_audio' (cannot be decoded), 'empty_audio' (no
+    samples), 'truncated_audio' (fewer samples than its header announces) or 'non_finite_audio'
+    (NaN or infinite samples, which float WAVs can hold).
     """
+    name = Path(path).name
     try:
-        samples, source_rate = soundfile.read(str(path), dtype="float32", always_2d=True)
+        with soundfile.SoundFile(str(path)) as handle:
+            source_rate, announced = handle.samplerate, handle.frames
+            samples = handle.read(dtype="float32", always_2d=True)
     except (soundfile.LibsndfileError, RuntimeError, ValueError, OSError) as error:
-        raise AudioError("unreadable_audio", f"{Path(path).name}: {error}") from None
+        raise AudioError("unreadable_audio", f"{name}: {error}") from None
     if samples.shape[0] == 0:
-        raise AudioError("empty_audio", f"{Path(path).name} holds no samples")
+        raise AudioError("empty_audio", f"{name} holds no samples")
+    if _is_truncated(samples.shape[0], announced):
+        raise AudioError(
+            "truncated_audio",
+            f"{name}: decoded {samples.shape[0] / source_rate:.2f} s of the "
+            f"{announced / source_rate:.2f} s its header announces",
+        )
+    if not np.isfinite(samples).all():
+        raise AudioError("non_finite_audio", f"{name} holds NaN or infinite samples")
     mono = samples.mean(axis=1) if samples.shape[1] > 1 else samples[:, 0]
     if source_rate != sample_rate:
         # soxr's "HQ" is a 20-bit-quality band-limited resampler (fast and transparent for speech).
         mono = soxr.resample(mono, source_rate, sample_rate, quality="HQ")
     return np.ascontiguousarray(mono, dtype=np.float32)
+
+
+def _is_truncated(decoded: int, announced: int) -> bool:
+    """True when a file decodes to clearly fewer samples than its header announces.
+
+    A download cut short still decodes, to its first part only; kept, that part would be labelled
+    with the whole sentence. MP3s with a Xing/LAME header (what LAME and ffmpeg write) and FLACs
+    record their length, and then decode to exactly that many samples. Files without a recorded
+    length report an estimate: the 5 % margin keeps estimates from rejecting whole files.
+    """
+    if announced <= 0 or announced >= 2**62:  # unknown length (libsndfile's SF_COUNT_MAX)
+        return False
+    return decoded < TRUNCATED_FRACTION * announced
+
+
+def is_silent(samples: np.ndarray) -> bool:
+    """No sound above about -80 dBFS once any DC offset is removed: nothing for CTC to align.
+
+    (A constant offset alone would pass a plain peak test and normalise to all zeros.)
+    """
+    if len(samples) == 0:
+        return True
+    return float(np.abs(samples - samples.mean()).max()) < SILENCE_PEAK
 
 
 def to_pcm16(samples: np.ndarray) -> np.ndarray:

@@ -1,13 +1,16 @@
 """Reading an extracted Common Voice release: `<locale>/<split>.tsv` rows -> clip records.
 
 Common Voice sentences contain quotes, so the TSVs are read with quoting disabled: a `"` is text,
-never a field delimiter (with the csv default a quote swallows the following rows).
+never a field delimiter (with the csv default a quote swallows the following rows). A row is one
+line split at tabs, which is what `csv` with `QUOTE_NONE` does, minus two of its traps: a stray
+carriage return inside a sentence would end the row there, and a line over 128 KiB would raise.
+Each line is decoded on its own, so one line that is not UTF-8 costs that row, not the file.
 """
 
 from __future__ import annotations
 
-import csv
 import os
+import posixpath
 import unicodedata
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -79,28 +82,63 @@ def clean_sentence(text: str) -> str:
 
 
 def resolve_clip_path(clips_dir: Path, relative: str) -> Path | None:
-    """The clip's real path, or None when `relative` would leave the clips directory."""
+    """The clip's real path, or None when `relative` would leave the clips directory.
+
+    Symbolic links are followed before the check, so a link inside clips/ that points elsewhere
+    is refused too.
+    """
     if not relative or os.path.isabs(relative) or "\x00" in relative:
         return None
-    candidate = (clips_dir / relative).resolve()
+    try:
+        candidate = (clips_dir / relative).resolve()
+    except (OSError, RuntimeError):  # a name too long for the file system, a symlink loop
+        return None
     root = clips_dir.resolve()
     return candidate if candidate.is_relative_to(root) and candidate != root else None
+
+
+def _is_file(path: Path) -> bool:
+    try:
+        return path.is_file()
+    except OSError:  # e.g. a name longer than the file system allows: no such clip
+        return False
 
 
 def read_split(cv_root: Path, locale: str, split: str, tsv: Path) -> Iterator[Clip | Rejection]:
     """Yield a Clip for every usable row of `tsv` and a Rejection (with its reason) for the rest."""
     clips_dir = cv_root / locale / "clips"
-    with open(tsv, encoding="utf-8", errors="replace", newline="") as handle:
-        rows = csv.reader(handle, delimiter="\t", quoting=csv.QUOTE_NONE)
-        header = next(rows, None)
-        if header is None:
-            return
-        header = [name.strip() for name in header]
+    try:
+        handle = open(tsv, "rb")  # binary lines end at b"\n" only
+    except OSError as error:
+        raise PhonetuneError(f"cannot read {tsv}: {error.strerror or error}") from None
+    with handle:
+        first = handle.readline().removeprefix(b"\xef\xbb\xbf")  # a byte-order mark editors add
+        header = [
+            name.strip() for name in _strip_newline(first).decode(errors="replace").split("\t")
+        ]
+        if header == [""]:
+            return  # an empty file
         missing = [name for name in REQUIRED_COLUMNS if name not in header]
-        for line_number, row in enumerate(rows, start=2):
-            if not any(field.strip() for field in row):
+        for line_number, line in enumerate(handle, start=2):
+            line = _strip_newline(line)
+            if not line.strip():
                 continue  # a blank line is not a row
+            try:
+                row = line.decode("utf-8").split("\t")
+            except UnicodeDecodeError as error:
+                yield Rejection(
+                    locale,
+                    split,
+                    f"{tsv.name}:{line_number}",
+                    "invalid_text_encoding",
+                    f"{tsv.name} line {line_number} is not UTF-8 ({error.reason} at byte {error.start})",
+                )
+                continue
             yield from _check_row(clips_dir, locale, split, tsv, header, missing, line_number, row)
+
+
+def _strip_newline(line: bytes) -> bytes:
+    return line.removesuffix(b"\n").removesuffix(b"\r")
 
 
 def _check_row(
@@ -136,6 +174,8 @@ def _check_row(
         )
         return
     relative = fields["path"].strip()
+    # "./a.mp3" and "a.mp3" are one clip: the normal spelling lets duplicates be recognised.
+    relative = posixpath.normpath(relative) if relative else relative
     audio_path = resolve_clip_path(clips_dir, relative)
     if audio_path is None:
         yield Rejection(
@@ -146,7 +186,7 @@ def _check_row(
             f"{where}: {relative!r} is not a file inside {locale}/clips",
         )
         return
-    if not audio_path.is_file():
+    if not _is_file(audio_path):
         yield Rejection(
             locale, split, label, "missing_file", f"{where}: {locale}/clips/{relative} not found"
         )

@@ -190,3 +190,39 @@ def test_resolved_config_round_trips_and_differences_are_listed(tmp_path):
         key for key, _, _ in config_differences(config_to_dict(config), config_to_dict(changed))
     }
     assert differences == {"train.eval_steps", "model.config"}
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("train.lr=-1e-4", r"train\.lr must be positive, not -0\.0001"),
+        ("train.lr=0", r"train\.lr must be positive, not 0\.0"),
+        ("train.batch_seconds=0", r"train\.batch_seconds must be positive, not 0\.0"),
+        ("model.mask_time_prob=-0.1", r"model\.mask_time_prob must be in \[0, 1\), not -0\.1"),
+        ("model.mask_feature_prob=1", r"model\.mask_feature_prob must be in \[0, 1\), not 1\.0"),
+        ("train.lr=.nan", r"train\.lr must be a finite number \(got nan\)"),
+        ("train.lr=nan", r"train\.lr must be a finite number \(got nan\)"),
+        ("train.lr=.inf", r"train\.lr must be a finite number \(got inf\)"),
+        ("data.max_duration=-.inf", r"data\.max_duration must be a finite number"),
+        ("train.grad_accum=0", r"train\.grad_accum must be at least 1, not 0"),
+        ("train.betas=[0.9, 1.5]", r"train\.betas must be two numbers in \[0, 1\)"),
+        (
+            "model.mask_feature_length=100",
+            r"model\.mask_feature_length \(100\) is longer than the 64 feature channels",
+        ),
+    ],
+)
+def test_impossible_values_are_named_with_their_limits(override, message):
+    tiny = Path(__file__).parents[1] / "configs" / "tiny_cpu.yaml"
+    overrides = [*REQUIRED, "model.config.hidden_size=64", "model.mask_feature_prob=0.1", override]
+    with pytest.raises(PhonetuneError, match=message):
+        load_config(tiny, overrides)
+
+
+def test_a_file_as_run_directory_is_refused_before_anything_runs(tmp_path):
+    (tmp_path / "run").write_text("not a folder")
+    with pytest.raises(PhonetuneError, match=r"run\.output_dir=.*run is a file: give a folder"):
+        load_config(
+            None,
+            ["model.config={}", "data.prepared_dir=/prep", f"run.output_dir={tmp_path / 'run'}"],
+        )

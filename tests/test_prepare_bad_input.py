@@ -1,6 +1,7 @@
 """Every kind of bad input a Common Voice release can hold: rejected with its reason, nothing good lost."""
 
 import json
+import os
 import shutil
 
 import numpy as np
@@ -13,120 +14,204 @@ from data.espeak import Synthesizer, synthesis_voice
 from data.prepare import PrepareOptions, prepare
 
 HEADER = "client_id\tpath\tsentence\tup_votes\tdown_votes\tage\tgender\taccents\tlocale\tsegment"
+MATRIX_TEXT = "we like warm bread"
+LONG_NAME = "x" * 300 + ".mp3"  # longer than a file name may be: no such clip, not a crash
+
+# Other formats, rates and channel counts than Common Voice's mono 48 kHz MP3: all good rows.
+MATRIX = {
+    f"good_{fmt.lower()}_{rate}_{channels}ch.{fmt.lower()}": (fmt, rate, channels)
+    for index, (fmt, rate) in enumerate(
+        (fmt, rate) for fmt in ("WAV", "FLAC", "OGG", "MP3") for rate in (8000, 22050, 44100, 48000)
+    )
+    for channels in [1 + index % 2]
+}
+# name -> (sentence as in the TSV, text spoken); 48 kHz mono MP3s.
+SPECIAL = {
+    "good_mp3.mp3": ("the cat sat on the mat", "the cat sat on the mat"),
+    "good_quotes.mp3": ('he said "hello" to them', "he said hello to them"),
+    "good_control.mp3": ("the sun\u200b is\x07 hot\x1b", "the sun is hot"),
+    "good_cr.mp3": ("the dog\ris here", "the dog is here"),
+    "good_big_field.mp3": ("my hat is red", "my hat is red"),
+}
+GOOD_TRAIN = set(MATRIX) | set(SPECIAL)
+
+EXPECTED_REJECTIONS = {
+    "good_mp3.mp3": {"duplicate_row"},  # listed again, once as "./good_mp3.mp3"
+    "good_wav_8000_1ch.wav": {"duplicate_across_splits"},  # also in dev.tsv: leakage
+    "no_sentence.mp3": {"empty_sentence"},
+    "blank_sentence.mp3": {"empty_sentence"},
+    "punctuation.mp3": {"no_phones"},
+    "hebrew.mp3": {"unreadable_script"},
+    "tab.mp3": {"malformed_row"},
+    "few_fields.mp3": {"malformed_row"},
+    "train.tsv:46": {"invalid_text_encoding"},
+    "missing.mp3": {"missing_file"},
+    LONG_NAME: {"missing_file"},
+    "empty.mp3": {"unreadable_audio"},
+    "corrupt.mp3": {"unreadable_audio"},
+    "truncated.mp3": {"unreadable_audio"},
+    "half.mp3": {"truncated_audio"},
+    "zero_frames.wav": {"empty_audio"},
+    "nan.wav": {"non_finite_audio"},
+    "silent.mp3": {"silent_audio"},
+    "dc_offset.wav": {"silent_audio"},
+    "short.mp3": {"too_short_for_phones"},
+    "long.mp3": {"duration_out_of_range"},
+    "../../secret.mp3": {"path_escapes_clips_dir"},
+    "/etc/passwd": {"path_escapes_clips_dir"},
+    "link_out.mp3": {"path_escapes_clips_dir"},
+    "test_a.mp3": {"tsv_missing_columns"},
+}
 
 
-def _row(path, sentence, client="spk"):
-    return f"{client}\t{path}\t{sentence}\t2\t0\t\t\t\ten\t"
+def _row(path, sentence, client="spk", accents=""):
+    return f"{client}\t{path}\t{sentence}\t2\t0\t\t\t{accents}\ten\t"
 
 
 @pytest.fixture(scope="module")
 def bad_corpus(tmp_path_factory):
-    """An `en` locale where each train row exercises one kind of bad input (and some good ones)."""
+    """An `en` locale where each train row exercises one kind of bad input (and many good ones)."""
     root = tmp_path_factory.mktemp("bad_cv")
     clips = root / "en" / "clips"
     clips.mkdir(parents=True)
     synth = Synthesizer()
     voice = synthesis_voice("en-us")
 
-    def speech(text, rate=48_000):
-        return soxr.resample(synth.speak(text, voice), synth.sample_rate, rate)
+    def speech(text, rate=48_000, spoken=None):
+        # espeak-ng's timing varies slightly from call to call: resample one rendering
+        spoken = synth.speak(text, voice) if spoken is None else spoken
+        return soxr.resample(spoken, synth.sample_rate, rate)
 
-    good = {
-        "good_mp3.mp3": ("the cat sat on the mat", "MP3", 48_000, 1),
-        "good_wav_8k.wav": ("a big red apple", "WAV", 8_000, 1),
-        "good_flac_44k.flac": ("good morning my friend", "FLAC", 44_100, 1),
-        "good_ogg_22k.ogg": ("we like warm bread", "OGG", 22_050, 1),
-        "good_stereo.wav": ("she reads a long book", "WAV", 16_000, 2),
-        "good_quotes.mp3": ('he said "hello" to them', "MP3", 48_000, 1),
-        "good_control.mp3": ("the sun\u200b is hot", "MP3", 48_000, 1),
-    }
     rows = []
-    for name, (text, fmt, rate, channels) in good.items():
-        samples = speech(text.replace('"', ""), rate)
-        if channels == 2:
-            samples = np.stack([samples, samples * 0.5], axis=1)
-        sf.write(clips / name, samples, rate, format=fmt)
-        rows.append(_row(name, text))
+    sources = {}  # good clip -> (seconds in the file, its speech at 16 kHz mono, stereo?)
+    matrix_speech = synth.speak(MATRIX_TEXT, voice)
+    for name, (fmt, rate, channels) in MATRIX.items():
+        samples = speech(MATRIX_TEXT, rate, matrix_speech)
+        sf.write(
+            clips / name,
+            np.stack([samples, samples * 0.5], axis=1) if channels == 2 else samples,
+            rate,
+            format=fmt,
+        )
+        reference = speech(MATRIX_TEXT, 16_000, matrix_speech)
+        sources[name] = (len(samples) / rate, reference, channels == 2)
+        rows.append(_row(name, MATRIX_TEXT))
+    for name, (sentence, text) in SPECIAL.items():
+        spoken = synth.speak(text, voice)
+        samples = speech(text, 48_000, spoken)
+        sf.write(clips / name, samples, 48_000, format="MP3")
+        sources[name] = (len(samples) / 48_000, speech(text, 16_000, spoken), False)
+        accents = "y" * 200_000 if name == "good_big_field.mp3" else ""  # over csv's field limit
+        rows.append(_row(name, sentence, accents=accents))
 
     sf.write(clips / "long.mp3", speech("the cat sat on the mat " * 12), 48_000, format="MP3")
     sf.write(clips / "silent.mp3", np.zeros(48_000, dtype=np.float32), 48_000, format="MP3")
+    sf.write(clips / "dc_offset.wav", np.full(16_000, 0.3, dtype=np.float32), 16_000)
+    sf.write(clips / "zero_frames.wav", np.zeros(0, dtype=np.float32), 16_000)
+    nan = speech("a small dog", 16_000).astype(np.float32)
+    nan[1000:1100] = np.nan
+    sf.write(clips / "nan.wav", nan, 16_000, subtype="FLOAT")
     sf.write(clips / "short.mp3", speech("the cat sat on the mat")[:36_000], 48_000, format="MP3")
     for name in ("hebrew.mp3", "no_sentence.mp3", "blank_sentence.mp3", "tab.mp3"):
+        shutil.copy(clips / "good_mp3.mp3", clips / name)
+    for name in ("punctuation.mp3", "few_fields.mp3"):
         shutil.copy(clips / "good_mp3.mp3", clips / name)
     (clips / "empty.mp3").write_bytes(b"")
     (clips / "corrupt.mp3").write_bytes(b"ID3\x03\x00\x00\x00\x00\x00\x00" + bytes(range(256)) * 4)
     full = (clips / "good_mp3.mp3").read_bytes()
     (clips / "truncated.mp3").write_bytes(full[: len(full) // 40])
+    # A download cut in half still decodes, to the first half of the sentence only.
+    sf.write(clips / "half_source.mp3", speech("the cat sat on the mat " * 3), 48_000, format="MP3")
+    whole = (clips / "half_source.mp3").read_bytes()
+    (clips / "half.mp3").write_bytes(whole[: len(whole) // 2])
+    (clips / "half_source.mp3").unlink()
     (root / "secret.mp3").write_bytes(full)
+    os.symlink(root / "secret.mp3", clips / "link_out.mp3")
     rows += [
-        _row("good_mp3.mp3", "the cat sat on the mat"),  # duplicate of a kept row
+        _row("good_mp3.mp3", "the cat sat on the mat"),
+        _row("./good_mp3.mp3", "the cat sat on the mat"),
         _row("missing.mp3", "this file does not exist"),
+        _row(LONG_NAME, "a name too long for any file system"),
         _row("empty.mp3", "an empty file"),
         _row("corrupt.mp3", "a corrupt file"),
         _row("truncated.mp3", "the cat sat on the mat and then it ran far away from home"),
+        _row("half.mp3", "the cat sat on the mat " * 3),
+        _row("zero_frames.wav", "no samples at all"),
+        _row("nan.wav", "a small dog"),
         _row("silent.mp3", "nothing but silence here"),
+        _row("dc_offset.wav", "only a constant offset"),
         _row("short.mp3", "this sentence has far too many phones for a clip of under one second"),
         _row("long.mp3", "the cat sat on the mat"),
         _row("../../secret.mp3", "trying to leave the clips folder"),
         _row("/etc/passwd", "an absolute path"),
+        _row("link_out.mp3", "a link that points out of the clips folder"),
         _row("no_sentence.mp3", ""),
         _row("blank_sentence.mp3", "  \u200b "),
+        _row("punctuation.mp3", "?!"),
         _row("hebrew.mp3", "שלום עולם"),
         "spk\ttab.mp3\twith a\ttab inside\t2\t0\t\t\t\ten\t",
+        "spk\tfew_fields.mp3",
     ]
-    (root / "en" / "train.tsv").write_text(HEADER + "\n" + "\n".join(rows) + "\n", encoding="utf-8")
-    # dev.tsv: extra columns are tolerated; test.tsv: the sentence column is missing.
+    lines = [HEADER.encode(), *(row.encode() for row in rows)]
+    lines.append(_row("good_mp3.mp3", "caf\xe9").encode("latin-1"))  # not UTF-8
+    assert len(lines) == 46
+    # Windows line ends, as a spreadsheet would save them.
+    (root / "en" / "train.tsv").write_bytes(b"\r\n".join(lines) + b"\r\n")
+
+    # dev.tsv: a byte-order mark and extra columns, both harmless; a clip of train listed again.
     sf.write(clips / "dev_ok.mp3", speech("a small green frog"), 48_000, format="MP3")
     (root / "en" / "dev.tsv").write_text(
-        HEADER + "\tvariant\textra\n" + _row("dev_ok.mp3", "a small green frog") + "\tx\ty\n",
+        "\ufeff"
+        + HEADER
+        + "\tvariant\textra\n"
+        + _row("dev_ok.mp3", "a small green frog", client="dev_speaker")
+        + "\tx\ty\n"
+        + _row("good_wav_8000_1ch.wav", MATRIX_TEXT)
+        + "\tx\ty\n",
         encoding="utf-8",
     )
+    # test.tsv: the sentence column is missing.
     sf.write(clips / "test_a.mp3", speech("one more clip"), 48_000, format="MP3")
     (root / "en" / "test.tsv").write_text("client_id\tpath\nspk\ttest_a.mp3\n", encoding="utf-8")
+    # de: an empty train.tsv, a dev.tsv with only its header, a test.tsv of blank lines.
+    (root / "de" / "clips").mkdir(parents=True)
+    (root / "de" / "train.tsv").write_bytes(b"")
+    (root / "de" / "dev.tsv").write_text(HEADER + "\n", encoding="utf-8")
+    (root / "de" / "test.tsv").write_text(HEADER + "\n\n\t\t\n", encoding="utf-8")
     (root / "fr").mkdir()  # a locale directory without TSVs
-    return root
+    return root, sources
 
 
 @pytest.fixture(scope="module")
 def bad_report(bad_corpus, tmp_path_factory):
     out = tmp_path_factory.mktemp("bad_prep")
     cache = tmp_path_factory.mktemp("cache")
-    return prepare(
+    report = prepare(
         PrepareOptions(
-            cv_root=bad_corpus, locales=["en"], out=out, cache_dir=cache, max_duration=8.0
+            cv_root=bad_corpus[0], locales=["en", "de"], out=out, cache_dir=cache, max_duration=8.0
         )
-    ), out
-
-
-EXPECTED_REJECTIONS = {
-    "good_mp3.mp3": {"duplicate_row"},
-    "no_sentence.mp3": {"empty_sentence"},
-    "blank_sentence.mp3": {"empty_sentence"},
-    "hebrew.mp3": {"unreadable_script"},
-    "tab.mp3": {"malformed_row"},
-    "missing.mp3": {"missing_file"},
-    "empty.mp3": {"unreadable_audio"},
-    "corrupt.mp3": {"unreadable_audio"},
-    "truncated.mp3": {"unreadable_audio"},
-    "silent.mp3": {"silent_audio"},
-    "short.mp3": {"too_short_for_phones"},
-    "long.mp3": {"duration_out_of_range"},
-    "../../secret.mp3": {"path_escapes_clips_dir"},
-    "/etc/passwd": {"path_escapes_clips_dir"},
-    "test_a.mp3": {"tsv_missing_columns"},
-}
+    )
+    return report, out
 
 
 def test_each_bad_row_is_rejected_with_its_reason(bad_report):
     report, _ = bad_report
     found = {}
     for item in report["rejected"]:
-        assert {"locale", "split", "path", "reason"} <= item.keys()
+        assert {"locale", "split", "path", "reason", "detail"} <= item.keys()
+        assert item["detail"]
         found.setdefault(item["path"], set()).add(item["reason"])
     assert found == EXPECTED_REJECTIONS
     reasons = report["totals"]["rejected_by_reason"]
-    assert reasons["path_escapes_clips_dir"] == 2 and reasons["unreadable_audio"] == 3
-    assert reasons["too_short_for_phones"] == 1
+    assert reasons["path_escapes_clips_dir"] == 3 and reasons["unreadable_audio"] == 3
+    assert reasons["duplicate_row"] == 2 and reasons["silent_audio"] == 2
+    assert reasons["malformed_row"] == 2 and reasons["missing_file"] == 2
+    assert sum(reasons.values()) == len(report["rejected"]) == report["totals"]["rejected"]
+    dev = [r for r in report["rejected"] if r["split"] == "dev"]
+    assert [r["reason"] for r in dev] == ["duplicate_across_splits"]
+    assert "already listed in train.tsv" in dev[0]["detail"]
+    half = next(r for r in report["rejected"] if r["path"] == "half.mp3")
+    assert "its header announces" in half["detail"]
 
 
 def test_every_good_row_is_kept_and_counts_add_up(bad_report):
@@ -134,36 +219,81 @@ def test_every_good_row_is_kept_and_counts_add_up(bad_report):
     from datasets import load_from_disk
 
     dataset = load_from_disk(str(out))
-    kept = {row.split("/")[-1] for split in dataset for row in dataset[split]["path"]}
-    assert kept == {
-        "good_mp3.mp3",
-        "good_wav_8k.wav",
-        "good_flac_44k.flac",
-        "good_ogg_22k.ogg",
-        "good_stereo.wav",
-        "good_quotes.mp3",
-        "good_control.mp3",
-        "dev_ok.mp3",
+    kept = {split: {p.split("/")[-1] for p in dataset[split]["path"]} for split in dataset}
+    assert kept == {"train": GOOD_TRAIN, "dev": {"dev_ok.mp3"}}
+    assert len(GOOD_TRAIN) == 21
+    splits = {
+        split: (stats["read"], stats["kept"], stats["rejected"])
+        for split, stats in report["per_locale"]["en"]["splits"].items()
     }
+    assert splits == {"train": (45, 21, 24), "dev": (2, 1, 1), "test": (1, 0, 1)}
     totals = report["totals"]
-    assert totals["read"] == totals["kept"] + totals["rejected"] == 21 + 1 + 1
-    assert totals["kept"] == len(kept)
-    splits = report["per_locale"]["en"]["splits"]
-    assert splits["train"] == {**splits["train"], "read": 21, "kept": 7, "rejected": 14}
-    quotes = dataset["train"].filter(lambda r: r["path"].endswith("good_quotes.mp3"))[0]
-    assert quotes["sentence"] == 'he said "hello" to them'
-    control = dataset["train"].filter(lambda r: r["path"].endswith("good_control.mp3"))[0]
-    assert control["sentence"] == "the sun is hot"
-    durations = dict(zip(dataset["train"]["path"], dataset["train"]["duration"], strict=True))
-    stereo = dataset["train"].filter(lambda r: r["path"].endswith("good_stereo.wav"))[0]
-    assert abs(len(stereo["audio"]) / 16_000 - durations["en/clips/good_stereo.wav"]) < 1e-3
+    assert (totals["read"], totals["kept"], totals["rejected"]) == (48, 22, 26)
+    assert totals["read"] == totals["kept"] + totals["rejected"]
+    assert totals["kept"] == sum(len(dataset[split]) for split in dataset)
+    # Empty, header-only and blank-line TSVs are read as holding no rows, not as errors.
+    assert report["per_locale"]["de"]["splits"] == {} and report["per_locale"]["de"]["hours"] == 0
+
+
+def test_other_formats_rates_and_stereo_are_decoded_mixed_and_resampled(bad_report, bad_corpus):
+    _, out = bad_report
+    _, sources = bad_corpus
+    from datasets import load_from_disk
+
+    train = load_from_disk(str(out))["train"]
+    for row in train:
+        name = row["path"].split("/")[-1]
+        seconds, reference, stereo = sources[name]
+        audio = np.asarray(row["audio"], dtype=np.float32) / 32768
+        # resampled to 16 kHz: the clip lasts as long as its file, whatever the file's rate
+        assert abs(len(audio) / 16_000 - seconds) < 1e-3, name
+        assert abs(row["duration"] - seconds) < 1e-3, name
+        n = min(len(audio), len(reference))
+        assert np.corrcoef(audio[:n], reference[:n])[0, 1] > 0.99, name
+        # stereo (s, s/2) is mixed to its mean, 0.75 s: not one channel, not their sum
+        level = np.sqrt(np.mean(audio[:n] ** 2) / np.mean(reference[:n] ** 2))
+        assert abs(level - (0.75 if stereo else 1.0)) < 0.05, (name, level)
+
+
+def test_sentences_keep_quotes_and_lose_control_characters(bad_report):
+    _, out = bad_report
+    from datasets import load_from_disk
+
+    dataset = load_from_disk(str(out))
+    sentences = {
+        p.split("/")[-1]: s
+        for p, s in zip(dataset["train"]["path"], dataset["train"]["sentence"], strict=True)
+    }
+    assert sentences["good_quotes.mp3"] == 'he said "hello" to them'
+    assert sentences["good_control.mp3"] == "the sun is hot"
+    assert sentences["good_cr.mp3"] == "the dog is here"  # a lone \r does not end the row
+    assert sentences["good_big_field.mp3"] == "my hat is red"
+    # the byte-order mark did not become part of the first column's name
+    assert dataset["dev"]["client_id"] == ["dev_speaker"]
+
+
+def test_silent_clips_could_not_make_nan_in_training_either():
+    from train.batching import normalize_audio
+
+    for samples in (np.zeros(16_000, dtype=np.int16), np.full(16_000, 9830, dtype=np.int16)):
+        normalized = normalize_audio(samples)
+        assert np.isfinite(normalized).all() and np.abs(normalized).max() == 0
+
+
+def test_out_folder_holding_other_files_is_refused(bad_corpus, tmp_path):
+    out = tmp_path / "mine"
+    (out / "train").mkdir(parents=True)
+    (out / "train" / "notes.txt").write_text("precious")
+    with pytest.raises(PhonetuneError, match="is not empty and holds no prepared dataset"):
+        prepare(PrepareOptions(cv_root=bad_corpus[0], locales=["en"], out=out, cache_dir=tmp_path))
+    assert (out / "train" / "notes.txt").read_text() == "precious"
 
 
 def test_locale_directory_without_tsvs_is_a_clear_error(bad_corpus, tmp_path):
     with pytest.raises(PhonetuneError, match=r"fr has none of train.tsv, dev.tsv, test.tsv"):
         prepare(
             PrepareOptions(
-                cv_root=bad_corpus, locales=["en", "fr"], out=tmp_path / "p", cache_dir=tmp_path
+                cv_root=bad_corpus[0], locales=["en", "fr"], out=tmp_path / "p", cache_dir=tmp_path
             )
         )
 
@@ -215,7 +345,7 @@ def test_released_vocab_rejects_or_maps_outside_phones(bad_corpus, tmp_path):
     vocab_file = tmp_path / "vocab.json"
     vocab_file.write_text(json.dumps({"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3, "ð": 4, "ə": 5}))
     corpus = tmp_path / "cv"
-    shutil.copytree(bad_corpus / "en", corpus / "en")
+    shutil.copytree(bad_corpus[0] / "en", corpus / "en", symlinks=True)
     (corpus / "en" / "train.tsv").write_text(
         HEADER + "\n" + _row("good_mp3.mp3", "the cat sat on the mat") + "\n", encoding="utf-8"
     )

@@ -408,3 +408,55 @@ def test_wandb_is_offline_without_a_key_and_never_fatal(prepared_dir, tmp_path, 
     with pytest.warns(UserWarning, match="wandb disabled: no network"):
         result = train(config(prepared_dir, tmp_path / "run2", *common))
     assert result["step"] == 2
+
+
+def test_clips_shorter_than_a_time_mask_are_skipped_and_counted(prepared_dir):
+    from train.loop import CTCModel, build_model, drop_unalignable, load_data
+
+    cfg = config(prepared_dir, "/unused", *MICRO, "model.mask_time_prob=0.1")
+    cfg.model.mask_time_length = 150  # 3 s of 20 ms frames: some synthetic clips are shorter
+    data = load_data(cfg)
+    model, _ = build_model(cfg.model, data.vocab)
+    module = CTCModel(model)
+    before = len(data.train_rows)
+    frames = module.output_lengths(torch.from_numpy(data.train.num_samples()[data.train_rows]))
+    short = int((frames < 150).sum())
+    assert 0 < short < before
+    drop_unalignable(data, module, cfg)
+    assert data.skipped["shorter_than_mask_time_length"] == short
+    assert (
+        len(data.train_rows)
+        == before - short - data.skipped["fewer_frames_than_phones_or_no_phones"]
+    )
+
+
+def test_run_dir_of_other_files_is_refused_and_setup_failures_release_the_lock(
+    prepared_dir, tmp_path
+):
+    from train import guard
+
+    foreign = tmp_path / "papers"
+    foreign.mkdir()
+    (foreign / "thesis.tex").write_text("years of work")
+    with pytest.raises(PhonetuneError, match="not a phonetune run .thesis.tex"):
+        train(config(prepared_dir, foreign, *MICRO))
+    assert sorted(p.name for p in foreign.iterdir()) == ["thesis.tex"]
+
+    run = tmp_path / "run"
+    unknown_locale = config(prepared_dir, run, *MICRO, "data.locales=[xx]")
+    with pytest.raises(PhonetuneError, match="data.locales"):  # found after taking the lock
+        train(unknown_locale)
+    assert run.resolve() not in guard._held  # released: another process may use the directory
+
+
+def test_a_full_disk_while_logging_is_a_clear_error(prepared_dir, tmp_path, monkeypatch):
+    import errno
+
+    import train.loop as loop
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(loop, "_finite", full)  # the first metrics line fails to serialise+write
+    with pytest.raises(PhonetuneError, match="cannot write .*metrics.jsonl: No space left"):
+        train(config(prepared_dir, tmp_path / "run", *MICRO, "train.max_steps=2"))

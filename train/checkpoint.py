@@ -14,12 +14,22 @@ A checkpoint is written into `step_<n>.tmp/`, every file is fsynced, and the dir
 `step_<n>/` only then: a directory named `step_<n>` that holds `state.json` is complete; anything else
 (`.tmp` directories, a directory without state.json) is ignored. `.pt` files hold tensors and plain
 containers only and are always read with `torch.load(..., weights_only=True)`.
+
+Killed at any moment (kill -9, power loss after the fsyncs), a run leaves complete checkpoints and
+at most some `*.tmp` leftovers, which `clean_interrupted_saves` removes at the next start: a
+half-written `step_<n>.tmp`, a checkpoint being pruned (`step_<n>.deleting.tmp`, renamed before it
+is deleted), and a checkpoint being replaced by a new save of the same step
+(`step_<n>.replaced.tmp`, put back if the new one had not taken its name yet). best.json is derived
+from the checkpoints on disk at every save, so one written late is never wrong for long, and one
+pointing at a missing checkpoint is ignored.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import pickle  # only for its error type: .pt files are read weights_only
 import random
 import re
 import shutil
@@ -39,6 +49,7 @@ MODEL_DIR = "model"
 VOCAB_FILE = "vocab.json"
 CONFIG_FILE = "config.yaml"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
+_REPLACED = ".replaced.tmp"  # suffix of a checkpoint being replaced by a new save of its step
 
 
 def checkpoints_dir(run_dir: str | Path) -> Path:
@@ -115,7 +126,19 @@ def load_tensors(checkpoint: str | Path, name: str) -> Any:
     path = Path(checkpoint) / name
     if not path.is_file():
         return None
-    return torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError) as error:
+        # Not what phonetune wrote: a pickle of other objects (refused, never run), or a damaged file.
+        kind = (
+            "objects other than tensors"
+            if isinstance(error, pickle.UnpicklingError)
+            else "a damaged file"
+        )
+        raise PhonetuneError(
+            f"{path} holds {kind}, not the tensors phonetune saves there, so it was not loaded. "
+            "Resume from another checkpoint (resume=PATH) or start a new run."
+        ) from None
 
 
 # --- RNG state ----------------------------------------------------------------------------------
@@ -164,7 +187,10 @@ def begin_checkpoint(run_dir: str | Path, step: int) -> Path:
     tmp = checkpoints_dir(run_dir) / (step_dir_name(step) + ".tmp")
     if tmp.exists():
         shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
+    if not tmp.parent.is_dir():
+        tmp.parent.mkdir(parents=True)
+        _fsync_dir(tmp.parent.parent)  # the new checkpoints/ entry survives a power loss
+    tmp.mkdir()
     return tmp
 
 
@@ -233,12 +259,14 @@ def commit_checkpoint(tmp: Path) -> Path:
     """fsync the temporary directory and rename it to its final name (atomic on POSIX)."""
     final = tmp.with_name(tmp.name.removesuffix(".tmp"))
     _fsync_tree(tmp)
-    if final.exists():  # the same step written again (e.g. resumed then stopped at that step)
-        old = final.with_name(final.name + ".replaced.tmp")
+    if final.exists():  # the same step written again (resume=PATH from an older checkpoint)
+        # Two renames: killed between them, clean_interrupted_saves gives the old one its name back.
+        old = final.with_name(final.name + _REPLACED)
         if old.exists():
             shutil.rmtree(old)
         os.replace(final, old)
         os.replace(tmp, final)
+        _fsync_dir(final.parent)
         shutil.rmtree(old)
     else:
         os.replace(tmp, final)
@@ -246,16 +274,74 @@ def commit_checkpoint(tmp: Path) -> Path:
     return final
 
 
-def remove_stale_tmp(run_dir: str | Path) -> list[Path]:
-    """Delete `.tmp` directories left by an interrupted save; returns what was removed."""
+def clean_interrupted_saves(run_dir: str | Path) -> list[str]:
+    """Undo what a killed save left behind; returns one line per thing done (for the log).
+
+    Run at start-up by the main process, holding the run's lock, before anyone looks for the
+    checkpoint to resume from. A `step_<n>.replaced.tmp` whose `step_<n>` is missing is the complete
+    old checkpoint of a replacement killed between its two renames: it gets its name back. Every other
+    `*.tmp` is a write or a deletion that did not finish, and is removed.
+    """
     root = checkpoints_dir(run_dir)
-    removed = []
-    if root.is_dir():
-        for path in root.iterdir():
-            if path.is_dir() and path.name.endswith(".tmp"):
-                shutil.rmtree(path)
-                removed.append(path)
-    return removed
+    done: list[str] = []
+    if not root.is_dir():
+        return done
+    for path in sorted(root.glob("*" + _REPLACED)):
+        final = path.with_name(path.name.removesuffix(_REPLACED))
+        complete = _STEP_DIR.match(final.name) and (path / STATE_FILE).is_file()
+        if complete and not final.exists():
+            os.replace(path, final)
+            done.append(f"restored {final.name} (its replacement by a new save was interrupted)")
+    for path in sorted(root.glob("*.tmp")):
+        if path.is_dir():
+            shutil.rmtree(path)
+            done.append(f"removed {path.name} (an interrupted checkpoint write or deletion)")
+        else:  # best.json.tmp: best.json itself is whole (replaced by rename)
+            path.unlink()
+    if done:
+        _fsync_dir(root)
+    return done
+
+
+def discard_checkpoint_write(run_dir: str | Path, step: int) -> None:
+    """Remove the `.tmp` of a save that failed (best effort: it is ignored anyway), freeing its space."""
+    tmp = checkpoints_dir(run_dir) / (step_dir_name(step) + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+def explain_save_failure(run_dir: str | Path, step: int, error: OSError) -> str:
+    """A user-facing paragraph: what failed, that older checkpoints are intact, what to do."""
+    where = f" ({error.filename})" if error.filename else ""
+    latest = find_latest_checkpoint(run_dir)
+    if error.errno in (errno.ENOSPC, errno.EDQUOT):
+        size = f" (the newest takes {_size_of(latest) / 1e9:.2f} GB)" if latest else ""
+        advice = (
+            f"Free space on that disk{size}, or keep fewer checkpoints (train.keep_last), "
+            "then continue with resume=auto."
+        )
+    elif error.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        advice = (
+            f"Make {checkpoints_dir(run_dir)} writable for the user running the training, "
+            "then continue with resume=auto."
+        )
+    else:
+        advice = "Fix the cause, then continue with resume=auto."
+    name = step_dir_name(step)
+    if latest is not None and latest.name == name:  # committed; best.json or pruning failed after
+        outcome = f"{name} itself was saved completely, but updating {BEST_FILE} or pruning failed"
+    else:
+        outcome = (
+            f"nothing of {name} counts as a checkpoint and the earlier ones are intact "
+            f"(newest complete: {latest or 'none'})"
+        )
+    return (
+        f"could not save checkpoint {name} in {checkpoints_dir(run_dir)}: "
+        f"{error.strerror or error}{where}; {outcome}. {advice}"
+    )
+
+
+def _size_of(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
 # --- best and keep-last ---------------------------------------------------------------------------
@@ -280,6 +366,7 @@ def update_best(run_dir: str | Path) -> dict[str, Any] | None:
     with open(tmp, "rb") as handle:
         os.fsync(handle.fileno())
     os.replace(tmp, best_file)
+    _fsync_dir(best_file.parent)
     return best
 
 

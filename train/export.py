@@ -205,12 +205,19 @@ def read_vocab(path: Path) -> dict[str, int]:
     return vocab
 
 
-def load_ctc_model(model_dir: Path) -> Wav2Vec2ForCTC:
-    """Load a Wav2Vec2ForCTC in float32, eval mode, failing on any weight that was not in the files."""
-    from transformers import Wav2Vec2ForCTC
+def load_ctc_model(model_dir: Path, *, safetensors_only: bool = False) -> Wav2Vec2ForCTC:
+    """Load a Wav2Vec2ForCTC in float32, eval mode, failing on any weight that was not in the files.
 
-    model, info = Wav2Vec2ForCTC.from_pretrained(
-        str(model_dir), dtype=torch.float32, output_loading_info=True
+    `safetensors_only` for folders phonetune wrote (checkpoints): any other weights file there
+    is foreign and never read. Elsewhere a pytorch_model.bin is read with weights_only=True.
+    """
+    from train.model import load_pretrained
+
+    model, info = load_pretrained(
+        str(model_dir),
+        dtype=torch.float32,
+        output_loading_info=True,
+        use_safetensors=True if safetensors_only else None,
     )
     missing = list(info.get("missing_keys", []))
     if missing:
@@ -832,7 +839,7 @@ def export_model(
     say(f"exporting {checkpoint.path} (step {checkpoint.step}) -> {out}")
 
     vocab = read_vocab(checkpoint.vocab_path)
-    model = load_ctc_model(checkpoint.model_dir)
+    model = load_ctc_model(checkpoint.model_dir, safetensors_only=True)
     if model.config.vocab_size != len(vocab) or model.config.pad_token_id != 0:
         raise PhonetuneError(
             f"{checkpoint.path}: the model has vocab_size {model.config.vocab_size} and pad_token_id "

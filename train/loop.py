@@ -24,7 +24,7 @@ import secrets
 import sys
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -285,12 +285,15 @@ def load_data(config: Config) -> Data:
     return Data(vocab, train_split, rows, eval_split, eval_rows, read_versions(prepared), skipped)
 
 
-def drop_unalignable(data: Data, module: CTCModel) -> None:
-    """Skip training clips with fewer CTC frames than phones (+1 per repeated phone).
+def drop_unalignable(data: Data, module: CTCModel, config: Config) -> None:
+    """Skip training clips with fewer CTC frames than phones (+1 per repeated phone), and clips
+    shorter than one SpecAugment time mask.
 
-    Their CTC loss is infinite: with ctc_zero_infinity it is zeroed (a wasted clip), without it the
-    whole step is lost. `phonetune prepare` already rejects them for the standard feature encoder;
-    this catches models with another stride.
+    The CTC loss of the first is infinite: with ctc_zero_infinity it is zeroed (a wasted clip),
+    without it the whole step is lost. `phonetune prepare` already rejects them for the standard
+    feature encoder; this catches models with another stride. transformers refuses to mask a batch
+    whose longest clip has fewer frames than `mask_time_length`, which a batch of only very short
+    clips (a small `prepare --min-duration`) would otherwise hit in the middle of a run.
     """
     samples = torch.from_numpy(data.train.num_samples()[data.train_rows])
     frames = module.output_lengths(samples).numpy()
@@ -299,6 +302,10 @@ def drop_unalignable(data: Data, module: CTCModel) -> None:
     )
     ok = (frames >= needed) & (needed > 0)
     data.skipped["fewer_frames_than_phones_or_no_phones"] = int((~ok).sum())
+    if config.model.mask_time_prob > 0:
+        maskable = frames >= config.model.mask_time_length
+        data.skipped["shorter_than_mask_time_length"] = int((ok & ~maskable).sum())
+        ok &= maskable
     data.train_rows = data.train_rows[ok]
 
 
@@ -369,6 +376,18 @@ def check_resume_compatible(
 
 
 # --- metrics --------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def explain_write_failure(path: Path) -> Iterator[None]:
+    """A full disk or a permission error on a run file: a clear error, not a traceback."""
+    try:
+        yield
+    except OSError as error:
+        raise PhonetuneError(
+            f"cannot write {path}: {error.strerror or error}. Free disk space or fix the "
+            "permissions, then continue with resume=auto (checkpoints already written are intact)."
+        ) from error
+
+
 class MetricsLogger:
     """metrics.jsonl always (main process); wandb and TensorBoard when asked, never fatal."""
 
@@ -389,7 +408,10 @@ class MetricsLogger:
                 for line in self.path.read_text(encoding="utf-8").splitlines()
                 if _step_of(line) <= keep_through
             ]
-            self.path.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+            # Replaced atomically: a kill during the rewrite must not lose the history.
+            partial = self.path.with_name(self.path.name + ".tmp")
+            partial.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+            os.replace(partial, self.path)
         self.file = open(self.path, "a", encoding="utf-8")  # closed in close()
         if "wandb" in config.log.report_to:
             self.wandb = _start_wandb(config, run_dir)
@@ -404,8 +426,9 @@ class MetricsLogger:
     def log(self, record: dict[str, Any]) -> None:
         if not self.enabled:
             return
-        self.file.write(json.dumps(_finite(record), ensure_ascii=False, allow_nan=False) + "\n")
-        self.file.flush()
+        with explain_write_failure(self.path):
+            self.file.write(json.dumps(_finite(record), ensure_ascii=False, allow_nan=False) + "\n")
+            self.file.flush()
         scalars = _flatten_scalars(record)
         step = record["step"]
         if self.wandb is not None:
@@ -906,15 +929,56 @@ def continue_sampler(
 
 
 # --- the run ----------------------------------------------------------------------------------------
+# What a run directory may hold; anything else means run.output_dir points at someone's files.
+RUN_DIR_ENTRIES = {
+    "config.yaml",
+    METRICS_FILE,
+    ckpt.CHECKPOINTS_DIR,
+    METRICS_FILE + ".tmp",
+    ckpt.BEST_FILE,
+    guard.LOCK_FILE,
+    "wandb",
+    "wandb_run_id",
+    "tensorboard",
+}
+
+
+def check_run_dir(run_dir: Path) -> None:
+    """Refuse a run.output_dir that is a file, or a folder holding files of something else."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise PhonetuneError(f"run.output_dir={run_dir} is a file; give a directory")
+    if run_dir.is_dir():
+        foreign = sorted(
+            entry.name
+            for entry in run_dir.iterdir()
+            if entry.name not in RUN_DIR_ENTRIES and not entry.name.startswith(".")
+        )
+        if foreign:
+            raise PhonetuneError(
+                f"run.output_dir={run_dir} holds files that are not a phonetune run "
+                f"({', '.join(foreign[:5])}{', ...' if len(foreign) > 5 else ''}); training would "
+                "write its config, metrics and checkpoints among them. Choose a new or empty directory."
+            )
+
+
 def train(config: Config) -> dict[str, Any]:
     """Train as `config` says; returns a summary (final step, last evaluation, checkpoint paths)."""
     accelerator = make_accelerator(config)
-    main_process = accelerator.is_main_process
-    say = accelerator.print
     run_dir = Path(config.run.output_dir).resolve()
+    check_run_dir(run_dir)
     # One run per directory (a second would delete this one's checkpoint writes); released at the
     # end, or by the kernel if the process dies.
     guard.lock_run_dir(run_dir, accelerator)
+    try:
+        return train_locked(config, accelerator, run_dir)
+    finally:
+        guard.unlock_run_dir(run_dir)
+
+
+def train_locked(config: Config, accelerator: Accelerator, run_dir: Path) -> dict[str, Any]:
+    """The run itself, once this process holds the run directory."""
+    main_process = accelerator.is_main_process
+    say = accelerator.print
     if main_process:
         for line in ckpt.clean_interrupted_saves(run_dir):
             say(f"{run_dir}: {line}")
@@ -932,7 +996,7 @@ def train(config: Config) -> dict[str, Any]:
     else:
         model, origin = build_model(config.model, data.vocab)
     module = CTCModel(model)
-    drop_unalignable(data, module)
+    drop_unalignable(data, module, config)
     trainable, total = count_parameters(module)
     optimizer = make_optimizer(module, config)
     t = config.train
@@ -969,7 +1033,8 @@ def train(config: Config) -> dict[str, Any]:
         )
 
     if main_process:
-        write_config(config, run_dir / "config.yaml")
+        with explain_write_failure(run_dir / "config.yaml"):
+            write_config(config, run_dir / "config.yaml")
     accelerator.wait_for_everyone()
     logger = MetricsLogger(
         run_dir,
@@ -1110,7 +1175,6 @@ def train(config: Config) -> dict[str, Any]:
         if progress is not None:
             progress.close()
         logger.close()
-        guard.unlock_run_dir(run_dir)
 
     best = ckpt.find_best_checkpoint(run_dir)
     say(

@@ -199,14 +199,14 @@ def build_model(model_cfg: ModelConfig, vocab: Mapping[str, int]) -> tuple[nn.Mo
                     f"{source}: its blank (pad_token_id={source_config.pad_token_id}) is not {BLANK_TOKEN} "
                     f"(id {old_vocab.get(BLANK_TOKEN)}) of its vocab.json"
                 )
-            model = Wav2Vec2ForCTC.from_pretrained(source, **common)
+            model = load_pretrained(source, **common)
             kept = transfer_head(model, old_vocab, vocab)
             origin = (
                 f"fine-tuned CTC model {source}; kept the output rows of {kept} of "
                 f"{vocab_size} tokens shared with its vocabulary"
             )
         else:
-            model = Wav2Vec2ForCTC.from_pretrained(
+            model = load_pretrained(
                 source,
                 vocab_size=vocab_size,
                 pad_token_id=BLANK_ID,
@@ -219,6 +219,33 @@ def build_model(model_cfg: ModelConfig, vocab: Mapping[str, int]) -> tuple[nn.Mo
     check_model_vocab(model, vocab, where=str(model_cfg.name_or_path or "model.config"))
     prepare_for_training(model, model_cfg)
     return model, origin
+
+
+def load_pretrained(source: str | Path, **kwargs: Any) -> Any:
+    """Wav2Vec2ForCTC.from_pretrained (its return value), weights that cannot be read a PhonetuneError.
+
+    model.safetensors is preferred; a pytorch_model.bin is read with `weights_only=True`, so a
+    pickle that would run code is refused, never executed.
+    """
+    import pickle
+
+    from safetensors import SafetensorError
+    from transformers import Wav2Vec2ForCTC
+
+    try:
+        return Wav2Vec2ForCTC.from_pretrained(source, weights_only=True, **kwargs)
+    except pickle.UnpicklingError:
+        # torch's own message suggests weights_only=False: exactly what must not be done here.
+        problem = (
+            "its pytorch_model.bin holds objects other than tensors "
+            "(refused: loading them could run code)"
+        )
+    except (OSError, ValueError, SafetensorError) as error:
+        problem = (str(error).strip().splitlines() or [repr(error)])[0].rstrip(".")
+    raise PhonetuneError(
+        f"cannot load the model weights of {source}: {problem}. A model folder needs config.json "
+        "and model.safetensors (or a pytorch_model.bin holding tensors only)."
+    )
 
 
 def init_filterbank_encoder(model: nn.Module, sample_rate: int = 16_000) -> None:
@@ -257,8 +284,6 @@ def load_checkpoint_model(
     dropout, attention kernel) are applied, as when resuming; without, the saved config is used as is
     (export, evaluation). The model is returned in eval mode when `model_cfg` is None.
     """
-    from transformers import Wav2Vec2ForCTC
-
     from train.checkpoint import MODEL_DIR, read_checkpoint_vocab
 
     checkpoint = Path(checkpoint)
@@ -268,7 +293,8 @@ def load_checkpoint_model(
         kwargs.update(
             training_settings(model_cfg), attn_implementation=model_cfg.attn_implementation
         )
-    model = Wav2Vec2ForCTC.from_pretrained(checkpoint / MODEL_DIR, **kwargs)
+    # phonetune writes checkpoints as safetensors only: any other weights file there is foreign.
+    model = load_pretrained(checkpoint / MODEL_DIR, use_safetensors=True, **kwargs)
     check_model_vocab(model, vocab, where=str(checkpoint))
     if model_cfg is None:
         model.eval()
