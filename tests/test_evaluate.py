@@ -209,3 +209,107 @@ def test_cli_writes_results_next_to_the_checkpoint_for_the_model_card(
         / "README.md"
     ).read_text()
     assert "| en | 0.250 | 100.00 % | 75.00 % |" in card  # "ɡ ʊ d" -> "aɪ": 1 sub + 2 del
+
+
+# --- zero-shot: mapping the model's phones onto a target inventory ----------------------------
+@pytest.fixture(scope="module")
+def spanish(tmp_path_factory):
+    """A locale whose train transcripts give the inventory {a, s, t} and whose test clips say
+    "a" and "s a": the constant "aɪ" model's scores with and without mapping follow by hand."""
+    rows = [
+        {"audio": speech("casa", "es"), "phones": "a s a", "locale": "es", "split": "train"},
+        {"audio": speech("sata", "es"), "phones": "s a t a", "locale": "es", "split": "train"},
+        {"audio": speech("ah", "es"), "phones": "a", "locale": "es", "split": "test"},
+        {"audio": speech("sa", "es"), "phones": "s a", "locale": "es", "split": "test"},
+    ]
+    return write_prepared(tmp_path_factory.mktemp("spanish") / "prep", rows)
+
+
+def test_zero_shot_known_predictions(constant_run, spanish, tmp_path):
+    out = tmp_path / "zero_shot.json"
+    results = evaluate_model(constant_run, spanish, zero_shot=True, out=out, verbose=False)
+    assert json.loads(out.read_text())["zero_shot"] == json.loads(
+        json.dumps(results["zero_shot"], ensure_ascii=False)
+    )
+    assert set(results["overall"]) == FIELDS  # the existing fields are unchanged
+    es = results["zero_shot"]["per_locale"]["es"]
+    assert es["inventory"]["phones"] == ["a", "s", "t"]
+    assert "train transcripts" in es["inventory"]["source"]
+    assert es["mapping"]["aɪ"] == "a"  # the diphthong's nucleus
+    assert not {"a", "s", "t"} & set(es["mapping"])  # inventory phones map to themselves
+    assert es["model_phones"] == len(VOCAB) - 4 and es["model_phones_in_inventory"] == 3
+    assert es["inventory_phones_not_in_model"] == [] and es["unmappable"] == []
+    assert (es["predicted_phones"], es["predicted_outside_inventory"]) == (2, 2)  # "aɪ" twice
+    # Without mapping "aɪ" never matches: "a" -> "aɪ" 1 sub; "s a" -> "aɪ" 1 sub + 1 del.
+    before = es["without_mapping"]
+    assert (before["substitutions"], before["deletions"], before["per"]) == (2, 1, 1.0)
+    assert before == {
+        **results["per_locale"]["es"],
+        "pfer": before["pfer"],
+        "feature_errors": before["feature_errors"],
+    }
+    # PFER: a vs aɪ costs 1/9 (tests/test_articulatory.py), a deletion 1: (1/9 + 1 + 1/9) / 3.
+    assert before["pfer"] == pytest.approx((1 / 9 + 1 + 1 / 9) / 3)
+    # With mapping aɪ -> a: "a" is right, "s a" -> "a" is one deletion.
+    after = es["with_mapping"]
+    assert (after["substitutions"], after["deletions"], after["insertions"]) == (0, 1, 0)
+    assert after["per"] == pytest.approx(1 / 3) and after["pfer"] == pytest.approx(1 / 3)
+    assert results["zero_shot"]["overall"]["with_mapping"]["per"] == pytest.approx(1 / 3)
+    assert results["zero_shot"]["examples"]["es"][1] == {
+        "reference": "s a",
+        "prediction": "aɪ",
+        "mapped": "a",
+    }
+
+
+def test_zero_shot_inventory_options(constant_run, prepared, spanish, tmp_path, capsys):
+    # A phone list for one locale: fr's references "ʁ ɛ" and "aɪ" with the inventory {aɪ, ʁ, ɛ}.
+    inventory = tmp_path / "fr.txt"
+    inventory.write_text("ʁ ɛ aɪ\n", encoding="utf-8")
+    fr = evaluate_model(
+        constant_run, prepared, locales=["fr"], zero_shot=True, inventory=inventory, verbose=False
+    )["zero_shot"]["per_locale"]["fr"]
+    assert fr["inventory"]["source"] == f"file {inventory}"
+    assert fr["without_mapping"]["per"] == fr["with_mapping"]["per"] == pytest.approx(2 / 3)
+    # Text phonemized with espeak-ng: Spanish "casa" gives k a s a.
+    text = tmp_path / "es.txt"
+    text.write_text("casa\n", encoding="utf-8")
+    es = evaluate_model(constant_run, spanish, zero_shot=True, inventory_text=text, verbose=False)[
+        "zero_shot"
+    ]["per_locale"]["es"]
+    assert es["inventory"]["phones"] == ["a", "k", "s"]
+    assert es["inventory"]["source"].startswith(f"1 sentences of {text} phonemized")
+
+    # Mistakes are one-paragraph errors, before any decoding.
+    with pytest.raises(PhonetuneError, match="describes one language, but 2 locales"):
+        evaluate_model(constant_run, prepared, zero_shot=True, inventory=inventory, verbose=False)
+    with pytest.raises(PhonetuneError, match="add --zero-shot"):
+        evaluate_model(constant_run, prepared, inventory=inventory, verbose=False)
+    with pytest.raises(PhonetuneError, match="no train transcripts of en"):
+        evaluate_model(constant_run, prepared, zero_shot=True, verbose=False)
+    assert main(["evaluate", str(constant_run), "--data", str(prepared), "--zero-shot"]) == 2
+    assert "--inventory FILE" in capsys.readouterr().err
+
+
+def test_cli_zero_shot_prints_both_rates(constant_run, spanish, tmp_path, capsys):
+    out = tmp_path / "metrics.json"
+    assert (
+        main(
+            [
+                "evaluate",
+                str(constant_run),
+                "--data",
+                str(spanish),
+                "--zero-shot",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
+    printed = capsys.readouterr().out
+    assert "zero-shot" in printed and "PFER" in printed
+    table = printed.split("zero-shot", 1)[1]
+    line = next(row for row in table.splitlines() if row.startswith("es "))
+    assert line.split()[3:5] == ["100.00", "33.33"]  # PER without mapping, with mapping
+    assert json.loads(out.read_text())["zero_shot"]["per_locale"]["es"]["mapping"]["aɪ"] == "a"

@@ -1,5 +1,9 @@
 """`phonetune evaluate`: phone error rate of a model on a prepared split, per locale and overall.
 
+With `--zero-shot`, also the paper's cross-lingual evaluation: the model's phones are mapped onto
+each evaluated locale's phone inventory by articulatory features (data.articulatory), and PER and
+the phone feature error rate (PFER) are reported with and without that mapping (docs/zero_shot.md).
+
 Also the inference core shared with `phonetune transcribe` and the export checks: loading a model
 from an export folder or a checkpoint, normalising audio exactly as training did, batching by
 seconds of audio, and greedy CTC decoding (train.per.greedy_decode, the one decoder training uses).
@@ -21,9 +25,11 @@ import torch
 from data.errors import PhonetuneError
 from train.batching import normalize_audio
 from train.export import find_checkpoint, load_ctc_model, read_vocab
-from train.per import greedy_decode, score_predictions
+from train.per import SPECIAL_TOKENS, greedy_decode, score_feature_errors, score_predictions
 
 if TYPE_CHECKING:
+    from collections import Counter
+
     import datasets
     from transformers import Wav2Vec2ForCTC
 
@@ -179,11 +185,17 @@ def evaluate_model(
     out: Path | None = None,
     batch_seconds: float = DEFAULT_BATCH_SECONDS,
     verbose: bool = True,
+    zero_shot: bool = False,
+    inventory: Path | None = None,
+    inventory_text: Path | None = None,
 ) -> dict:
     """PER of `model` on `split` of a prepared dataset; writes JSON to `out` when given.
 
     Returns `{"overall": {...}, "per_locale": {locale: {...}}, ...}` with per, substitutions,
     deletions, insertions, ref_phones and utterances, plus model, split, throughput and examples.
+    With `zero_shot`, adds `"zero_shot"` (see `zero_shot_results`): the target inventory of each
+    locale comes from `inventory` (a phone list), `inventory_text` (text phonemized with espeak-ng)
+    or, by default, the phones of the locale's train split transcripts.
     """
     loaded = model if isinstance(model, LoadedModel) else load_model(Path(model))
     rows = load_split(prepared_dir, split, locales)
@@ -191,6 +203,17 @@ def evaluate_model(
         raise PhonetuneError(
             f"the {split} split of {prepared_dir} holds no clips for these locales"
         )
+    if not zero_shot and (inventory is not None or inventory_text is not None):
+        raise PhonetuneError(
+            "--inventory and --inventory-text give the target inventory of a zero-shot "
+            "evaluation: add --zero-shot"
+        )
+    # Inventories first: a mistake in them is reported before minutes of decoding.
+    inventories = (
+        target_inventories(prepared_dir, sorted(set(rows["locale"])), inventory, inventory_text)
+        if zero_shot
+        else None
+    )
     references = rows["phones"]
     row_locales = rows["locale"]
     durations = rows["duration"]
@@ -222,6 +245,10 @@ def evaluate_model(
             "examples": collect_examples(predictions, references, row_locales),
         }
     )
+    if inventories is not None:
+        results["zero_shot"] = zero_shot_results(
+            predictions, references, row_locales, loaded, inventories
+        )
     if out is not None:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
         Path(out).write_text(
@@ -229,7 +256,177 @@ def evaluate_model(
         )
     if verbose:
         print_table(results)
+        if "zero_shot" in results:
+            print_zero_shot(results["zero_shot"])
     return results
+
+
+# --- zero-shot: the paper's articulatory phone mapping -----------------------------------------
+@dataclass
+class TargetInventory:
+    """The phones of one target language, and where they came from."""
+
+    phones: Counter[str]
+    source: str
+
+
+def target_inventories(
+    prepared_dir: Path,
+    locales: Sequence[str],
+    inventory: Path | None = None,
+    inventory_text: Path | None = None,
+) -> dict[str, TargetInventory]:
+    """The target phone inventory of each evaluated locale.
+
+    A file (`inventory`: phones; `inventory_text`: sentences, phonemized with espeak-ng) describes
+    one language, so it needs exactly one locale. By default each locale's inventory is the set of
+    phones in its train split transcripts: espeak-ng's phonemization of target-language text, the
+    knowledge the paper assumes; no audio of the locale is used.
+    """
+    from data.articulatory import inventory_from_text, read_inventory
+
+    if inventory is not None and inventory_text is not None:
+        raise PhonetuneError("give --inventory or --inventory-text, not both")
+    if inventory is not None or inventory_text is not None:
+        option = "--inventory" if inventory is not None else "--inventory-text"
+        if len(locales) != 1:
+            raise PhonetuneError(
+                f"{option} describes one language, but {len(locales)} locales are evaluated "
+                f"({', '.join(locales)}): choose the one it belongs to with --locales"
+            )
+        if inventory is not None:
+            return {locales[0]: TargetInventory(read_inventory(inventory), f"file {inventory}")}
+        text = inventory_from_text(inventory_text, locales[0])
+        skipped = "".join(f", {n} skipped: {reason}" for reason, n in text.skipped.items())
+        source = (
+            f"{text.sentences} sentences of {inventory_text} phonemized with espeak-ng{skipped}"
+        )
+        return {locales[0]: TargetInventory(text.phones, source)}
+    return {locale: train_split_inventory(prepared_dir, locale) for locale in locales}
+
+
+def train_split_inventory(prepared_dir: Path, locale: str) -> TargetInventory:
+    import datasets
+
+    from data.articulatory import inventory_from_transcripts
+
+    dataset = datasets.load_from_disk(str(prepared_dir))
+    phones = None
+    if "train" in dataset:
+        rows = dataset["train"].select_columns(["locale", "phones"])
+        phones = rows.filter(lambda loc: loc == locale, input_columns="locale")["phones"]
+    if not phones:
+        raise PhonetuneError(
+            f"--zero-shot: {prepared_dir} has no train transcripts of {locale} to take its phone "
+            "inventory from: give the inventory with --inventory FILE (phones) or "
+            "--inventory-text FILE (sentences in the language, phonemized with espeak-ng)"
+        )
+    return TargetInventory(
+        inventory_from_transcripts(phones),
+        f"phones of the {len(phones)} {locale} train transcripts of {prepared_dir}",
+    )
+
+
+def zero_shot_results(
+    predictions: Sequence[str],
+    references: Sequence[str],
+    locales: Sequence[str],
+    loaded: LoadedModel,
+    inventories: dict[str, TargetInventory],
+) -> dict:
+    """PER and PFER with and without mapping the model's phones onto each locale's inventory.
+
+    "Without mapping" scores the model's output as it is: a phone outside the target inventory can
+    never match a reference phone, so each one is an error. "With mapping" first replaces every
+    phone by its nearest inventory phone (data.articulatory.map_phones). Returns
+    `{"overall": {"without_mapping", "with_mapping"}, "per_locale": {locale: {...}}, "examples"}`.
+    """
+    from data.articulatory import feature_substitution_cost, map_phones
+
+    model_phones = [t for t in loaded.id_to_token.values() if t not in SPECIAL_TOKENS]
+    mappings = {loc: map_phones(model_phones, inv.phones) for loc, inv in inventories.items()}
+    mapped = [
+        mappings[loc].apply(prediction)
+        for prediction, loc in zip(predictions, locales, strict=True)
+    ]
+    scores = {}
+    for name, hypotheses in (("without_mapping", predictions), ("with_mapping", mapped)):
+        per = score_predictions(hypotheses, references, locales)
+        pfer = score_feature_errors(hypotheses, references, locales, feature_substitution_cost)
+        scores[name] = {
+            "overall": {**per["overall"], **pfer["overall"]},
+            "per_locale": {
+                loc: {**per["per_locale"][loc], **pfer["per_locale"][loc]}
+                for loc in per["per_locale"]
+            },
+        }
+    # Per locale: phones the model output, and how many of them lie outside the inventory.
+    predicted = {loc: [0, 0] for loc in inventories}
+    for prediction, loc in zip(predictions, locales, strict=True):
+        phones = prediction.split()
+        predicted[loc][0] += len(phones)
+        predicted[loc][1] += sum(p not in inventories[loc].phones for p in phones)
+    per_locale = {}
+    for loc, inventory in inventories.items():
+        mapping = mappings[loc]
+        per_locale[loc] = {
+            "without_mapping": scores["without_mapping"]["per_locale"][loc],
+            "with_mapping": scores["with_mapping"]["per_locale"][loc],
+            "inventory": {"source": inventory.source, "phones": sorted(inventory.phones)},
+            "model_phones": len(model_phones),
+            "model_phones_in_inventory": sum(p in inventory.phones for p in model_phones),
+            "inventory_phones_not_in_model": sorted(set(inventory.phones) - set(model_phones)),
+            "mapping": dict(sorted(mapping.changed().items())),
+            "mapping_distances": {p: round(mapping.distances[p], 4) for p in mapping.changed()},
+            "unmappable": mapping.unmappable,
+            "predicted_phones": predicted[loc][0],
+            "predicted_outside_inventory": predicted[loc][1],
+        }
+    examples: dict[str, list[dict[str, str]]] = {}
+    for prediction, reference, loc, after in zip(
+        predictions, references, locales, mapped, strict=True
+    ):
+        chosen = examples.setdefault(loc, [])
+        if len(chosen) < EXAMPLES_PER_LOCALE:
+            chosen.append({"reference": reference, "prediction": prediction, "mapped": after})
+    return {
+        "overall": {name: scores[name]["overall"] for name in scores},
+        "per_locale": dict(sorted(per_locale.items())),
+        "examples": dict(sorted(examples.items())),
+    }
+
+
+def print_zero_shot(zero_shot: dict) -> None:
+    header = (
+        f"{'locale':<10} {'inventory':>9} {'mapped':>7} {'PER %':>7} {'mapped':>7} "
+        f"{'PFER %':>7} {'mapped':>7}"
+    )
+    print("\nzero-shot: model phones mapped to each locale's inventory by articulatory features")
+    print(header)
+    print("-" * len(header))
+    rows = [*zero_shot["per_locale"].items(), ("overall", zero_shot["overall"])]
+    for name, m in rows:
+        if name == "overall":
+            print("-" * len(header))
+            sizes = mapped = ""
+        else:
+            sizes, mapped = str(len(m["inventory"]["phones"])), str(len(m["mapping"]))
+        before, after = m["without_mapping"], m["with_mapping"]
+        print(
+            f"{name:<10} {sizes:>9} {mapped:>7} {100 * before['per']:>7.2f} "
+            f"{100 * after['per']:>7.2f} {100 * before['pfer']:>7.2f} {100 * after['pfer']:>7.2f}"
+        )
+    for name, m in zero_shot["per_locale"].items():
+        print(f"{name} inventory: {m['inventory']['source']}")
+        print(
+            f"  {m['predicted_outside_inventory']} of {m['predicted_phones']} phones the model "
+            "output are outside it (errors unless mapped)"
+        )
+        missing = m["inventory_phones_not_in_model"]
+        if missing:
+            print(f"  phones the model cannot output: {' '.join(missing)}")
+        if m["unmappable"]:
+            print(f"  model phones with no features, left as they are: {' '.join(m['unmappable'])}")
 
 
 def collect_examples(
@@ -302,6 +499,29 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         "next to it, which `phonetune export` puts in the model card)",
     )
     add_batch_seconds_option(parser)
+    parser.add_argument(
+        "--zero-shot",
+        action="store_true",
+        help="also map the model's phones onto each locale's phone inventory by articulatory "
+        "features (the paper's zero-shot evaluation) and report PER and PFER with and without "
+        "the mapping (docs/zero_shot.md)",
+    )
+    parser.add_argument(
+        "--inventory",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="with --zero-shot and one locale: the target phone inventory, phones separated by "
+        "spaces or new lines (default: the phones of the locale's train transcripts in --data)",
+    )
+    parser.add_argument(
+        "--inventory-text",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="with --zero-shot and one locale: sentences in the target language, one a line, "
+        "phonemized with the locale's espeak-ng voice to give the target inventory",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -324,6 +544,9 @@ def run(args: argparse.Namespace) -> int:
         locales=locales,
         out=out,
         batch_seconds=args.batch_seconds,
+        zero_shot=args.zero_shot,
+        inventory=args.inventory,
+        inventory_text=args.inventory_text,
     )
     if out is not None:
         print(f"wrote {out}")

@@ -3,11 +3,16 @@
 PER is an edit distance over phone *tokens* (espeak's `aɪ`, `tʃ`, `i5` are one token each), not over
 characters. Rates are micro-averaged: errors summed over all utterances of a locale (or of all
 locales) divided by the number of reference phones, so long utterances weigh more, as in the paper.
+
+The phone feature error rate (PFER) is the same edit distance with a graded substitution cost: the
+share of articulatory features two phones differ in (data.articulatory.feature_substitution_cost),
+insertions and deletions cost 1, micro-averaged the same way. As every substitution costs at most
+1, PFER <= PER for the same predictions.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -79,6 +84,62 @@ def score_predictions(
     return {
         "overall": overall.as_dict(),
         "per_locale": {loc: per_locale[loc].as_dict() for loc in sorted(per_locale)},
+    }
+
+
+def feature_edit_distance(
+    reference: Sequence[str],
+    hypothesis: Sequence[str],
+    substitution_cost: Callable[[str, str], float],
+) -> float:
+    """Smallest total cost turning `reference` into `hypothesis`: insertion and deletion cost 1,
+    substituting phone a by b costs `substitution_cost(a, b)` (0 for equal phones, at most 1)."""
+    previous = [float(j) for j in range(len(hypothesis) + 1)]
+    for i, ref_phone in enumerate(reference, 1):
+        current = [float(i)]
+        for j, hyp_phone in enumerate(hypothesis, 1):
+            substitute = previous[j - 1] + (
+                0.0 if ref_phone == hyp_phone else substitution_cost(ref_phone, hyp_phone)
+            )
+            current.append(min(previous[j] + 1.0, current[j - 1] + 1.0, substitute))
+        previous = current
+    return previous[-1]
+
+
+def score_feature_errors(
+    predictions: Sequence[str],
+    references: Sequence[str],
+    locales: Sequence[str],
+    substitution_cost: Callable[[str, str], float],
+) -> dict[str, dict]:
+    """PFER overall and per locale from space-separated phone strings.
+
+    Returns `{"overall": {...}, "per_locale": {locale: {...}}}`, each with `pfer`,
+    `feature_errors` (the summed edit cost) and `ref_phones`.
+    """
+    if not len(predictions) == len(references) == len(locales):
+        raise ValueError(
+            f"got {len(predictions)} predictions, {len(references)} references and "
+            f"{len(locales)} locales: they must pair up one to one"
+        )
+    totals: dict[str, list[float]] = {}
+    for prediction, reference, locale in zip(predictions, references, locales, strict=True):
+        ref = reference.split()
+        cost = feature_edit_distance(ref, prediction.split(), substitution_cost)
+        for key in (locale, None):
+            total = totals.setdefault(key, [0.0, 0])
+            total[0] += cost
+            total[1] += len(ref)
+
+    def rate(errors: float, ref_phones: int) -> dict[str, float | int]:
+        pfer = errors / ref_phones if ref_phones else (0.0 if errors == 0 else float("inf"))
+        return {"pfer": pfer, "feature_errors": errors, "ref_phones": ref_phones}
+
+    return {
+        "overall": rate(*totals.get(None, [0.0, 0])),
+        "per_locale": {
+            loc: rate(*totals[loc]) for loc in sorted(k for k in totals if k is not None)
+        },
     }
 
 
