@@ -16,12 +16,15 @@ import unicodedata
 from collections.abc import Sequence
 from pathlib import Path
 
+from data.errors import PhonetuneError
 from data.espeak import configure_phonemizer
 
 LANGUAGE_SWITCH_POLICIES = ("remove-flags", "remove-utterance")
 # Bump when the scheme above changes: old cache entries then stop matching.
 SCHEME_VERSION = 1
 BATCH_SIZE = 512
+LOCK_TIMEOUT_S = 60.0
+LOOKUP_BATCH = 500  # sentences per cache query (SQLite allows 999 parameters before 3.32)
 
 # One backend per language per process: creating a backend copies the espeak library to a
 # temporary folder, so one per sentence is slow and leaks (PITFALLS: "Backend per call").
@@ -87,28 +90,39 @@ class PhonemeCache:
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
         self.espeak_version = espeak_version
-        self._db = sqlite3.connect(path)
-        self._db.execute(
-            "CREATE TABLE IF NOT EXISTS phones (text TEXT, language TEXT, espeak TEXT, policy TEXT,"
-            " scheme INTEGER, phones TEXT, PRIMARY KEY (text, language, espeak, policy, scheme))"
-        )
+        try:
+            # Per-locale prepare runs on one machine may share the cache: a writer waits for
+            # another's short transaction instead of failing at once.
+            self._db = sqlite3.connect(path, timeout=LOCK_TIMEOUT_S)
+            self._db.execute(
+                "CREATE TABLE IF NOT EXISTS phones (text TEXT, language TEXT, espeak TEXT,"
+                " policy TEXT, scheme INTEGER, phones TEXT,"
+                " PRIMARY KEY (text, language, espeak, policy, scheme))"
+            )
+        except sqlite3.Error as error:
+            raise PhonetuneError(
+                f"the phoneme cache {path} cannot be used ({error}). Give each job a cache on a "
+                "local disk with --cache-dir or PHONETUNE_CACHE_DIR (SQLite's locks do not work "
+                "on every network file system)."
+            ) from None
         self.hits = 0
         self.misses = 0
 
     def lookup(self, sentences: Sequence[str], language: str, policy: str) -> dict[str, str]:
         found: dict[str, str] = {}
-        query = (
-            "SELECT phones FROM phones WHERE text=? AND language=? AND espeak=? AND policy=?"
-            " AND scheme=?"
-        )
-        for sentence in dict.fromkeys(sentences):
-            row = self._db.execute(
-                query, (sentence, language, self.espeak_version, policy, SCHEME_VERSION)
-            ).fetchone()
-            if row is not None:
-                found[sentence] = row[0]
+        unique = list(dict.fromkeys(sentences))
+        # Many sentences per query: one query per sentence would cost a large corpus's main
+        # process seconds before any worker has work.
+        for start in range(0, len(unique), LOOKUP_BATCH):
+            batch = unique[start : start + LOOKUP_BATCH]
+            rows = self._db.execute(
+                "SELECT text, phones FROM phones WHERE language=? AND espeak=? AND policy=?"
+                f" AND scheme=? AND text IN ({', '.join('?' * len(batch))})",
+                (language, self.espeak_version, policy, SCHEME_VERSION, *batch),
+            )
+            found.update(rows)
         self.hits += len(found)
-        self.misses += len(set(sentences)) - len(found)
+        self.misses += len(unique) - len(found)
         return found
 
     def store(self, results: dict[str, str], language: str, policy: str) -> None:

@@ -2,10 +2,13 @@
 
 Steps, each reporting what it rejects and why:
 1. read each locale's split TSVs (row checks: columns, path safety, missing files, duplicates);
-2. phonemize the distinct sentences per locale (cached on disk; foreign scripts rejected);
-3. decode + resample every clip in `--num-workers` processes, in shards written atomically, so an
+2. reject sentences in scripts espeak-ng cannot read; look the rest up in the phoneme cache;
+3. phonemize the distinct sentences the cache lacks, one language per job, in `--num-workers`
+   processes (so each language's espeak-ng backend is built about once), each locale's while
+   the main process reads the next one's TSVs;
+4. decode + resample every clip in the same processes, in shards written atomically, so an
    interrupted run resumes from the shards already written;
-4. build (or load) the vocabulary and assemble one DatasetDict that training memory-maps.
+5. build (or load) the vocabulary and assemble one DatasetDict that training memory-maps.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import os
 import shutil
 import sys
 from collections import Counter, defaultdict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from multiprocessing.pool import Pool
 from pathlib import Path
@@ -30,12 +33,19 @@ from data.commonvoice import SPLITS, Clip, Rejection, find_split_files, read_spl
 from data.errors import PhonetuneError
 from data.espeak import espeak_version
 from data.locales import foreign_scripts, get_locale, parse_locales
-from data.phonemize import LANGUAGE_SWITCH_POLICIES, PhonemeCache, phonemize_batch
+from data.phonemize import (
+    LANGUAGE_SWITCH_POLICIES,
+    SCHEME_VERSION,
+    PhonemeCache,
+    phonemize_batch,
+)
 from data.vocab import build_vocab, load_vocab, save_vocab
 
 SHARD_CLIPS = 256
 REPORT_NAME = "prep_report.json"
 OOV_POLICIES = ("reject", "unk")
+# The report's vocab.source when no --vocab was given (merge rebuilds such vocabularies).
+VOCAB_BUILT = "built from the kept clips"
 # Bump when what a shard holds changes, so that resumed runs never mix old and new shards.
 SHARD_FORMAT = 1
 
@@ -75,40 +85,38 @@ class Outcome:
     rows: dict[str, int] = field(default_factory=dict)  # shard path -> clips kept in it
 
 
-# --- step 1: rows ---------------------------------------------------------------------------
-def read_rows(
-    options: PrepareOptions,
+# --- step 1: rows ------------------------------------------------------------------------------
+def read_locale(
+    options: PrepareOptions, locale: str, split_files: dict[str, Path]
 ) -> tuple[list[Clip], list[Rejection], dict[tuple[str, str], int]]:
-    """Every row of every requested split: usable clips, rejections, and rows read per split."""
+    """Every row of one locale's requested splits: usable clips, rejections, rows read per split."""
     clips: list[Clip] = []
     rejected: list[Rejection] = []
     read: Counter[tuple[str, str]] = Counter()
-    seen: dict[tuple[str, str], str] = {}
-    for locale in options.locales:
-        split_files = find_split_files(options.cv_root, locale, options.splits)
-        for split in options.splits:
-            if split not in split_files:
+    seen: dict[str, str] = {}  # clip path -> the split that listed it first
+    for split in options.splits:
+        if split not in split_files:
+            continue
+        for item in read_split(options.cv_root, locale, split, split_files[split]):
+            read[(locale, split)] += 1
+            if isinstance(item, Rejection):
+                rejected.append(item)
                 continue
-            for item in read_split(options.cv_root, locale, split, split_files[split]):
-                read[(locale, split)] += 1
-                if isinstance(item, Rejection):
-                    rejected.append(item)
-                    continue
-                earlier = seen.get((locale, item.path))
-                if earlier is not None:
-                    reason = "duplicate_row" if earlier == split else "duplicate_across_splits"
-                    rejected.append(
-                        Rejection(
-                            locale,
-                            split,
-                            item.path,
-                            reason,
-                            f"{item.path} already listed in {earlier}.tsv",
-                        )
+            earlier = seen.get(item.path)
+            if earlier is not None:
+                reason = "duplicate_row" if earlier == split else "duplicate_across_splits"
+                rejected.append(
+                    Rejection(
+                        locale,
+                        split,
+                        item.path,
+                        reason,
+                        f"{item.path} already listed in {earlier}.tsv",
                     )
-                    continue
-                seen[(locale, item.path)] = split
-                clips.append(item)
+                )
+                continue
+            seen[item.path] = split
+            clips.append(item)
     return clips, rejected, dict(read)
 
 
@@ -153,7 +161,81 @@ def make_tasks(clips: list[Clip], cache: PhonemeCache, policy: str) -> list[Clip
     ]
 
 
-# --- step 3: phonemize, check and decode, in shards --------------------------------------------
+# --- step 3: phonemize what the cache lacks, one language per job ----------------------------
+# Distinct sentences per phonemization job: enough to amortise the job's espeak-ng backend, few
+# enough that a large language still spreads over every worker.
+PHONEMIZE_JOB_SENTENCES = 4096
+
+
+def plan_phonemization(tasks: list[ClipTask], policy: str) -> list[tuple[str, list[str], str]]:
+    """Jobs (espeak language, distinct sentences, policy) for the tasks without phones.
+
+    Each job holds one language, so a worker builds espeak-ng backends only for the languages it
+    is given: about one backend per language in all, instead of one per language per worker.
+    """
+    missing: dict[str, dict[str, None]] = defaultdict(dict)
+    for task in tasks:
+        if task.phones is None:
+            missing[get_locale(task.locale).espeak][task.sentence] = None
+    jobs = []
+    for language, unique in missing.items():
+        sentences = list(unique)
+        for start in range(0, len(sentences), PHONEMIZE_JOB_SENTENCES):
+            jobs.append((language, sentences[start : start + PHONEMIZE_JOB_SENTENCES], policy))
+    return jobs
+
+
+def phonemize_job(job: tuple[str, list[str], str]) -> tuple[str, dict[str, str]]:
+    """Runs in a worker: sentence -> phones for one language's sentences."""
+    language, sentences, policy = job
+    phones = phonemize_batch(sentences, language, policy)
+    return language, dict(zip(sentences, phones, strict=True))
+
+
+class PhonemeJobs:
+    """Phonemization handed to the workers locale by locale and collected before decoding.
+
+    Started while the main process reads the next locale's TSVs, so the workers have work from
+    the start. Not a step inside each shard, as it once was: shards mix languages over the
+    workers, so every worker built an espeak-ng backend for every language.
+    """
+
+    def __init__(self, cache: PhonemeCache, policy: str, pool: Pool | None) -> None:
+        self.cache = cache
+        self.policy = policy
+        self.pool = pool
+        self.pending: list = []  # AsyncResult per job; without a pool, the job itself
+        self.sentences = 0
+
+    def start(self, tasks: list[ClipTask]) -> None:
+        """Hand the jobs for the tasks' unknown phones to the workers (run later without any)."""
+        for job in plan_phonemization(tasks, self.policy):
+            self.sentences += len(job[1])
+            self.pending.append(self.pool.apply_async(phonemize_job, (job,)) if self.pool else job)
+
+    def finish(self, tasks: list[ClipTask]) -> None:
+        """Wait for every job, store its phones in the cache, and fill in the tasks' phones."""
+        from tqdm import tqdm
+
+        computed: dict[str, dict[str, str]] = defaultdict(dict)
+        with tqdm(
+            total=self.sentences,
+            desc="phonemize",
+            unit="sentence",
+            disable=self.sentences == 0,
+            file=sys.stderr,
+        ) as bar:
+            for item in self.pending:
+                language, table = item.get() if self.pool else phonemize_job(item)
+                self.cache.store(table, language, self.policy)  # kept if decoding is interrupted
+                computed[language].update(table)
+                bar.update(len(table))
+        for task in tasks:
+            if task.phones is None:
+                task.phones = computed[get_locale(task.locale).espeak][task.sentence]
+
+
+# --- step 4: check and decode, in shards ------------------------------------------------------
 @dataclass(frozen=True)
 class ShardSettings:
     """Everything besides the clips that decides a shard's content."""
@@ -168,24 +250,6 @@ class ShardSettings:
         return json.dumps(
             {"format": SHARD_FORMAT, "espeak": espeak_version(), **self.__dict__}, sort_keys=True
         )
-
-
-def fill_phones(tasks: list[ClipTask], policy: str) -> dict[str, str]:
-    """Phonemize the tasks' sentences the cache did not have; returns the new sentence -> phones."""
-    missing: dict[str, list[str]] = defaultdict(list)
-    for task in tasks:
-        if task.phones is None:
-            missing[get_locale(task.locale).espeak].append(task.sentence)
-    computed: dict[str, dict[str, str]] = {}
-    for language, sentences in missing.items():
-        unique = list(dict.fromkeys(sentences))
-        computed[language] = dict(
-            zip(unique, phonemize_batch(unique, language, policy), strict=True)
-        )
-    for task in tasks:
-        if task.phones is None:
-            task.phones = computed[get_locale(task.locale).espeak][task.sentence]
-    return {text: phones for table in computed.values() for text, phones in table.items()}
 
 
 def check_phones(
@@ -213,6 +277,10 @@ def check_phones(
     return None
 
 
+# The schema's numeric columns: Arrow type name -> numpy type.
+NUMPY_TYPES = {"int32": np.int32, "float": np.float32}
+
+
 def shard_schema():  # noqa: ANN201 - pyarrow.Schema
     """The prepared dataset's columns (docs/formats.md) as Arrow types.
 
@@ -237,6 +305,38 @@ def shard_schema():  # noqa: ANN201 - pyarrow.Schema
     )
 
 
+def to_arrow_table(columns: dict[str, list], schema):  # noqa: ANN001, ANN201 - pyarrow types
+    """The shard's rows as an Arrow table, every column built from numpy buffers.
+
+    Not with `pa.array()`: its first call in a process imports pandas (about 0.4 s of CPU per
+    worker, the decoding of a hundred clips) to check whether its input is a pandas object, and
+    over a list of numpy arrays it walks every sample in Python.
+    """
+    import pyarrow as pa
+
+    def offsets(lengths: list[int]) -> pa.Array:
+        ends = np.zeros(len(lengths) + 1, dtype=np.int32)
+        np.cumsum(lengths, out=ends[1:])
+        return pa.Array.from_buffers(pa.int32(), len(ends), [None, pa.py_buffer(ends)])
+
+    arrays = []
+    for name in schema.names:
+        values, kind = columns[name], schema.field(name).type
+        if pa.types.is_list(kind):  # the audio: one flat int16 buffer plus offsets
+            flat = np.concatenate(values) if values else np.zeros(0, dtype=np.int16)
+            samples = pa.Array.from_buffers(pa.int16(), len(flat), [None, pa.py_buffer(flat)])
+            arrays.append(pa.ListArray.from_arrays(offsets([len(v) for v in values]), samples))
+        elif pa.types.is_string(kind):
+            encoded = [value.encode() for value in values]
+            ends = offsets([len(e) for e in encoded]).buffers()[1]
+            text = pa.py_buffer(b"".join(encoded))
+            arrays.append(pa.StringArray.from_buffers(len(values), ends, text))
+        else:
+            numbers = np.asarray(values, dtype=NUMPY_TYPES[str(kind)])
+            arrays.append(pa.Array.from_buffers(kind, len(values), [None, pa.py_buffer(numbers)]))
+    return pa.Table.from_arrays(arrays, schema=schema)
+
+
 def check_clip(
     task: ClipTask, min_duration: float, max_duration: float
 ) -> tuple[np.ndarray | None, Rejection | None]:
@@ -250,7 +350,7 @@ def check_clip(
     except audio_io.AudioError as error:
         return reject(error.reason, error.detail)
     duration = len(samples) / audio_io.SAMPLE_RATE
-    if float(np.abs(samples).max()) < audio_io.SILENCE_PEAK:
+    if audio_io.is_silent(samples):
         return reject("silent_audio", f"peak below {audio_io.SILENCE_PEAK} over {duration:.2f} s")
     if duration < min_duration or duration > max_duration:
         return reject(
@@ -272,15 +372,14 @@ def check_clip(
 
 
 def process_shard(job: tuple[str, list[ClipTask], ShardSettings]) -> str:
-    """Phonemize, check and decode a shard's clips; write `<name>.arrow` and `<name>.json`.
+    """Check and decode a shard's clips (phones already filled in); write `<name>.arrow` + `.json`.
 
-    Runs in a worker. The .json (rejections, new phones for the cache) is written first and the
+    Runs in a worker. The .json (kept clips' summaries, rejections) is written first and the
     .arrow renamed into place last, so an existing .arrow marks a complete shard.
     """
     import pyarrow as pa
 
     shard_path, tasks, settings = job
-    new_phones = fill_phones(tasks, settings.language_switch)
     schema = shard_schema()
     columns: dict[str, list] = {name: [] for name in schema.names}
     kept: list[dict] = []
@@ -310,23 +409,15 @@ def process_shard(job: tuple[str, list[ClipTask], ShardSettings]) -> str:
         for name, value in row.items():
             columns[name].append(value)
         kept.append({key: row[key] for key in ("locale", "split", "duration", "phones")})
-    # Audio as one flat int16 buffer plus offsets: pa.array() over a list of numpy arrays walks
-    # every sample in Python and would cost most of a clip's decoding time.
-    offsets = np.zeros(len(columns["audio"]) + 1, dtype=np.int32)
-    np.cumsum([len(pcm) for pcm in columns["audio"]], out=offsets[1:])
-    flat = np.concatenate(columns["audio"]) if kept else np.zeros(0, dtype=np.int16)
-    arrays = [pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat))]
-    arrays += [pa.array(columns[name], type=schema.field(name).type) for name in schema.names[1:]]
     record = {
         "kept": kept,
         "rejected": [r.as_dict() for r in rejected],
-        "phonemized": new_phones,
         "outside_vocab": dict(outside),
     }
     _write_atomically(Path(shard_path + ".json"), json.dumps(record, ensure_ascii=False).encode())
     tmp = shard_path + ".arrow.tmp"
     with pa.OSFile(tmp, "wb") as sink, pa.ipc.new_stream(sink, schema) as writer:
-        writer.write_table(pa.Table.from_arrays(arrays, schema=schema))
+        writer.write_table(to_arrow_table(columns, schema))
     os.replace(tmp, shard_path + ".arrow")
     return shard_path
 
@@ -366,77 +457,82 @@ def plan_shards(
     return shards
 
 
+def unwritten_shards(
+    shards: list[tuple[str, list[ClipTask]]],
+) -> list[tuple[str, list[ClipTask]]]:
+    """The shards an earlier, interrupted run did not finish."""
+    return [(path, chunk) for path, chunk in shards if not Path(path + ".arrow").is_file()]
+
+
 def decode_shards(
-    shards: list[tuple[str, list[ClipTask]]], settings: ShardSettings, pool: Pool | None
-) -> tuple[int, int]:
-    """Write every shard not written yet. Returns (shards reused, shards written)."""
+    todo: list[tuple[str, list[ClipTask]]], settings: ShardSettings, pool: Pool | None
+) -> None:
+    """Write the shards in `todo`, largest first.
+
+    Largest first so the workers run out of work together: a big shard dealt last would keep one
+    worker busy while the others wait.
+    """
     from tqdm import tqdm
 
-    todo = [(path, chunk) for path, chunk in shards if not Path(path + ".arrow").is_file()]
-    jobs = [(path, chunk, settings) for path, chunk in todo]
+    jobs = [(path, chunk, settings) for path, chunk in sorted(todo, key=lambda s: -len(s[1]))]
     clips = sum(len(chunk) for _, chunk in todo)
-    with tqdm(
-        total=clips, desc="phonemize + decode", unit="clip", disable=clips == 0, file=sys.stderr
-    ) as bar:
+    with tqdm(total=clips, desc="decode", unit="clip", disable=clips == 0, file=sys.stderr) as bar:
         sizes = {path: len(chunk) for path, chunk in todo}
         results: Iterable[str] = (
             pool.imap_unordered(process_shard, jobs) if pool else map(process_shard, jobs)
         )
         for path in results:
             bar.update(sizes[path])
-    return len(shards) - len(todo), len(todo)
 
 
 def collect_outcomes(
-    shards: list[tuple[str, list[ClipTask]]], cache: PhonemeCache, policy: str
+    shards: list[tuple[str, list[ClipTask]]],
 ) -> tuple[Outcome, dict[str, dict[str, int]]]:
-    """Kept clips and rejections of every shard; phones the workers computed go into the cache."""
+    """Kept clips and rejections of every shard, in the plan's order."""
     outcome = Outcome()
     outside: dict[str, Counter[str]] = defaultdict(Counter)
-    phonemized: dict[str, dict[str, str]] = defaultdict(dict)
     for path, chunk in shards:
         record = json.loads(Path(path + ".json").read_text(encoding="utf-8"))
         outcome.kept.extend(record["kept"])
         outcome.rejected.extend(Rejection(**item) for item in record["rejected"])
         outcome.rows[path] = len(record["kept"])
         outside[chunk[0].locale].update(record["outside_vocab"])
-        phonemized[get_locale(chunk[0].locale).espeak].update(record["phonemized"])
-    for language, table in phonemized.items():
-        cache.store(table, language, policy)
     outside_vocab = {loc: dict(c.most_common()) for loc, c in sorted(outside.items()) if c}
     return outcome, outside_vocab
 
 
-# --- step 4: vocabulary and dataset -----------------------------------------------------------
-def assemble_dataset(
-    shards: list[tuple[str, list[ClipTask]]], out: Path, rows: dict[str, int]
+# --- step 5: vocabulary and dataset -----------------------------------------------------------
+# `datasets` reads a split's column types from this file when it names them and from the Arrow
+# schema when it does not; naming none keeps the file valid for every `datasets` version.
+DATASET_INFO = {"description": "phonetune prepared dataset: columns in docs/formats.md"}
+
+
+def write_dataset(
+    out: Path,
+    files: dict[str, list[Path]],
+    fingerprints: dict[str, str],
+    place: Callable[[Path, Path], None],
 ) -> None:
-    """Move the shards into `out` in the layout of `DatasetDict.save_to_disk`, without a copy.
+    """Lay out Arrow files in `out` as `DatasetDict.save_to_disk` does.
 
-    Each split folder gets its shards as `data-<i>-of-<n>.arrow` plus the two small files
-    `datasets.load_from_disk(out)` reads; empty shards (every clip rejected) are left out.
+    `files` maps a split to its Arrow stream files in row order (a split without files is left
+    out); `place(source, target)` puts one file there: prepare moves its shards, merge links them.
+    The small JSON files are written here rather than by `datasets`, whose import costs the main
+    process more than the whole assembly. A dataset already in `out` is replaced.
     """
-    from datasets import Dataset
-
     staging = out / ".staging"
     shutil.rmtree(staging, ignore_errors=True)
-    by_split: dict[str, list[str]] = defaultdict(list)
-    for path, chunk in shards:
-        if rows[path]:
-            by_split[chunk[0].split].append(path + ".arrow")
-    splits = [split for split in SPLITS if by_split[split]]
+    splits = [split for split in SPLITS if files.get(split)]
     for split in splits:
-        files = by_split[split]
         folder = staging / split
         folder.mkdir(parents=True)
-        names = [f"data-{i:05d}-of-{len(files):05d}.arrow" for i in range(len(files))]
-        Dataset.from_file(files[0]).info.write_to_directory(str(folder))
-        for source, name in zip(files, names, strict=True):
-            os.replace(source, folder / name)
-        fingerprint = hashlib.sha256("".join(names + files).encode()).hexdigest()[:16]
+        count = len(files[split])
+        names = [f"data-{i:05d}-of-{count:05d}.arrow" for i in range(count)]
+        for source, name in zip(files[split], names, strict=True):
+            place(source, folder / name)
         state = {
             "_data_files": [{"filename": name} for name in names],
-            "_fingerprint": fingerprint,
+            "_fingerprint": fingerprints[split],
             "_format_columns": None,
             "_format_kwargs": {},
             "_format_type": None,
@@ -444,6 +540,7 @@ def assemble_dataset(
             "_split": split,
         }
         (folder / "state.json").write_text(json.dumps(state, indent=2), encoding="utf-8")
+        (folder / "dataset_info.json").write_text(json.dumps(DATASET_INFO), encoding="utf-8")
     (staging / "dataset_dict.json").write_text(json.dumps({"splits": splits}), encoding="utf-8")
     for old in [out / "dataset_dict.json", *(out / split for split in SPLITS)]:
         if old.is_dir():
@@ -453,6 +550,27 @@ def assemble_dataset(
     for item in staging.iterdir():
         os.replace(item, out / item.name)
     staging.rmdir()
+
+
+def assemble_dataset(
+    shards: list[tuple[str, list[ClipTask]]], out: Path, rows: dict[str, int]
+) -> None:
+    """Move the shards into `out` as the dataset's Arrow files, without a copy.
+
+    Empty shards (every clip rejected) are left out. A split's fingerprint hashes its shards'
+    names, which hash their inputs: the same data gets the same fingerprint.
+    """
+    files: dict[str, list[Path]] = defaultdict(list)
+    names: dict[str, list[str]] = defaultdict(list)
+    for path, chunk in shards:
+        if rows[path]:
+            files[chunk[0].split].append(Path(path + ".arrow"))
+            names[chunk[0].split].append(Path(path).name)
+    fingerprints = {
+        split: hashlib.sha256("\n".join(found).encode()).hexdigest()[:16]
+        for split, found in names.items()
+    }
+    write_dataset(out, files, fingerprints, os.replace)
 
 
 # --- the report -------------------------------------------------------------------------------
@@ -472,17 +590,22 @@ def build_report(
     from data import __version__
 
     all_rejected = rejected + outcome.rejected
+    # Grouped once: filtering every clip for every (locale, split) grows with locales x clips.
+    kept_by: dict[tuple[str, str], list[dict]] = defaultdict(list)
+    for k in outcome.kept:
+        kept_by[(k["locale"], k["split"])].append(k)
+    reasons_by: dict[tuple[str, str], Counter[str]] = defaultdict(Counter)
+    for r in all_rejected:
+        reasons_by[(r.locale, r.split)][r.reason] += 1
     per_locale: dict[str, dict] = {}
     for locale in options.locales:
         entry: dict = {"espeak_language": get_locale(locale).espeak, "splits": {}}
         inventory: Counter[str] = Counter()
         for split in options.splits:
-            kept = [k for k in outcome.kept if k["locale"] == locale and k["split"] == split]
-            reasons = Counter(
-                r.reason for r in all_rejected if r.locale == locale and r.split == split
-            )
             if (locale, split) not in read:
                 continue
+            kept = kept_by[(locale, split)]
+            reasons = reasons_by[(locale, split)]
             seconds = sum(k["duration"] for k in kept)
             entry["splits"][split] = {
                 "read": read[(locale, split)],
@@ -516,6 +639,7 @@ def build_report(
             "phonemizer_separator": {"phone": " ", "word": "", "syllable": ""},
             "phonemizer_strip": False,
             "with_stress": False,
+            "phoneme_scheme": SCHEME_VERSION,
         },
         "totals": {
             "read": totals_read,
@@ -576,6 +700,8 @@ def validate_options(options: PrepareOptions) -> None:
         )
     if options.num_workers < 1:
         problems.append("--num-workers must be at least 1")
+    if options.vocab is not None and options.vocab.is_dir():
+        problems.append(f"--vocab {options.vocab} is a folder: give its vocab.json file")
     if not 0 <= options.min_duration < options.max_duration:
         problems.append(
             f"need 0 <= --min-duration < --max-duration, got {options.min_duration} "
@@ -588,8 +714,21 @@ def validate_options(options: PrepareOptions) -> None:
         )
     if options.out.exists() and not options.out.is_dir():
         problems.append(f"--out {options.out} exists and is not a directory")
+    elif _holds_other_files(options.out):
+        # The dataset replaces train/, dev/ and test/ in --out: never those of another folder.
+        problems.append(
+            f"--out {options.out} is not empty and holds no prepared dataset: choose a new or "
+            "empty folder (an earlier `phonetune prepare --out` folder is updated in place)"
+        )
     if problems:
         raise PhonetuneError("; ".join(problems))
+
+
+def _holds_other_files(out: Path) -> bool:
+    """A non-empty folder that no earlier prepare run wrote to (finished or interrupted)."""
+    if not out.is_dir() or not any(out.iterdir()):
+        return False
+    return not ((out / REPORT_NAME).is_file() or (out / ".work").is_dir())
 
 
 def prepare(options: PrepareOptions) -> dict:
@@ -613,13 +752,28 @@ def prepare(options: PrepareOptions) -> dict:
     if options.num_workers > 1:
         # Started first, so that the workers import while the main process reads the TSVs.
         pool = multiprocessing.get_context("spawn").Pool(options.num_workers)
-    import datasets  # noqa: F401 - needed at assembly; imported while the workers start up
-
     try:
-        clips, rejected, read = read_rows(options)
-        clips, script_rejections = check_scripts(clips)
-        rejected += script_rejections
-        tasks = make_tasks(clips, cache, options.language_switch)
+        # Every locale's TSVs are found first: a missing one is an error before any work.
+        split_files = {
+            locale: find_split_files(options.cv_root, locale, options.splits)
+            for locale in options.locales
+        }
+        phonemes = PhonemeJobs(cache, options.language_switch, pool)
+        tasks: list[ClipTask] = []
+        rejected: list[Rejection] = []
+        script_rejected: list[Rejection] = []
+        read: dict[tuple[str, str], int] = {}
+        for locale in options.locales:
+            # Locale by locale: the workers phonemize one locale while this process reads the next.
+            clips, row_rejections, locale_read = read_locale(options, locale, split_files[locale])
+            clips, script_rejections = check_scripts(clips)
+            locale_tasks = make_tasks(clips, cache, options.language_switch)
+            phonemes.start(locale_tasks)
+            tasks += locale_tasks
+            rejected += row_rejections
+            script_rejected += script_rejections
+            read.update(locale_read)
+        rejected += script_rejected  # the report lists row rejections first
         shards = plan_shards(tasks, work_dir, settings)
         plan = hashlib.sha256(
             "\n".join(sorted(Path(p).name for p, _ in shards)).encode()
@@ -627,17 +781,24 @@ def prepare(options: PrepareOptions) -> dict:
         finished = _finished_plan(options.out) == plan and all(
             Path(p + ".json").is_file() for p, _ in shards
         )
-        shard_counts = (len(shards), 0) if finished else decode_shards(shards, settings, pool)
+        phonemes.finish(tasks)
+        todo = [] if finished else unwritten_shards(shards)
+        decode_shards(todo, settings, pool)
+        shard_counts = (len(shards) - len(todo), len(todo))
+    except BaseException:
+        if pool is not None:
+            pool.terminate()  # rather than let close() below wait for every queued job
+        raise
     finally:
         if pool is not None:
             pool.close()
             pool.join()
-    outcome, outside_vocab = collect_outcomes(shards, cache, options.language_switch)
+    outcome, outside_vocab = collect_outcomes(shards)
     if given_vocab is not None:
         vocab, source = given_vocab, str(options.vocab)
     else:
         vocab = build_vocab(Counter(p for k in outcome.kept for p in k["phones"].split()))
-        source = "built from the kept clips"
+        source = VOCAB_BUILT
     report = build_report(
         options, read, outcome, rejected, vocab, source, outside_vocab, cache, shard_counts
     )

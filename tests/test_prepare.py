@@ -111,3 +111,37 @@ def test_interrupted_run_resumes_from_written_shards(cv_corpus, tmp_path, monkey
     assert report["totals"]["kept"] == sum(
         len(s) for s in load_from_disk(str(tmp_path / "p")).values()
     )
+
+
+def test_phonemization_jobs_hold_one_language_and_each_sentence_once():
+    from data.prepare import PHONEMIZE_JOB_SENTENCES, ClipTask, plan_phonemization
+
+    def task(locale, sentence, phones=None):
+        return ClipTask(locale, "train", "a.mp3", "/a.mp3", sentence, "spk", phones)
+
+    many = [task("fr", f"phrase {i}") for i in range(PHONEMIZE_JOB_SENTENCES + 1)]
+    tasks = [task("en", "a cat"), task("en", "a cat"), task("en", "known", "n oʊ n"), *many]
+    jobs = plan_phonemization(tasks, "remove-flags")
+    assert [(language, len(sentences)) for language, sentences, _ in jobs] == [
+        ("en-us", 1),
+        ("fr-fr", PHONEMIZE_JOB_SENTENCES),
+        ("fr-fr", 1),
+    ]
+    assert jobs[0][1] == ["a cat"] and all(policy == "remove-flags" for *_, policy in jobs)
+
+
+def test_prepare_imports_neither_datasets_nor_pandas(cv_corpus, tmp_path):
+    """Both cost the main process or each worker more CPU than a hundred clips' decoding."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from pathlib import Path; from data.prepare import PrepareOptions, prepare; "
+        f"prepare(PrepareOptions(cv_root=Path({str(cv_corpus)!r}), locales=['fr'], "
+        f"out=Path({str(tmp_path / 'p')!r}), splits=('dev',))); "
+        "print(sorted(m for m in ('datasets', 'pandas') if m in sys.modules))"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().splitlines()[-1] == "[]"
+    assert len(load_from_disk(str(tmp_path / "p"))["dev"]) > 0

@@ -16,6 +16,7 @@ from data.errors import PhonetuneError
 COMMANDS: dict[str, tuple[str, str]] = {
     "synth": ("data.synth", "write a synthetic Common Voice release spoken by espeak-ng"),
     "prepare": ("data.prepare", "Common Voice release -> espeak phones + 16 kHz audio dataset"),
+    "merge": ("data.merge", "merge prepared datasets of disjoint locales into one"),
     "train": ("train.loop", "fine-tune a wav2vec 2.0 encoder with CTC on a prepared dataset"),
     "export": ("train.export", "write a transformers-loadable model folder (and ONNX)"),
     "evaluate": ("train.evaluate", "phone error rate of a model on a prepared split"),
