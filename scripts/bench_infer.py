@@ -10,9 +10,21 @@ checks); then one utterance of `--seconds` seconds is recognised `--repeats` tim
 RTF = compute time / audio duration (below 1 is faster than real time). Random weights run at the
 speed of trained ones: the work per frame does not depend on the values. Prints a table and, last,
 one JSON line.
+
+With `--prepared-dir PREP` it also measures evaluation throughput (audio seconds per second) on a
+split of a prepared corpus, with the model of `--config` (random weights), the split's audio held in
+memory and greedy decoding included, several ways in alternating rounds:
+`phonetune evaluate`'s way (clips sorted by duration into batches of `--batch-seconds`, under
+`torch.inference_mode`), the same batches under `torch.no_grad` and with autograd left on, batches
+of the same mean clip count in dataset order (more padding), and one clip at a time under
+`torch.no_grad` (the XLS-R fine-tuning blog's evaluation); and `evaluate_model` end to end
+(reading the audio from the Arrow files and scoring included).
+
+    python scripts/bench_infer.py --models --prepared-dir PREP --split dev    # evaluation only
 """
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -145,12 +157,144 @@ def print_table(report: dict) -> None:
                 )
 
 
+def bench_evaluation(
+    prepared_dir: Path, split: str, config_path: Path, batch_seconds: float, repeats: int
+) -> dict:
+    """Evaluation throughput of the ways listed in the module docstring, in alternating rounds."""
+    from data.vocab import load_vocab
+    from train.config import load_config
+    from train.evaluate import (
+        LoadedModel,
+        batch_by_seconds,
+        count_output_frames,
+        evaluate_model,
+        load_split,
+    )
+    from train.model import build_model
+    from train.per import greedy_decode
+
+    vocab = load_vocab(prepared_dir / "vocab.json")
+    config = load_config(
+        config_path, [f"data.prepared_dir={prepared_dir}", "run.output_dir=unused"]
+    )
+    torch.manual_seed(config.train.seed)
+    model, _ = build_model(config.model, vocab)
+    model.eval()
+    loaded = LoadedModel(
+        model=model,
+        id_to_token={index: token for token, index in vocab.items()},
+        uses_attention_mask=model.config.feat_extract_norm == "layer",
+        source=f"{config_path.name}, random weights",
+    )
+    rows = load_split(prepared_dir, split, None)
+    waves = [
+        np.asarray(samples, dtype=np.float32) / 32768.0
+        for samples in rows.select_columns(["audio"]).with_format("numpy")["audio"]
+    ]
+    seconds = np.array([len(wave) / SAMPLE_RATE for wave in waves])
+    by_seconds = batch_by_seconds(seconds.tolist(), batch_seconds)
+    size = max(1, round(len(waves) / len(by_seconds)))
+    in_order = [list(range(i, min(i + size, len(waves)))) for i in range(0, len(waves), size)]
+    ways = {
+        "sorted by duration, inference_mode (phonetune)": (by_seconds, torch.inference_mode),
+        "sorted by duration, no_grad": (by_seconds, torch.no_grad),
+        "sorted by duration, autograd on": (by_seconds, contextlib.nullcontext),
+        f"dataset order, {size} clips per batch, inference_mode": (
+            in_order,
+            torch.inference_mode,
+        ),
+        "one clip at a time, no_grad (XLS-R blog)": (
+            [[i] for i in range(len(waves))],
+            torch.no_grad,
+        ),
+    }
+
+    def decode(batches: list[list[int]], mode) -> None:  # noqa: ANN001
+        for indices in batches:
+            batch = normalize_batch([waves[i] for i in indices], loaded.uses_attention_mask)
+            with mode():
+                ids = model(**batch).logits.argmax(dim=-1)
+            for row, index in enumerate(indices):
+                frames = count_output_frames(model, len(waves[index]))
+                greedy_decode(ids[row, :frames].tolist(), loaded.id_to_token)
+
+    times: dict[str, list[float]] = {name: [] for name in ways}
+    for batches, mode in ways.values():  # warm-up: allocator, kernels
+        decode(batches[:2], mode)
+    names = list(ways)
+    for round_number in range(repeats):
+        # Each round starts with another way, so that no way always runs first (or last).
+        shift = round_number % len(names)
+        for name in names[shift:] + names[:shift]:
+            batches, mode = ways[name]
+            started = time.perf_counter()
+            decode(batches, mode)
+            times[name].append(time.perf_counter() - started)
+    end_to_end = evaluate_model(
+        loaded, prepared_dir, split, batch_seconds=batch_seconds, verbose=False
+    )
+    total = float(seconds.sum())
+    return {
+        "split": split,
+        "clips": len(waves),
+        "audio_seconds": round(total, 1),
+        "batch_seconds": batch_seconds,
+        "ways": {
+            name: {
+                "audio_s_per_s": round(total / statistics.median(times[name]), 1),
+                "batches": len(batches),
+                "padding_fraction": round(
+                    1 - total / sum(len(b) * seconds[b].max() for b in batches), 4
+                ),
+            }
+            for name, (batches, _) in ways.items()
+        },
+        "evaluate_model_audio_s_per_s": end_to_end["audio_seconds_per_second"],
+    }
+
+
+def print_evaluation(evaluation: dict, repeats: int) -> None:
+    print(
+        f"\nevaluation throughput: {evaluation['clips']} clips of the {evaluation['split']} split "
+        f"({evaluation['audio_seconds']:g} s of audio), median of {repeats} rounds"
+    )
+    header = f"{'way':<58} {'audio s/s':>9} {'batches':>8} {'padding':>8}"
+    print(header)
+    print("-" * len(header))
+    for name, way in evaluation["ways"].items():
+        print(
+            f"{name:<58} {way['audio_s_per_s']:>9.1f} {way['batches']:>8} "
+            f"{way['padding_fraction']:>8.1%}"
+        )
+    print(
+        f"{'phonetune evaluate_model end to end (reads audio, scores)':<58} "
+        f"{evaluation['evaluate_model_audio_s_per_s']:>9.1f}"
+    )
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument(
-        "--models", nargs="+", choices=sorted(ARCHITECTURES), default=["tiny", "xlsr53"]
+        "--models",
+        nargs="*",
+        choices=sorted(ARCHITECTURES),
+        default=["tiny", "xlsr53"],
+        help="architectures to time as exports (none: `--models` alone)",
+    )
+    parser.add_argument(
+        "--prepared-dir", type=Path, help="also measure evaluation throughput on this corpus"
+    )
+    parser.add_argument("--split", default="dev", help="split for evaluation throughput")
+    parser.add_argument(
+        "--config",
+        type=Path,
+        default=Path(__file__).resolve().parent.parent / "configs" / "tiny_cpu.yaml",
+        help="model for evaluation throughput (random weights)",
+    )
+    parser.add_argument(
+        "--batch-seconds", type=float, default=60.0, help="evaluation batch budget (default 60)"
     )
     parser.add_argument(
         "--seconds", type=float, default=10.0, help="length of the utterance (default 10)"
@@ -212,8 +356,16 @@ def main() -> int:
                     for threads in args.threads
                 },
             }
+    if args.prepared_dir is not None:
+        print(f"[evaluation] {args.prepared_dir} {args.split}", flush=True)
+        report["evaluation"] = bench_evaluation(
+            args.prepared_dir, args.split, args.config, args.batch_seconds, args.repeats
+        )
     report["load_average_after"] = os.getloadavg()[0]
-    print_table(report)
+    if report["models"]:
+        print_table(report)
+    if "evaluation" in report:
+        print_evaluation(report["evaluation"], args.repeats)
     print(json.dumps(report))
     return 0
 
