@@ -96,7 +96,9 @@ def test_a_process_with_an_empty_share_gets_a_zero_weight_copy():
     for position, ghost in enumerate(ghosts[1]):
         if ghost:  # a copy of a clip the other process trains on, so it costs no extra padding
             assert np.array_equal(per_rank[1][position], per_rank[0][position][:1])
-    real = [b for rank in range(2) for b, g in zip(per_rank[rank], ghosts[rank]) if not g]
+    real = [
+        b for rank in range(2) for b, g in zip(per_rank[rank], ghosts[rank], strict=True) if not g
+    ]
     assert sorted(np.concatenate(real).tolist()) == list(range(100, 106))
 
 
