@@ -130,5 +130,3 @@ def test_long_recording_is_transcribed_window_by_window(export_dir, audio_files)
     assert transcript.phones == " ".join(
         phones for phones in (model_card_phones(export_dir, w) for w in windows) if phones
     )
-    (whole,) = transcribe_files(export_dir, [path])
-    assert whole.phones != transcript.phones  # the windows really were recognised separately

@@ -472,13 +472,18 @@ def add_batch_seconds_option(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def configure_parser(parser: argparse.ArgumentParser) -> None:
+def add_model_argument(parser: argparse.ArgumentParser) -> None:
+    """MODEL, as evaluate and transcribe both take it."""
     parser.add_argument(
         "model",
         type=Path,
         metavar="MODEL",
         help="an export folder, a run folder (its newest checkpoint) or a checkpoints/step_<n> folder",
     )
+
+
+def configure_parser(parser: argparse.ArgumentParser) -> None:
+    add_model_argument(parser)
     parser.add_argument(
         "--data", type=Path, required=True, help="PREP_DIR written by `phonetune prepare`"
     )

@@ -22,6 +22,7 @@ from train.evaluate import (
     DEFAULT_BATCH_SECONDS,
     LoadedModel,
     add_batch_seconds_option,
+    add_model_argument,
     batch_by_seconds,
     load_model,
     recognize,
@@ -100,12 +101,7 @@ def transcribe_files(
 
 # --- command line -----------------------------------------------------------------------------
 def configure_parser(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "model",
-        type=Path,
-        metavar="MODEL",
-        help="an export folder, a run folder (its newest checkpoint) or a checkpoints/step_<n> folder",
-    )
+    add_model_argument(parser)
     parser.add_argument(
         "audio",
         type=Path,
