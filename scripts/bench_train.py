@@ -8,25 +8,28 @@
 Three contenders train the same model (the config's, built by `train.model.build_model` with the
 config's seed, so the weights are identical) on the same prepared corpus, each in its own process:
 
-1. `phonetune`: the real training loop (`train.loop.train`), evaluation and checkpoints out of the way.
+1. `phonetune`: the real training loop (`train.loop.train`), evaluation and checkpoints out of the
+   way.
 2. `reference`: `scripts/reference_hf_recipe.py`, the Hugging Face recipe (`transformers.Trainer`,
    padding collator, length-grouped sampling) with K utterances per batch, K chosen so that its
    average padded batch holds as many seconds as phonetune's average padded batch.
-3. `limit`: forward + backward + clip + AdamW step of the same model on tensors pre-built from exactly
-   the utterances phonetune trained on in the same round, no data loading; two ways: `exact` (each
-   utterance at its own length, no padding, gradients accumulated over the batch) and `padded` (the
-   same batches, padded, pre-built). The limit is the faster of the two per second of audio.
+3. `limit`: forward + backward + clip + AdamW step of the same model on tensors pre-built from
+   exactly the utterances phonetune trained on in the same round, no data loading; two ways: `exact`
+   (each utterance at its own length, no padding, gradients accumulated over the batch) and
+   `padded` (the same batches, padded, pre-built). The limit is the faster of the two per second of
+   audio; its AdamW is torch's fused kernel where there is one.
 
 After setup and `--warmup-steps` untimed steps each, the contenders run in rounds, one at a time, in
 the order phonetune, reference, limit (A,B,C,A,B,C...), so machine noise hits them alike. In a round
-phonetune runs `--steps` optimizer steps; the reference runs until it has trained on at least as much
-audio (real, unpadded seconds) as phonetune did in that round; the limit replays phonetune's batches
-of that round (the rows are checked to be identical). Throughput is real audio seconds per wall-clock
-second summed over the rounds; the ratios are also given as the median of the per-round ratios,
-which machine load that drifts between rounds disturbs less. A round's time covers the same work
-for everyone: N steps and the loading of N batches. Peak memory is each contender's process peak resident set size (getrusage
-`ru_maxrss`, so it includes the Python, torch and transformers imports; the limit's also holds its
-pre-built tensors), plus `torch.cuda.max_memory_allocated` on a GPU.
+phonetune runs `--steps` optimizer steps; the reference runs until it has trained on at least as
+much audio (real, unpadded seconds) as phonetune did in that round; the limit replays phonetune's
+batches of that round (the rows are checked to be identical). Throughput is real audio seconds per
+wall-clock second summed over the rounds; the ratios are also given as the median of the
+per-round ratios, which machine load that drifts between rounds disturbs less. A round's time
+covers the same work for everyone: N steps and the loading of N batches. Peak memory is each
+contender's process peak resident set size (getrusage `ru_maxrss`, so it includes the Python,
+torch and transformers imports; the limit's also holds its pre-built tensors), plus
+`torch.cuda.max_memory_allocated` on a GPU.
 
 Without `--prepared-dir` the corpus is the demo's (`phonetune synth`, 8 locales x 200 clips, then
 `phonetune prepare`), made once under `--work-dir`. Prints a table, writes the training section of
@@ -538,8 +541,8 @@ def run_rounds(workers: dict[str, Worker], rounds: int, steps: int, warmup: int)
             limit = workers["limit"].send({"batches": [first, first + steps], "variant": variant})
             if limit["rows"] != ours["rows"]:
                 raise BenchError(
-                    f"round {index + 1}: the limit's batches are not the ones phonetune trained on; "
-                    "its replay of the sampler no longer matches train/loop.py"
+                    f"round {index + 1}: the limit's batches are not the ones phonetune trained "
+                    "on; its replay of the sampler no longer matches train/loop.py"
                 )
             chunks[variant].append(limit)
         print(

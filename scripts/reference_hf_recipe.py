@@ -88,7 +88,7 @@ def prepare_dataset(prepared_dir: Path, processor, cache_dir: Path):  # -> datas
 
 @dataclasses.dataclass
 class DataCollatorCTCWithPadding:
-    """Pads inputs with the feature extractor and labels with the tokenizer; label padding -> -100."""
+    """Pads inputs with the feature extractor, labels with the tokenizer; label padding -> -100."""
 
     processor: object  # Wav2Vec2Processor
     padding: bool | str = True

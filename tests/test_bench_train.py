@@ -1,4 +1,4 @@
-"""scripts/bench_train.py: the three-way training benchmark runs end to end and keeps its contract."""
+"""scripts/bench_train.py: the three-way training benchmark runs end to end, keeps its contract."""
 
 import importlib.util
 import json
