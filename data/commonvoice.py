@@ -81,19 +81,20 @@ def clean_sentence(text: str) -> str:
     return " ".join("".join(kept).split())
 
 
-def resolve_clip_path(clips_dir: Path, relative: str) -> Path | None:
+def resolve_clip_path(clips_dir: Path, relative: str, root: Path | None = None) -> Path | None:
     """The clip's real path, or None when `relative` would leave the clips directory.
 
     Symbolic links are followed before the check, so a link inside clips/ that points elsewhere
-    is refused too.
+    is refused too. `root` is `clips_dir.resolve()` when the caller has it already (resolving it
+    again for every row was most of the time spent reading a TSV).
     """
     if not relative or os.path.isabs(relative) or "\x00" in relative:
         return None
+    root = clips_dir.resolve() if root is None else root
     try:
-        candidate = (clips_dir / relative).resolve()
+        candidate = (root / relative).resolve()
     except (OSError, RuntimeError):  # a name too long for the file system, a symlink loop
         return None
-    root = clips_dir.resolve()
     return candidate if candidate.is_relative_to(root) and candidate != root else None
 
 
@@ -107,6 +108,7 @@ def _is_file(path: Path) -> bool:
 def read_split(cv_root: Path, locale: str, split: str, tsv: Path) -> Iterator[Clip | Rejection]:
     """Yield a Clip for every usable row of `tsv` and a Rejection (with its reason) for the rest."""
     clips_dir = cv_root / locale / "clips"
+    clips = (clips_dir, clips_dir.resolve())
     try:
         handle = open(tsv, "rb")  # binary lines end at b"\n" only
     except OSError as error:
@@ -134,7 +136,7 @@ def read_split(cv_root: Path, locale: str, split: str, tsv: Path) -> Iterator[Cl
                     f"{tsv.name} line {line_number} is not UTF-8 ({error.reason} at byte {error.start})",
                 )
                 continue
-            yield from _check_row(clips_dir, locale, split, tsv, header, missing, line_number, row)
+            yield from _check_row(clips, locale, split, tsv, header, missing, line_number, row)
 
 
 def _strip_newline(line: bytes) -> bytes:
@@ -142,7 +144,7 @@ def _strip_newline(line: bytes) -> bytes:
 
 
 def _check_row(
-    clips_dir: Path,
+    clips: tuple[Path, Path],  # the clips folder, and its resolved path
     locale: str,
     split: str,
     tsv: Path,
@@ -176,7 +178,7 @@ def _check_row(
     relative = fields["path"].strip()
     # "./a.mp3" and "a.mp3" are one clip: the normal spelling lets duplicates be recognised.
     relative = posixpath.normpath(relative) if relative else relative
-    audio_path = resolve_clip_path(clips_dir, relative)
+    audio_path = resolve_clip_path(clips[0], relative, root=clips[1])
     if audio_path is None:
         yield Rejection(
             locale,

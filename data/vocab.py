@@ -33,6 +33,10 @@ def load_vocab(path: Path) -> dict[str, int]:
         raw = json.loads(Path(path).read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise PhonetuneError(f"vocabulary file {path} does not exist") from None
+    except OSError as error:  # a folder, no permission
+        raise PhonetuneError(
+            f"cannot read vocabulary file {path}: {error.strerror or error}"
+        ) from None
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise PhonetuneError(f"vocabulary file {path} is not valid JSON: {error}") from None
     if not isinstance(raw, dict) or not all(isinstance(v, int) for v in raw.values()):

@@ -209,35 +209,26 @@ def phonetune_worker(spec: dict) -> None:
 
 
 def reference_worker(spec: dict) -> None:
-    """The HF recipe's Trainer with a callback that waits for the orchestrator between rounds and a
-    collator wrapper that counts real and padded samples (measurement only)."""
+    """The HF recipe's Trainer with a callback that waits for the orchestrator between rounds. Its
+    collator also notes each batch's real and padded seconds in the batch (where it runs: maybe a
+    DataLoader worker process), taken out again where the Trainer hands the batch to the model
+    (measurement only, no device synchronisation)."""
     from reference_hf_recipe import make_trainer
     from transformers import TrainerCallback
 
-    collated: list[tuple[float, float]] = []  # (real, padded) seconds of each batch, in order
-
-    def counting(collator):  # noqa: ANN001, ANN202
-        def collate(features):  # noqa: ANN001, ANN202
-            batch = collator(features)
-            mask = batch["attention_mask"]
-            collated.append((float(mask.sum()) / SAMPLE_RATE, mask.numel() / SAMPLE_RATE))
-            return batch
-
-        return collate
+    trained: list[tuple[float, float]] = []  # (real, padded) seconds of each batch, in order
 
     class Gate(TrainerCallback):
         def __init__(self) -> None:
-            self.done = 0  # steps finished
-            self.chunk, self.first, self.target = Chunk(), 0, None
+            self.chunk, self.target = Chunk(), None
 
         def on_step_end(self, args, state, control, **kwargs):  # noqa: ANN001, ANN201
-            self.done += 1
             chunk = self.chunk
             chunk.steps += 1
             chunk.optimizer = describe_optimizer(kwargs["optimizer"])
-            # Batch i belongs to step i + 1 (the dataloader may have collated one batch ahead).
-            chunk.audio = sum(a for a, _ in collated[self.first : self.done])
-            chunk.padded = sum(p for _, p in collated[self.first : self.done])
+            real, padded = trained.pop(0)  # one batch per step (no gradient accumulation)
+            chunk.audio += real
+            chunk.padded += padded
             finished = (
                 chunk.steps >= spec["warmup_steps"]
                 if self.target is None
@@ -247,7 +238,7 @@ def reference_worker(spec: dict) -> None:
                 reply(chunk.result())
                 command = read_command()
                 stop_if_asked(command)
-                self.chunk, self.first, self.target = Chunk(), self.done, command["audio_s"]
+                self.chunk, self.target = Chunk(), command["audio_s"]
             return control
 
     trainer = make_trainer(
@@ -260,8 +251,20 @@ def reference_worker(spec: dict) -> None:
         config_path=Path(spec["config"]),
         overrides=spec["overrides"],
         callbacks=[Gate()],
-        wrap_collator=counting,
     )
+    collator, training_step = trainer.data_collator, trainer.training_step
+
+    def counting_collator(features):  # noqa: ANN001, ANN202
+        batch = collator(features)
+        mask = batch["attention_mask"]
+        batch["bench_seconds"] = (float(mask.sum()) / SAMPLE_RATE, mask.numel() / SAMPLE_RATE)
+        return batch
+
+    def counted_step(model, inputs, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+        trained.append(inputs.pop("bench_seconds"))
+        return training_step(model, inputs, *args, **kwargs)
+
+    trainer.data_collator, trainer.training_step = counting_collator, counted_step
     trainer.train()
     raise RuntimeError("the reference run ended before the benchmark stopped it")
 
@@ -325,9 +328,16 @@ def limit_worker(spec: dict) -> None:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
+    # The same autocast as phonetune's Accelerator applies (bf16 / fp16); ctc_loss runs in fp32.
+    precision = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(t.mixed_precision)
+
+    def autocast():  # noqa: ANN202
+        return torch.autocast(device.type, dtype=precision, enabled=precision is not None)
+
     def padded_step(batch: Batch) -> None:
         count = len(batch.rows) if per_utterance else int(batch.label_lengths.sum())
-        logits = module(batch.input_values, batch.attention_mask)
+        with autocast():
+            logits = module(batch.input_values, batch.attention_mask)
         (loss_of(logits, batch.input_lengths, batch.labels, batch.label_lengths) / count).backward()
         update()
 
@@ -335,13 +345,17 @@ def limit_worker(spec: dict) -> None:
         count = len(utterances) if per_utterance else sum(int(u.label_lengths) for u in utterances)
         for u in utterances:
             # One utterance at its own length: no padding, so no attention mask to apply either.
-            logits = model.lm_head(model.wav2vec2(u.input_values).last_hidden_state)
+            with autocast():
+                logits = model.lm_head(model.wav2vec2(u.input_values).last_hidden_state)
             (loss_of(logits, u.input_lengths, u.labels, u.label_lengths) / count).backward()
         update()
 
     def prebuild(batches: list, variant: str) -> list:
         if variant == "padded":
-            return [collate(data.train, rows, data.vocab).to(device) for rows in batches]
+            return [
+                collate(data.train, rows, data.vocab, t.pad_to_multiple_of).to(device)
+                for rows in batches
+            ]
         return [
             [collate(data.train, [row], data.vocab).to(device) for row in rows] for rows in batches
         ]
@@ -811,6 +825,11 @@ def main(argv: list[str] | None = None) -> int:
         args.config,
         [f"data.prepared_dir={args.prepared_dir}", "run.output_dir=unused", *args.overrides],
     )
+    if config.train.grad_accum != 1:
+        raise BenchError(
+            f"train.grad_accum={config.train.grad_accum}: the contenders are compared step for "
+            "step on single batches (the reference recipe accumulates none); set train.grad_accum=1"
+        )
     # The loop runs one step past the last round: that step's gate closes the round.
     max_steps = args.warmup_steps + args.rounds * args.steps + 1
     command = " ".join(["python", "scripts/bench_train.py", *(argv or sys.argv[1:])])

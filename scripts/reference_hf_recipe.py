@@ -150,6 +150,13 @@ def training_arguments(output_dir: Path, config, batch_size: int, max_steps: int
         report_to="none",
         seed=t.seed,
         dataloader_num_workers=config.data.num_workers,
+        # the config's precision and memory settings, as the blog's `fp16=True` and
+        # `gradient_checkpointing=True` flags
+        use_cpu=not torch.cuda.is_available(),  # else bf16 on a CPU is refused
+        bf16=t.mixed_precision == "bf16",
+        fp16=t.mixed_precision == "fp16",
+        gradient_checkpointing=config.model.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False},
         disable_tqdm=True,
         **grouping,
         **extra,
@@ -164,7 +171,6 @@ def make_trainer(
     config_path: Path = DEFAULT_CONFIG,
     overrides: list[str] | None = None,
     callbacks: list | None = None,
-    wrap_collator=None,  # noqa: ANN001 - a measurement hook (bench_train.py); None for real use
 ):  # -> transformers.Trainer
     from transformers import Trainer
 
@@ -180,7 +186,7 @@ def make_trainer(
         model=model,
         args=args,
         train_dataset=train_dataset,
-        data_collator=wrap_collator(collator) if wrap_collator else collator,
+        data_collator=collator,
         processing_class=processor.feature_extractor,
         callbacks=callbacks,
     )

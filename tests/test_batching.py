@@ -190,3 +190,21 @@ def test_loader_with_workers_gives_the_same_batches(tiny_split):
     assert torch.equal(
         state, torch.get_rng_state()
     )  # creating an iterator draws nothing from torch's RNG
+
+
+def test_padding_to_a_multiple_rounds_only_the_batch_width(tiny_split):
+    split, _ = tiny_split
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3, "a": 4, "b": 5, "c": 6}
+    plain = collate(split, [1, 3], vocab)
+    rounded = collate(split, [1, 3], vocab, pad_to_multiple_of=1600)
+    assert plain.input_values.shape == (2, 12_345) and rounded.input_values.shape == (2, 12_800)
+    assert torch.equal(rounded.input_values[:, :12_345], plain.input_values)
+    assert torch.all(rounded.input_values[:, 12_345:] == 0)
+    assert rounded.attention_mask.sum(dim=1).tolist() == [8_000, 12_345]
+    assert torch.equal(rounded.labels, plain.labels)
+    assert rounded.audio_seconds == plain.audio_seconds
+    assert rounded.padded_seconds == pytest.approx(2 * 12_800 / 16_000)
+    # an exact multiple stays as it is; the loader (and its workers) pass the setting on
+    assert collate(split, [2], vocab, pad_to_multiple_of=1600).input_values.shape == (1, 24_000)
+    loaded = next(iter(make_loader(split, [np.array([1, 3])], vocab, 1, pad_to_multiple_of=1600)))
+    assert torch.equal(loaded.input_values, rounded.input_values)

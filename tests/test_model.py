@@ -2,6 +2,7 @@
 
 import json
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -173,25 +174,9 @@ def test_padding_does_not_change_the_logits_of_real_frames():
 
 
 def xlsr53_config():
-    """facebook/wav2vec2-large-xlsr-53's architecture, written out (no download)."""
-    return {
-        "hidden_size": 1024,
-        "num_hidden_layers": 24,
-        "num_attention_heads": 16,
-        "intermediate_size": 4096,
-        "hidden_act": "gelu",
-        "conv_dim": [512] * 7,
-        "conv_kernel": [10, 3, 3, 3, 3, 2, 2],
-        "conv_stride": [5, 2, 2, 2, 2, 2, 2],
-        "conv_bias": True,
-        "feat_extract_norm": "layer",
-        "feat_extract_activation": "gelu",
-        "do_stable_layer_norm": True,
-        "num_conv_pos_embeddings": 128,
-        "num_conv_pos_embedding_groups": 16,
-        "layer_norm_eps": 1e-5,
-        "initializer_range": 0.02,
-    }
+    """facebook/wav2vec2-large-xlsr-53's architecture, as shipped for random-init builds."""
+    path = Path(__file__).resolve().parents[1] / "configs" / "xlsr53_architecture.json"
+    return json.loads(path.read_text(encoding="utf-8"))
 
 
 @pytest.mark.slow

@@ -7,6 +7,7 @@ import pytest
 from datasets import load_from_disk
 
 from data.audio import SAMPLE_RATE, count_ctc_frames, count_ctc_minimum, load_audio
+from data.errors import PhonetuneError
 from data.prepare import PrepareOptions, prepare
 from data.vocab import load_released_vocab, load_vocab
 from tests.conftest import TEST_CLIPS_PER_LOCALE, TEST_LOCALES
@@ -145,3 +146,10 @@ def test_prepare_imports_neither_datasets_nor_pandas(cv_corpus, tmp_path):
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip().splitlines()[-1] == "[]"
     assert len(load_from_disk(str(tmp_path / "p"))["dev"]) > 0
+
+
+def test_a_vocabulary_path_that_cannot_be_read_is_a_clear_error(tmp_path):
+    with pytest.raises(PhonetuneError, match="cannot read vocabulary file .*: Is a directory"):
+        load_vocab(tmp_path)
+    with pytest.raises(PhonetuneError, match="does not exist"):
+        load_vocab(tmp_path / "missing.json")

@@ -149,13 +149,18 @@ class Batch:
 
 
 def collate(
-    split: PreparedSplit, rows: Sequence[int], vocab: Mapping[str, int] | None = None
+    split: PreparedSplit,
+    rows: Sequence[int],
+    vocab: Mapping[str, int] | None = None,
+    pad_to_multiple_of: int = 1,
 ) -> Batch:
-    """Slice, normalise and pad the audio of `rows`; encode and pad their phones if `vocab` is given."""
+    """Slice, normalise and pad the audio of `rows` (to the longest clip, rounded up to a multiple
+    of `pad_to_multiple_of` samples); encode and pad their phones if `vocab` is given."""
     rows = [int(row) for row in rows]
     waves = split.audio(rows)
     lengths = np.array([len(wave) for wave in waves], dtype=np.int64)
-    input_values = np.zeros((len(rows), int(lengths.max(initial=1))), dtype=np.float32)
+    width = -(-int(lengths.max(initial=1)) // pad_to_multiple_of) * pad_to_multiple_of
+    input_values = np.zeros((len(rows), width), dtype=np.float32)
     attention_mask = np.zeros(input_values.shape, dtype=np.int64)
     for i, wave in enumerate(waves):
         input_values[i, : len(wave)] = normalize_audio(wave)
@@ -344,15 +349,18 @@ class DurationBatchSampler:
 class BatchReader(torch.utils.data.Dataset):
     """A map-style dataset whose keys are whole batches of rows (the sampler's output)."""
 
-    def __init__(self, split: PreparedSplit, vocab: Mapping[str, int] | None) -> None:
+    def __init__(
+        self, split: PreparedSplit, vocab: Mapping[str, int] | None, pad_to_multiple_of: int = 1
+    ) -> None:
         self.split = split
         self.vocab = vocab
+        self.pad_to_multiple_of = pad_to_multiple_of
 
     def __len__(self) -> int:
         return len(self.split)
 
     def __getitem__(self, rows: np.ndarray) -> Batch:
-        return collate(self.split, rows, self.vocab)
+        return collate(self.split, rows, self.vocab, self.pad_to_multiple_of)
 
 
 def _as_is(batch: Batch) -> Batch:
@@ -365,10 +373,11 @@ def make_loader(
     vocab: Mapping[str, int] | None,
     num_workers: int = 0,
     pin_memory: bool = False,
+    pad_to_multiple_of: int = 1,
 ) -> torch.utils.data.DataLoader:
     """A DataLoader that collates each batch of rows (in `num_workers` processes if > 0)."""
     return torch.utils.data.DataLoader(
-        BatchReader(split, vocab),
+        BatchReader(split, vocab, pad_to_multiple_of),
         batch_size=None,
         sampler=batches,
         num_workers=num_workers,

@@ -1,0 +1,588 @@
+"""XLSR-53 on one GPU in bf16: throughput, model FLOPs utilisation, peak memory, largest batch.
+
+    python scripts/bench_gpu.py --out runs/bench_gpu            # on a CUDA machine: the whole run
+    python scripts/bench_gpu.py --write-section runs/bench_gpu/bench_gpu.json   # into BENCHMARKS.md
+
+What it runs, all with phonetune's own code (config loading, model building, sampler, loader,
+`train.loop.train_step`) and the recipe `configs/xlsr53_espeak_cv.yaml` (bf16 autocast, SpecAugment,
+LayerDrop 0.1, frozen feature encoder) on the architecture of `configs/xlsr53_architecture.json`
+(XLSR-53's config.json values, randomly initialised: the weights do not change the work of a step):
+
+1. The card's bf16 matrix-multiply rate, measured (8192^3 products, CUDA events), next to the
+   datasheet's dense bf16 rate.
+2. For each `--budgets` value B (seconds of audio per batch, padding included): `--steps` timed
+   optimizer steps after `--warmup` untimed ones, the whole transformer training
+   (`train.freeze_finetune_updates=0`); audio seconds per second, padding, peak memory
+   (`torch.cuda.max_memory_allocated`, and reserved). Model FLOPs per audio second are counted
+   with `torch.utils.flop_counter.FlopCounterMode` over two further steps (forward and backward
+   operations as dispatched, so LayerDrop's skipped layers are not counted); model FLOPs
+   utilisation = throughput x FLOPs per audio second / the card's bf16 rate.
+3. The largest budget whose longest batch (the sampler puts it first) trains one step without
+   running out of memory: doubling from `--search-start`, then bisection to 10%.
+4. Unless `--no-harness`: `scripts/bench_train.py` (phonetune vs the Hugging Face Trainer recipe vs
+   the compute limit) at XLSR-53 size in bf16 on the same kind of corpus.
+
+The corpus is synthetic (no dataset can be downloaded here): a prepared dataset (docs/formats.md)
+of noise clips with uniformly distributed durations (`--min-seconds`..`--max-seconds`, Common
+Voice's clips are mostly 2 to 8 s) and random phone strings of the released model's 392-token
+vocabulary at 12 phones per second. Speed does not depend on what the audio says.
+Writes `bench_gpu.json` (and the harness's logs) to `--out`; the last line printed is the JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+SAMPLE_RATE = 16_000
+RECIPE = REPO / "configs" / "xlsr53_espeak_cv.yaml"
+ARCHITECTURE = REPO / "configs" / "xlsr53_architecture.json"
+BENCHMARKS_HEADING = "## GPU: `scripts/bench_gpu.py`"
+# Dense bf16 tensor-core rates from NVIDIA's datasheets (FLOP/s, without sparsity).
+DATASHEET_BF16 = {"H100 PCIe": 756e12, "H100": 989.4e12, "H200": 989.4e12, "A100": 312e12}
+
+
+# --- the synthetic corpus --------------------------------------------------------------------------
+def write_synthetic_prepared(
+    out: Path, clips: int, seed: int, min_seconds: float, max_seconds: float
+) -> Path:
+    """A prepared dataset of `clips` noise clips (train) and a few dev clips, in docs/formats.md's
+    columns, with the released model's vocabulary."""
+    import datasets
+    import pyarrow as pa
+
+    datasets.disable_progress_bars()
+    from data.vocab import SPECIAL_TOKENS, load_released_vocab, save_vocab
+
+    vocab = load_released_vocab()
+    phones = np.array([token for token in vocab if token not in SPECIAL_TOKENS])
+    rng = np.random.default_rng(seed)
+    splits = {}
+    for split, count in (("train", clips), ("dev", max(4, clips // 100))):
+        samples = np.round(rng.uniform(min_seconds, max_seconds, count) * SAMPLE_RATE).astype(
+            np.int64
+        )
+        offsets = np.concatenate([[0], np.cumsum(samples)]).astype(np.int64)
+        audio = rng.normal(0.0, 3000.0, int(offsets[-1])).clip(-32768, 32767).astype(np.int16)
+        texts = [" ".join(rng.choice(phones, max(1, int(n / SAMPLE_RATE * 12)))) for n in samples]
+        table = pa.table(
+            {
+                "audio": pa.LargeListArray.from_arrays(pa.array(offsets), pa.array(audio)),
+                "phones": texts,
+                "num_phones": pa.array([len(t.split()) for t in texts], pa.int32()),
+                "locale": ["xx"] * count,
+                "split": [split] * count,
+                "duration": pa.array(samples / SAMPLE_RATE, pa.float32()),
+                # wav2vec 2.0's feature encoder: a 400-sample receptive field, a 320-sample hop
+                "num_frames": pa.array((samples - 400) // 320 + 1, pa.int32()),
+                "client_id": ["synthetic"] * count,
+                "sentence": [""] * count,
+                "path": [f"xx/clips/{split}_{i}.mp3" for i in range(count)],
+            }
+        )
+        splits[split] = datasets.Dataset(
+            datasets.table.InMemoryTable(table), fingerprint=f"synthetic_{split}_{count}_{seed}"
+        )
+    datasets.DatasetDict(splits).save_to_disk(str(out))
+    save_vocab(vocab, out / "vocab.json")
+    report = {"versions": {"phonetune": "synthetic"}, "synthetic": {"clips": clips, "seed": seed}}
+    (out / "prep_report.json").write_text(json.dumps(report), encoding="utf-8")
+    return out
+
+
+# --- measurements ----------------------------------------------------------------------------------
+def measure_matmul_rate() -> float:
+    """bf16 FLOP/s of 8192^3 matrix products on fresh random data (median of 10 after 3 warm-ups)."""
+    import torch
+
+    n = 8192
+    a, b = (torch.randn(n, n, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    times = []
+    for index in range(13):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        a @ b
+        end.record()
+        torch.cuda.synchronize()
+        if index >= 3:
+            times.append(start.elapsed_time(end) / 1000)
+    return 2 * n**3 / float(np.median(times))
+
+
+def datasheet_rate(gpu_name: str) -> float | None:
+    for key, value in DATASHEET_BF16.items():  # "H100 PCIe" is looked for before "H100"
+        if all(part in gpu_name for part in key.split()):
+            return value
+    return None
+
+
+class Bench:
+    """phonetune's training pieces, set up once (as `train.loop.train_locked` sets them up)."""
+
+    def __init__(self, config) -> None:  # noqa: ANN001 - train.config.Config
+        import torch
+
+        from train import loop
+        from train.model import CTCModel, build_model, count_parameters
+
+        self.loop, self.config = loop, config
+        self.accelerator = loop.make_accelerator(config)
+        self.data = loop.load_data(config)
+        loop.seed_everything(config.train.seed)
+        model, _ = build_model(config.model, self.data.vocab)
+        module = CTCModel(model)
+        loop.drop_unalignable(self.data, module, config)
+        self.trainable, self.total = count_parameters(module)
+        optimizer = loop.make_optimizer(module, config)
+        # A constant learning rate: the schedule does not change the work of a step.
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+        self.module, self.optimizer = self.accelerator.prepare(module, optimizer)
+        self.module.train()
+        self.cuda = self.accelerator.device.type == "cuda"
+
+    def sampler(self, budget: float):  # -> DurationBatchSampler
+        from train.batching import DurationBatchSampler
+
+        t, data = self.config.train, self.data
+        return DurationBatchSampler(
+            data.train_rows,
+            data.train.durations[data.train_rows],
+            budget,
+            t.seed,
+            bucket_width=t.bucket_width,
+            longest_first=t.longest_first,
+        )
+
+    def batches(self, budget: float):  # -> an endless iterator of Batch
+        from train.batching import make_loader
+
+        sampler, epoch = self.sampler(budget), 0
+        while True:
+            sampler.set_epoch(epoch)
+            loader = make_loader(
+                self.data.train,
+                sampler,
+                self.data.vocab,
+                self.config.data.num_workers,
+                pin_memory=self.cuda,
+                pad_to_multiple_of=self.config.train.pad_to_multiple_of,
+            )
+            yield from loader
+            epoch += 1
+
+    def step(self, batch):  # noqa: ANN001, ANN201 - Batch -> StepResult
+        return self.loop.train_step(
+            self.module,
+            self.optimizer,
+            self.scheduler,
+            [batch],
+            [False],
+            self.accelerator,
+            self.config,
+            freeze_transformer=False,
+        )
+
+    def synchronize(self) -> None:
+        import torch
+
+        if self.cuda:
+            torch.cuda.synchronize()
+
+    def reset_memory(self) -> None:
+        import torch
+
+        self.optimizer.zero_grad(set_to_none=True)
+        gc.collect()
+        if self.cuda:
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+
+    def peak_memory_gib(self) -> dict:
+        import torch
+
+        if not self.cuda:
+            return {}
+        return {
+            "peak_allocated_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
+            "peak_reserved_gib": round(torch.cuda.max_memory_reserved() / 2**30, 2),
+        }
+
+    def time_budget(self, budget: float, warmup: int, steps: int, flop_steps: int) -> dict:
+        from torch.utils.flop_counter import FlopCounterMode
+
+        self.reset_memory()
+        stream = self.batches(budget)
+        for _ in range(warmup):  # the longest batch of the epoch comes first: it is in here
+            self.step(next(stream))
+        self.synchronize()
+        audio = padded = 0.0
+        started = time.perf_counter()
+        for _ in range(steps):
+            result = self.step(next(stream))
+            audio += result.audio_seconds
+            padded += result.padded_seconds
+        self.synchronize()
+        wall = time.perf_counter() - started
+        memory = self.peak_memory_gib()
+        flops = counted_audio = 0.0
+        for _ in range(flop_steps):
+            with FlopCounterMode(display=False) as counter:
+                result = self.step(next(stream))
+            flops += counter.get_total_flops()
+            counted_audio += result.audio_seconds
+        return {
+            "batch_seconds": budget,
+            "steps": steps,
+            "audio_s": round(audio, 2),
+            "wall_s": round(wall, 4),
+            "audio_s_per_s": round(audio / wall, 2),
+            "step_s": round(wall / steps, 4),
+            "padding_fraction": round(1 - audio / padded, 4) if padded else 0.0,
+            "model_flop_per_audio_s": flops / counted_audio if counted_audio else None,
+            **memory,
+        }
+
+    def profile(self, budget: float, warmup: int, steps: int, path: Path) -> None:
+        """torch.profiler over `steps` steps: operators by self CPU time and by device time."""
+        from torch.profiler import ProfilerActivity, profile
+
+        stream = self.batches(budget)
+        for _ in range(warmup):
+            self.step(next(stream))
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.cuda else [])
+        with profile(activities=activities) as profiler:
+            for _ in range(steps):
+                self.step(next(stream))
+            self.synchronize()
+        averages = profiler.key_averages()
+        tables = [f"# {steps} steps at a {budget:g} s budget, after {warmup} untimed ones"]
+        for key in ("self_cpu_time_total", "self_device_time_total" if self.cuda else None):
+            if key:
+                tables += [f"## by {key}", averages.table(sort_by=key, row_limit=30)]
+        path.write_text("\n".join(tables), encoding="utf-8")
+        print("\n".join(tables[:3]), flush=True)
+
+    def fits(self, budget: float) -> tuple[bool, dict]:
+        """Whether one step on the longest batch of this budget runs without running out of memory."""
+        import torch
+
+        from train.batching import collate
+
+        t = self.config.train
+        sampler = self.sampler(budget)
+        sampler.set_epoch(0)
+        rows = next(iter(sampler))
+        self.reset_memory()
+        try:
+            batch = collate(self.data.train, rows, self.data.vocab, t.pad_to_multiple_of)
+            self.step(batch)
+            self.synchronize()
+        except torch.OutOfMemoryError:
+            self.reset_memory()
+            return False, {"batch_seconds": budget, "fits": False}
+        memory = self.peak_memory_gib()
+        self.reset_memory()
+        return True, {"batch_seconds": budget, "fits": True, "clips": len(rows), **memory}
+
+    def largest_budget(self, start: float, limit: float) -> dict:
+        trials = []
+        good, bad = None, None
+        budget = start
+        while budget <= limit:
+            ok, record = self.fits(budget)
+            trials.append(record)
+            print(f"  {budget:.0f} s: {'fits' if ok else 'out of memory'}", flush=True)
+            if not ok:
+                bad = budget
+                break
+            good, budget = budget, budget * 2
+        while good is not None and bad is not None and bad - good > 0.1 * good:
+            middle = round((good + bad) / 2)
+            ok, record = self.fits(middle)
+            trials.append(record)
+            print(f"  {middle:.0f} s: {'fits' if ok else 'out of memory'}", flush=True)
+            good, bad = (middle, bad) if ok else (good, middle)
+        return {
+            "largest_fitting_batch_seconds": good,
+            "smallest_failing_batch_seconds": bad,
+            "searched_up_to": limit,
+            "trials": trials,
+        }
+
+
+def run_harness(args: argparse.Namespace, prepared: Path, overrides: list[str]) -> dict:
+    """scripts/bench_train.py at XLSR-53 size; its JSON result (its last line)."""
+    command = [
+        sys.executable,
+        str(REPO / "scripts" / "bench_train.py"),
+        "--prepared-dir",
+        str(prepared),
+        "--config",
+        str(args.config),
+        "--rounds",
+        str(args.harness_rounds),
+        "--steps",
+        str(args.harness_steps),
+        "--warmup-steps",
+        str(args.harness_warmup),
+        "--work-dir",
+        str(args.out / "harness"),
+        "--no-write",
+        *overrides,
+        f"train.batch_seconds={args.harness_budget}",
+    ]
+    print(" ".join(command), flush=True)
+    completed = subprocess.run(command, cwd=REPO, stdout=subprocess.PIPE, text=True)
+    print(completed.stdout, flush=True)
+    if completed.returncode != 0:
+        return {"error": f"bench_train.py exited {completed.returncode}"}
+    return json.loads(completed.stdout.strip().splitlines()[-1])
+
+
+def describe_machine() -> dict:
+    import torch
+    import transformers
+
+    info = {"torch": torch.__version__, "transformers": transformers.__version__}
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        info.update(
+            gpu=torch.cuda.get_device_name(0),
+            gpu_memory_gib=round(props.total_memory / 2**30, 1),
+            multiprocessors=props.multi_processor_count,
+            cuda=torch.version.cuda,
+        )
+    info["cpu_count"] = os.cpu_count()
+    return info
+
+
+def run(args: argparse.Namespace) -> dict:
+    import torch
+
+    from train.config import load_config
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    model_overrides = (
+        ["model.name_or_path=null", f"model.config={args.architecture.resolve()}"]
+        if args.architecture
+        else []
+    )
+    overrides = [
+        *model_overrides,
+        "train.freeze_finetune_updates=0",  # time the main phase: the whole transformer trains
+        "data.locales=null",  # the synthetic corpus has one locale, "xx"
+        "log.report_to=[]",
+        "train.grad_accum=1",  # one batch per step, as the Trainer recipe of the harness
+        *args.overrides,
+    ]
+    result: dict = {
+        "machine": describe_machine(),
+        "config": str(args.config),
+        "overrides": overrides,
+        "harness_budget": args.harness_budget,
+        "command": " ".join(["python", "scripts/bench_gpu.py", *args.argv]),
+    }
+
+    def save() -> None:  # after every phase: a run cut short still leaves what it measured
+        (args.out / "bench_gpu.json").write_text(json.dumps(result, indent=1), encoding="utf-8")
+
+    if torch.cuda.is_available():
+        result["matmul_bf16_flop_per_s"] = measure_matmul_rate()
+        result["datasheet_bf16_flop_per_s"] = datasheet_rate(result["machine"]["gpu"])
+        print(f"bf16 matmul: {result['matmul_bf16_flop_per_s'] / 1e12:.0f} TFLOP/s", flush=True)
+
+    started = time.perf_counter()
+    sweep_corpus = write_synthetic_prepared(
+        args.out / "corpus_sweep", args.clips, 0, args.min_seconds, args.max_seconds
+    )
+    print(f"synthetic corpus: {time.perf_counter() - started:.1f} s", flush=True)
+    config = load_config(
+        args.config,
+        [f"data.prepared_dir={sweep_corpus}", f"run.output_dir={args.out / 'unused'}", *overrides],
+    )
+    bench = Bench(config)
+    result["parameters"] = {"trainable": bench.trainable, "total": bench.total}
+    result["mixed_precision"] = config.train.mixed_precision
+    result["budgets"] = []
+    for budget in args.budgets:
+        record = bench.time_budget(budget, args.warmup, args.steps, args.flop_steps)
+        for name in ("matmul_bf16_flop_per_s", "datasheet_bf16_flop_per_s"):
+            rate = result.get(name)
+            if rate and record["model_flop_per_audio_s"]:
+                key = "mfu_vs_" + name.split("_")[0]
+                record[key] = round(
+                    record["audio_s_per_s"] * record["model_flop_per_audio_s"] / rate, 4
+                )
+        result["budgets"].append(record)
+        save()
+        print(json.dumps(record), flush=True)
+    if args.profile_budget:
+        bench.profile(args.profile_budget, args.warmup, 4, args.out / "profile.txt")
+    if bench.cuda and args.search_start > 0:
+        total_seconds = float(bench.data.train.durations[bench.data.train_rows].sum())
+        print("largest batch budget:", flush=True)
+        result["largest"] = bench.largest_budget(args.search_start, 0.9 * total_seconds)
+        save()
+    del bench
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    if args.harness_rounds > 0:
+        harness_corpus = write_synthetic_prepared(
+            args.out / "corpus_harness", args.harness_clips, 1, args.min_seconds, args.max_seconds
+        )
+        result["harness"] = run_harness(args, harness_corpus, overrides)
+        save()
+    return result
+
+
+# --- BENCHMARKS.md ---------------------------------------------------------------------------------
+def markdown_section(result: dict) -> str:
+    m = result["machine"]
+    lines = [
+        BENCHMARKS_HEADING,
+        "",
+        f"Card: **{m.get('gpu', 'no GPU')}** ({m.get('gpu_memory_gib')} GiB, "
+        f"{m.get('multiprocessors')} SMs, CUDA {m.get('cuda')}), {m['cpu_count']} CPU cores; "
+        f"torch {m['torch']}, transformers {m['transformers']}. Model: XLSR-53 architecture "
+        f"({result['parameters']['total'] / 1e6:.1f} M parameters, "
+        f"{result['parameters']['trainable'] / 1e6:.1f} M trained: the feature encoder is frozen), "
+        f"random init, `{Path(result['config']).name}` with {', '.join(f'`{o}`' for o in result['overrides'] if 'model.config' not in o)}; "
+        f"mixed precision {result['mixed_precision']}. Synthetic corpus (noise clips of 2-8 s, "
+        "random phones at 12/s; see the script's docstring).",
+        "",
+    ]
+    if result.get("matmul_bf16_flop_per_s"):
+        sheet = result.get("datasheet_bf16_flop_per_s")
+        lines += [
+            f"bf16 matrix product (8192^3) measured on this card: "
+            f"{result['matmul_bf16_flop_per_s'] / 1e12:.0f} TFLOP/s"
+            + (f"; datasheet dense bf16: {sheet / 1e12:.0f} TFLOP/s." if sheet else "."),
+            "",
+        ]
+    lines += [
+        "| batch budget (s) | step (s) | audio s/s | padding | model TFLOP per audio s | MFU (datasheet) | MFU (measured matmul) | peak allocated (GiB) | peak reserved (GiB) |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in result["budgets"]:
+        flops = r.get("model_flop_per_audio_s")
+        lines.append(
+            f"| {r['batch_seconds']:g} | {r['step_s']:.3f} | {r['audio_s_per_s']:.0f} | "
+            f"{100 * r['padding_fraction']:.1f}% | {flops / 1e12 if flops else float('nan'):.3f} | "
+            f"{100 * r.get('mfu_vs_datasheet', float('nan')):.1f}% | "
+            f"{100 * r.get('mfu_vs_matmul', float('nan')):.1f}% | "
+            f"{r.get('peak_allocated_gib', '-')} | {r.get('peak_reserved_gib', '-')} |"
+        )
+    largest = result.get("largest")
+    if largest:
+        fitting = [t for t in largest["trials"] if t["fits"]]
+        peak = max(fitting, key=lambda t: t["batch_seconds"]) if fitting else {}
+        lines += [
+            "",
+            f"Largest batch budget that trains (one step on the budget's longest batch, no "
+            f"gradient checkpointing): **{largest['largest_fitting_batch_seconds']} s** "
+            f"(peak allocated {peak.get('peak_allocated_gib')} GiB); "
+            + (
+                f"{largest['smallest_failing_batch_seconds']} s ran out of memory."
+                if largest["smallest_failing_batch_seconds"]
+                else f"the search stopped at the corpus size ({largest['searched_up_to']:.0f} s) without running out of memory."
+            ),
+        ]
+    harness = result.get("harness")
+    if harness and "error" not in harness:
+        lines += [
+            "",
+            f"`scripts/bench_train.py` at this size ({harness.get('rounds')} rounds x "
+            f"{harness.get('steps_per_round')} steps, batch budget {result.get('harness_budget')} s): phonetune "
+            f"{harness['phonetune_audio_s_per_s']:.0f} audio s/s, the Hugging Face Trainer recipe "
+            f"{harness['reference_audio_s_per_s']:.0f}, the compute limit {harness['limit_audio_s_per_s']:.0f}; "
+            f"phonetune / reference **{harness['phonetune_audio_s_per_s'] / harness['reference_audio_s_per_s']:.2f}x**, "
+            f"phonetune / limit **{harness['phonetune_audio_s_per_s'] / harness['limit_audio_s_per_s']:.2f}**, "
+            f"padding {100 * harness['padding_fraction']:.1f}%.",
+        ]
+    elif harness:
+        lines += ["", f"The `bench_train.py` harness failed: {harness['error']}."]
+    lines += ["", f"Command: `{result.get('command', 'python scripts/bench_gpu.py')}`", ""]
+    return "\n".join(lines)
+
+
+def write_section(path: Path, section: str) -> None:
+    """Replace (or append) this script's section of BENCHMARKS.md."""
+    text = path.read_text(encoding="utf-8") if path.is_file() else "# Benchmarks\n"
+    start = text.find(BENCHMARKS_HEADING)
+    if start < 0:
+        text = text.rstrip("\n") + "\n\n" + section
+    else:
+        end = text.find("\n## ", start + len(BENCHMARKS_HEADING))
+        text = text[:start] + section + (text[end + 1 :] if end >= 0 else "")
+    path.write_text(text, encoding="utf-8")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--out", type=Path, default=REPO / "runs" / "bench_gpu")
+    parser.add_argument("--config", type=Path, default=RECIPE)
+    parser.add_argument(
+        "--architecture",
+        default=str(ARCHITECTURE),
+        help="model.config to build (random init); '' keeps the config's model",
+    )
+    parser.add_argument(
+        "--budgets",
+        type=lambda s: [float(x) for x in s.split(",")],
+        default=[40, 80, 160, 320, 640],
+    )
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--flop-steps", type=int, default=2)
+    parser.add_argument("--clips", type=int, default=2500, help="synthetic training clips")
+    parser.add_argument("--min-seconds", type=float, default=2.0)
+    parser.add_argument("--max-seconds", type=float, default=8.0)
+    parser.add_argument(
+        "--search-start", type=float, default=160.0, help="0: no search of the largest budget"
+    )
+    parser.add_argument(
+        "--profile-budget", type=float, default=0.0, help="profile 4 steps at this budget (0: no)"
+    )
+    parser.add_argument("--harness-rounds", type=int, default=6, help="0: no bench_train.py run")
+    parser.add_argument("--harness-steps", type=int, default=8)
+    parser.add_argument("--harness-warmup", type=int, default=3)
+    parser.add_argument("--harness-clips", type=int, default=600)
+    parser.add_argument("--harness-budget", type=float, default=80.0)
+    parser.add_argument("--write-section", type=Path, metavar="RESULT_JSON")
+    parser.add_argument("--benchmarks-md", type=Path, default=REPO / "BENCHMARKS.md")
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+    args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
+    args.architecture = Path(args.architecture) if args.architecture else None
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.write_section:
+        result = json.loads(args.write_section.read_text(encoding="utf-8"))
+        write_section(args.benchmarks_md, markdown_section(result))
+        print(f"wrote the GPU section of {args.benchmarks_md}")
+        return 0
+    result = run(args)
+    print(markdown_section(result))
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
