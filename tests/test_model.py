@@ -14,6 +14,7 @@ from train.model import (
     CTCModel,
     build_model,
     count_parameters,
+    fft_conv1d,
     load_checkpoint_model,
     transfer_head,
 )
@@ -177,6 +178,63 @@ def xlsr53_config():
     """facebook/wav2vec2-large-xlsr-53's architecture, as shipped for random-init builds."""
     path = Path(__file__).resolve().parents[1] / "configs" / "xlsr53_architecture.json"
     return json.loads(path.read_text(encoding="utf-8"))
+
+
+@pytest.mark.parametrize(
+    "channels, groups, kernel, length",
+    [(32, 4, 16, 50), (48, 16, 64, 70), (16, 2, 5, 9), (64, 16, 128, 300)],
+)
+def test_fft_convolution_is_the_grouped_convolution(channels, groups, kernel, length):
+    torch.manual_seed(0)
+    x = torch.randn(3, channels, length, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(
+        channels, channels // groups, kernel, dtype=torch.float64, requires_grad=True
+    )
+    bias = torch.randn(channels, dtype=torch.float64, requires_grad=True)
+    for padding in sorted({0, kernel // 2, kernel - 1}):
+        expected = torch.nn.functional.conv1d(x, weight, bias, padding=padding, groups=groups)
+        got = fft_conv1d(x, weight, bias, padding, groups)
+        assert got.shape == expected.shape
+        torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-9)
+        upstream = torch.randn_like(expected)
+        grads = torch.autograd.grad(expected, (x, weight, bias), upstream)
+        fft_grads = torch.autograd.grad(got, (x, weight, bias), upstream)
+        for a, b in zip(fft_grads, grads, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
+
+
+def test_training_wrapper_computes_what_transformers_computes():
+    """CTCModel's faster positional convolution changes no logit or gradient beyond rounding."""
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3, "a": 4, "b": 5}
+    models = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        models.append(
+            build_model(
+                tiny_cfg(
+                    hidden_dropout=0.0,
+                    activation_dropout=0.0,
+                    attention_dropout=0.0,
+                    final_dropout=0.0,
+                    feat_proj_dropout=0.0,
+                ),
+                vocab,
+            )[0].train()
+        )
+    wrapped, plain = CTCModel(models[0]), models[1]
+    audio = torch.randn(2, 16000)
+    mask = torch.ones_like(audio, dtype=torch.long)
+    mask[1, 12000:] = 0
+    ours = wrapped(audio, mask)
+    theirs = plain(audio, attention_mask=mask).logits
+    torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-5)
+    ours.square().sum().backward()
+    theirs.square().sum().backward()
+    for (name, a), b in zip(models[0].named_parameters(), models[1].parameters(), strict=True):
+        if a.grad is not None:
+            torch.testing.assert_close(a.grad, b.grad, rtol=1e-3, atol=1e-5, msg=name)
+    # exported weights are transformers' own: the state dicts have the same keys
+    assert set(models[0].state_dict()) == set(models[1].state_dict())
 
 
 @pytest.mark.slow

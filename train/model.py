@@ -15,6 +15,7 @@ and the vocabulary is an error, never a silent reshuffle of output rows.
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Mapping
 from pathlib import Path
@@ -368,6 +369,41 @@ def _count(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+def fft_conv1d(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, padding: int, groups: int
+) -> torch.Tensor:
+    """`F.conv1d(x, weight, bias, padding=padding, groups=groups)` (stride 1) through real FFTs.
+
+    A convolution layer computes a cross-correlation; with the kernel reversed it is a linear
+    convolution, which is a product of spectra once both are zero-padded to at least
+    length + kernel - 1 (a power of two: the fastest FFT sizes). The zero padding of the layer is
+    then a shift of where the result is read. Same function, float32 rounding apart (~1e-6 of
+    the output's scale); on a CPU 2 to 6 times faster than oneDNN's grouped convolution for the
+    positional convolution's wide kernels (BENCHMARKS.md, training section).
+    """
+    batch, _, length = x.shape
+    out_channels, per_group, kernel = weight.shape
+    if not 0 <= padding <= kernel - 1:
+        raise ValueError(f"padding {padding} must be within 0..{kernel - 1}")
+    size = 1 << (length + kernel - 2).bit_length()  # the power of two >= length + kernel - 1
+    spectrum = torch.fft.rfft(x, n=size).reshape(batch, groups, per_group, -1)
+    kernel_spectrum = torch.fft.rfft(weight.flip(-1), n=size)
+    kernel_spectrum = kernel_spectrum.reshape(groups, out_channels // groups, per_group, -1)
+    product = torch.einsum("bgif,goif->bgof", spectrum, kernel_spectrum)
+    full = torch.fft.irfft(product.reshape(batch, out_channels, -1), n=size)
+    start = kernel - 1 - padding
+    out = full[..., start : start + length + 2 * padding - kernel + 1]
+    return out if bias is None else out + bias[:, None]
+
+
+def _positional_conv_forward(conv: nn.Conv1d, x: torch.Tensor) -> torch.Tensor:
+    """The positional convolution: through FFTs for float32 on a CPU, as the layer itself elsewhere
+    (cuDNN is fast on GPUs; bf16/fp16 autocast keeps the layer's own precision rules)."""
+    if x.device.type != "cpu" or x.dtype != torch.float32 or torch.is_autocast_enabled("cpu"):
+        return conv._conv_forward(x, conv.weight, conv.bias)
+    return fft_conv1d(x, conv.weight, conv.bias, conv.padding[0], conv.groups)
+
+
 class CTCModel(nn.Module):
     """The Wav2Vec2ForCTC forward pass, with the transformer optionally frozen (fairseq's
     freeze_finetune_updates).
@@ -384,6 +420,11 @@ class CTCModel(nn.Module):
         # Group-norm feature encoders (wav2vec2-base) were trained without attention masks and
         # expect zero-padded input only; layer-norm ones (XLSR) need the mask.
         self.use_attention_mask = model.config.feat_extract_norm == "layer"
+        # The same weights and function, a faster algorithm on CPUs (see fft_conv1d). Only this
+        # training wrapper uses it; exported models keep transformers' own layer.
+        conv = model.wav2vec2.encoder.pos_conv_embed.conv
+        if conv.stride == (1,) and conv.dilation == (1,):
+            conv.forward = functools.partial(_positional_conv_forward, conv)
 
     def forward(
         self,
