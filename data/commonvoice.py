@@ -107,8 +107,7 @@ def _is_file(path: Path) -> bool:
 
 def read_split(cv_root: Path, locale: str, split: str, tsv: Path) -> Iterator[Clip | Rejection]:
     """Yield a Clip for every usable row of `tsv` and a Rejection (with its reason) for the rest."""
-    clips_dir = cv_root / locale / "clips"
-    clips = (clips_dir, clips_dir.resolve())
+    clips_root = (cv_root / locale / "clips").resolve()  # once per TSV, not once per row
     try:
         handle = open(tsv, "rb")  # binary lines end at b"\n" only
     except OSError as error:
@@ -136,7 +135,7 @@ def read_split(cv_root: Path, locale: str, split: str, tsv: Path) -> Iterator[Cl
                     f"{tsv.name} line {line_number} is not UTF-8 ({error.reason} at byte {error.start})",
                 )
                 continue
-            yield from _check_row(clips, locale, split, tsv, header, missing, line_number, row)
+            yield from _check_row(clips_root, locale, split, tsv, header, missing, line_number, row)
 
 
 def _strip_newline(line: bytes) -> bytes:
@@ -144,7 +143,7 @@ def _strip_newline(line: bytes) -> bytes:
 
 
 def _check_row(
-    clips: tuple[Path, Path],  # the clips folder, and its resolved path
+    clips_root: Path,  # the clips folder, resolved
     locale: str,
     split: str,
     tsv: Path,
@@ -178,7 +177,7 @@ def _check_row(
     relative = fields["path"].strip()
     # "./a.mp3" and "a.mp3" are one clip: the normal spelling lets duplicates be recognised.
     relative = posixpath.normpath(relative) if relative else relative
-    audio_path = resolve_clip_path(clips[0], relative, root=clips[1])
+    audio_path = resolve_clip_path(clips_root, relative, root=clips_root)
     if audio_path is None:
         yield Rejection(
             locale,

@@ -378,7 +378,7 @@ def fft_conv1d(
     convolution, which is a product of spectra once both are zero-padded to at least
     length + kernel - 1 (a power of two: the fastest FFT sizes). The zero padding of the layer is
     then a shift of where the result is read. Same function, float32 rounding apart (~1e-6 of
-    the output's scale); on a CPU 2 to 6 times faster than oneDNN's grouped convolution for the
+    the output's scale); on a CPU 2 to 5 times faster than oneDNN's grouped convolution for the
     positional convolution's wide kernels (BENCHMARKS.md, training section).
     """
     batch, _, length = x.shape
