@@ -19,7 +19,7 @@ LayerDrop 0.1, frozen feature encoder) on the architecture of `configs/xlsr53_ar
    utilisation = throughput x FLOPs per audio second / the card's bf16 rate.
 3. The largest budget whose longest batch (the sampler puts it first) trains one step without
    running out of memory: doubling from `--search-start`, then bisection to 10%.
-4. Unless `--no-harness`: `scripts/bench_train.py` (phonetune vs the Hugging Face Trainer recipe vs
+4. Unless `--harness-rounds 0`: `scripts/bench_train.py` (phonetune vs the Hugging Face Trainer recipe vs
    the compute limit) at XLSR-53 size in bf16 on the same kind of corpus.
 
 The corpus is synthetic (no dataset can be downloaded here): a prepared dataset (docs/formats.md)
@@ -44,6 +44,9 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "scripts"))
+
+from bench_train import write_benchmarks  # noqa: E402  (one way to rewrite a BENCHMARKS.md section)
 
 SAMPLE_RATE = 16_000
 RECIPE = REPO / "configs" / "xlsr53_espeak_cv.yaml"
@@ -517,18 +520,6 @@ def markdown_section(result: dict) -> str:
     return "\n".join(lines)
 
 
-def write_section(path: Path, section: str) -> None:
-    """Replace (or append) this script's section of BENCHMARKS.md."""
-    text = path.read_text(encoding="utf-8") if path.is_file() else "# Benchmarks\n"
-    start = text.find(BENCHMARKS_HEADING)
-    if start < 0:
-        text = text.rstrip("\n") + "\n\n" + section
-    else:
-        end = text.find("\n## ", start + len(BENCHMARKS_HEADING))
-        text = text[:start] + section + (text[end + 1 :] if end >= 0 else "")
-    path.write_text(text, encoding="utf-8")
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -575,7 +566,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.write_section:
         result = json.loads(args.write_section.read_text(encoding="utf-8"))
-        write_section(args.benchmarks_md, markdown_section(result))
+        write_benchmarks(args.benchmarks_md, markdown_section(result), BENCHMARKS_HEADING, None)
         print(f"wrote the GPU section of {args.benchmarks_md}")
         return 0
     result = run(args)

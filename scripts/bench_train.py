@@ -740,18 +740,25 @@ def markdown_section(result: dict, command: str) -> str:
     return "\n".join(lines) + "\n\n"
 
 
-def write_benchmarks(path: Path, section: str) -> None:
-    """Replace the training section of BENCHMARKS.md (or add it before the demo's)."""
+def write_benchmarks(
+    path: Path,
+    section: str,
+    heading: str = BENCHMARKS_HEADING,
+    before: str | None = "\n## The demo",
+) -> None:
+    """Replace the section of BENCHMARKS.md that starts with `heading` (by default the training
+    one), or add it before the section starting with `before` (at the end if there is none)."""
     text = path.read_text(encoding="utf-8") if path.is_file() else "# Benchmarks\n\n"
-    start = text.find(BENCHMARKS_HEADING)
+    start = text.find(heading)
     if start >= 0:
         end = text.find("\n## ", start + 1)
         end = len(text) if end < 0 else end + 1
         text = text[:start] + section + text[end:]
-    else:
-        anchor = text.find("\n## The demo")
-        anchor = len(text) if anchor < 0 else anchor + 1
+    elif before and before in text:
+        anchor = text.find(before) + 1
         text = text[:anchor] + section + text[anchor:]
+    else:
+        text = text.rstrip("\n") + "\n\n" + section
     path.write_text(text.rstrip("\n") + "\n", encoding="utf-8")
 
 
