@@ -27,11 +27,17 @@ LAUNCH += " --dynamo_backend no -m train"
 DETERMINISTIC = [*MICRO, "train.max_steps=4", "train.save_steps=2", "train.eval_steps=4"]
 
 
-def launch_two(prepared_dir, run_dir, *overrides):
+# FSDP version 2 over two CPU processes: see tests/fsdp_on_cpu.py for why not `accelerate launch`.
+FSDP_LAUNCH = (
+    f"-m torch.distributed.run --standalone --nproc_per_node 2 {ROOT / 'tests' / 'fsdp_on_cpu.py'}"
+)
+
+
+def launch_two(prepared_dir, run_dir, *overrides, launch=LAUNCH):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     settings = [f"data.prepared_dir={prepared_dir}", f"run.output_dir={run_dir}", *FAST]
     done = subprocess.run(
-        [sys.executable, *LAUNCH.split(), "--config", str(TINY), *settings, *overrides],
+        [sys.executable, *launch.split(), "--config", str(TINY), *settings, *overrides],
         capture_output=True, text=True, env=env, cwd=run_dir.parent, timeout=300,
     )  # fmt: skip
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
@@ -147,6 +153,68 @@ def test_two_process_run_resumes_exactly_and_with_one_process(prepared_dir, tmp_
     assert ckpt.find_latest_checkpoint(alone).name == "step_4"
 
 
+def close_weights(first, second):
+    """Trained weights that agree as the same computation summed in another order does (see the
+    tolerances of test_two_processes_with_budget_b_train_like_one_with_2b)."""
+    assert first.keys() == second.keys()
+    assert all(first[k].shape == second[k].shape for k in first)
+    differences = torch.cat([(first[k] - second[k]).abs().flatten() for k in first])
+    stats = f"max {differences.max():.2e}, 99.9% {differences.quantile(0.999):.2e}"
+    assert differences.max() < 4e-3 and differences.quantile(0.999) < 1e-5, stats
+    assert differences.median() < 1e-7, stats
+
+
+def test_fsdp_trains_like_one_process_and_its_checkpoints_resume_under_any_launcher(
+    prepared_dir, tmp_path
+):
+    # Each of the two processes holds half of every weight and of the optimizer state; a frozen
+    # first step runs the encoder without gradients; the dev set fills one evaluation batch, so the
+    # second process decodes a filler batch to keep the sharded forward passes in step.
+    common = [*DETERMINISTIC, "train.freeze_finetune_updates=1", "train.eval_steps=2"]
+    (tmp_path / "fsdp").mkdir()
+    straight = tmp_path / "fsdp" / "straight"
+    launched = launch_two(prepared_dir, straight, *common, launch=FSDP_LAUNCH)
+    assert (
+        "processes:       2 on cpu, FSDP (weights and optimizer state sharded)" in launched.stdout
+    )
+    train(config(prepared_dir, tmp_path / "one", *common, "train.batch_seconds=24"))
+
+    fsdp_losses, fsdp_evals = read_metrics(straight)
+    one_losses, _ = read_metrics(tmp_path / "one")
+    np.testing.assert_allclose(
+        [r["loss"] for r in fsdp_losses], [r["loss"] for r in one_losses], rtol=1e-5
+    )
+    # Checkpoints hold the whole weights, gathered from the shards, under the model's own names.
+    final = weights(ckpt.checkpoints_dir(straight) / "step_4")
+    optimizer_state = ckpt.load_tensors(ckpt.checkpoints_dir(straight) / "step_4", "optimizer.pt")
+    assert "model.lm_head.weight" in optimizer_state["state"]  # keyed by name, not by position
+    close_weights(final, weights(ckpt.checkpoints_dir(tmp_path / "one") / "step_4"))
+    import datasets
+
+    dev = datasets.load_from_disk(str(prepared_dir))["dev"]
+    assert len(plan_eval(np.asarray(dev["duration"]), 60.0)) == 1  # the filler case is exercised
+    assert [r["eval_utterances"] for r in fsdp_evals] == [len(dev)] * 2
+    counted = {loc: c["ref_phones"] for loc, c in fsdp_evals[-1]["eval_counts_per_locale"].items()}
+    assert counted == dev_phone_counts(prepared_dir)
+
+    # Killed after step 3, continued under FSDP: bit for bit the same run.
+    stopped = tmp_path / "fsdp" / "stopped"
+    shutil.copytree(straight, stopped)
+    shutil.rmtree(ckpt.checkpoints_dir(stopped) / "step_4")
+    launch_two(prepared_dir, stopped, *common, "resume=auto", launch=FSDP_LAUNCH)
+    resumed = weights(ckpt.checkpoints_dir(stopped) / "step_4")
+    assert all(torch.equal(final[k], resumed[k]) for k in final)
+    assert [r["loss"] for r in read_metrics(stopped)[0]] == [r["loss"] for r in fsdp_losses]
+
+    # The same checkpoint continued by one process without sharding: the optimizer state was
+    # gathered whole and is matched to the parameters by name.
+    alone = tmp_path / "alone"
+    shutil.copytree(straight, alone)
+    shutil.rmtree(ckpt.checkpoints_dir(alone) / "step_4")
+    train(config(prepared_dir, alone, *common, "train.batch_seconds=24", "resume=auto"))
+    close_weights(final, weights(ckpt.checkpoints_dir(alone) / "step_4"))
+
+
 @pytest.mark.parametrize("path", sorted((ROOT / "configs" / "accelerate").glob("*.yaml")))
 def test_accelerate_configs_parse_as_the_launcher_reads_them(path):
     from accelerate.commands.launch import _validate_launch_command, launch_command_parser
@@ -167,8 +235,18 @@ def test_accelerate_configs_parse_as_the_launcher_reads_them(path):
     assert modes == ([] if expected[2] == "single" else [expected[2]])
 
 
-@pytest.mark.parametrize("kind", ["FSDP", "DEEPSPEED"])
-def test_sharded_launches_are_refused_with_the_ddp_config_named(kind, monkeypatch, tmp_path):
+@pytest.mark.parametrize(
+    ("kind", "fsdp_version", "overrides", "message"),
+    [
+        ("DEEPSPEED", None, [], "DEEPSPEED.*configs/accelerate/8gpu_ddp.yaml"),
+        ("MEGATRON_LM", None, [], "MEGATRON_LM.*configs/accelerate/fsdp_8gpu.yaml"),
+        ("FSDP", 1, [], "fsdp_version: 2"),
+        ("FSDP", 2, ["model.layerdrop=0.1"], "model.layerdrop=0.1 cannot run under FSDP"),
+    ],
+)
+def test_unsupported_launches_are_refused_with_the_fix_named(
+    kind, fsdp_version, overrides, message, monkeypatch, tmp_path
+):
     import enum
 
     import accelerate
@@ -176,10 +254,11 @@ def test_sharded_launches_are_refused_with_the_ddp_config_named(kind, monkeypatc
     from data.errors import PhonetuneError
     from train.loop import make_accelerator
 
-    class Launched:  # what Accelerate builds under an FSDP / DeepSpeed launch config
+    class Launched:  # what Accelerate builds under such a launch config
         def __init__(self, **kwargs):
             self.distributed_type = enum.Enum("DistributedType", [kind])[kind]
+            self.is_fsdp2 = fsdp_version == 2
 
     monkeypatch.setattr(accelerate, "Accelerator", Launched)
-    with pytest.raises(PhonetuneError, match=f"{kind}.*configs/accelerate/8gpu_ddp.yaml"):
-        make_accelerator(config(tmp_path, tmp_path / "run"))
+    with pytest.raises(PhonetuneError, match=message):
+        make_accelerator(config(tmp_path, tmp_path / "run", *overrides))

@@ -240,6 +240,18 @@ def test_resume_rules(prepared_dir, tmp_path, capsys):
     assert fresh["step"] == 1
 
 
+def test_resume_from_a_positional_optimizer_state_is_refused_clearly(prepared_dir, tmp_path):
+    # Optimizer states are saved by parameter name; one saved by position (optimizer.state_dict(),
+    # as phonetune did before FSDP) cannot be matched to the parameters safely.
+    run = tmp_path / "run"
+    common = [*MICRO, "train.save_steps=2", "train.eval_steps=100"]
+    train(config(prepared_dir, run, "train.max_steps=2", *common))
+    positional = {"state": {0: {"step": torch.tensor(2.0)}}, "param_groups": [{"params": [0]}]}
+    torch.save(positional, run / "checkpoints" / "step_2" / "optimizer.pt")
+    with pytest.raises(PhonetuneError, match="keys its state by position.*phonetune export"):
+        train(config(prepared_dir, run, "train.max_steps=4", "resume=auto", *common))
+
+
 def test_resume_with_another_vocabulary_is_refused(prepared_dir, tmp_path):
     import shutil
 

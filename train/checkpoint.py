@@ -7,7 +7,8 @@ Layout (the export stage relies on it):
         vocab.json        token -> id the model was trained with
         config.yaml       the resolved training config
         state.json        step, epoch, sampler position, eval_per (or null), versions, counters
-        optimizer.pt, scheduler.pt, scaler.pt (fp16 only), rng_state_<rank>.pt
+        optimizer.pt      the whole optimizer state, keyed by parameter name (any launcher resumes it)
+        scheduler.pt, scaler.pt (fp16 only), rng_state_<rank>.pt
     RUN_DIR/checkpoints/best.json   {"step", "eval_per", "path": "step_<n>"}
 
 A checkpoint is written into `step_<n>.tmp/`, every file is fsynced, and the directory is renamed to
@@ -211,9 +212,13 @@ def write_checkpoint_files(
     optimizer_state: Mapping[str, Any],
     scheduler_state: Mapping[str, Any],
     scaler_state: Mapping[str, Any] | None = None,
+    model_state: Mapping[str, torch.Tensor] | None = None,
 ) -> None:
-    """Everything but the per-process RNG files. `state.json` last: it marks completeness."""
-    _save_quietly(model, tmp / MODEL_DIR)
+    """Everything but the per-process RNG files. `state.json` last: it marks completeness.
+
+    `model_state`: the whole weights when `model`'s own parameters are shards (FSDP).
+    """
+    _save_quietly(model, tmp / MODEL_DIR, model_state)
     write_json(tmp / VOCAB_FILE, dict(vocab))
     (tmp / CONFIG_FILE).write_text(config_yaml, encoding="utf-8")
     torch.save(dict(optimizer_state), tmp / "optimizer.pt")
@@ -223,14 +228,16 @@ def write_checkpoint_files(
     write_json(tmp / STATE_FILE, dict(state))
 
 
-def _save_quietly(model: torch.nn.Module, path: Path) -> None:
+def _save_quietly(
+    model: torch.nn.Module, path: Path, state_dict: Mapping[str, torch.Tensor] | None
+) -> None:
     """save_pretrained without its per-shard progress bar (it would break the training bar)."""
     from transformers.utils import logging as hf_logging
 
     was_enabled = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()
     try:
-        model.save_pretrained(path, safe_serialization=True)
+        model.save_pretrained(path, safe_serialization=True, state_dict=state_dict)
     finally:
         if was_enabled:
             hf_logging.enable_progress_bar()

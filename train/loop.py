@@ -3,8 +3,8 @@
 One process (CPU or one GPU) with `phonetune train --config FILE [key=value ...]`; several with
 `accelerate launch [options] -m train --config FILE [key=value ...]` (on GPUs: `--multi_gpu
 --num_processes N`; the same flags also work without GPUs, the processes then join a gloo group on
-the CPU, whereas `--cpu --num_processes N` starts a single process unless MPI is set up).
-The run can be killed at any
+the CPU, whereas `--cpu --num_processes N` starts a single process unless MPI is set up; FSDP
+version 2 shards the model, see `check_fsdp_launch`). The run can be killed at any
 moment and continued with `resume=auto`: the next steps are the ones the uninterrupted run would
 have taken (same batches, same masks and dropout, same updates).
 
@@ -170,15 +170,41 @@ def make_accelerator(config: Config) -> Accelerator:
         # --multi_gpu`, `torchrun`) then form a gloo process group instead of each running alone.
         cpu=not torch.cuda.is_available(),
     )
-    sharded = {"FSDP", "DEEPSPEED", "MEGATRON_LM"}
-    if accelerator.distributed_type.name in sharded:
+    launched = accelerator.distributed_type.name
+    if launched in ("DEEPSPEED", "MEGATRON_LM"):
         raise PhonetuneError(
-            f"the launcher asked for {accelerator.distributed_type.name}, which phonetune train does "
-            "not support yet: its checkpoints hold whole tensors written by the main process, which "
-            "would hold only a shard. Launch with DDP instead (configs/accelerate/8gpu_ddp.yaml); "
-            "XLSR-53 fits one GPU's memory."
+            f"the launcher asked for {launched}, which phonetune train does not support: its "
+            "engine takes over the optimizer step (NaN skips, clipping, accumulation) that "
+            "phonetune owns. "
+            "Launch with DDP (configs/accelerate/8gpu_ddp.yaml), or FSDP to shard the model "
+            "(configs/accelerate/fsdp_8gpu.yaml)."
         )
+    if launched == "FSDP":
+        check_fsdp_launch(accelerator, config)
     return accelerator
+
+
+def check_fsdp_launch(accelerator: Accelerator, config: Config) -> None:
+    """FSDP version 2 (per-parameter sharding), without LayerDrop."""
+    if not accelerator.is_fsdp2:
+        raise PhonetuneError(
+            "phonetune train shards with FSDP version 2 (torch's fully_shard): set "
+            "fsdp_config.fsdp_version: 2 in the Accelerate config, as configs/accelerate/fsdp_8gpu.yaml"
+        )
+    # Every process gathers a layer's shards together before running it; LayerDrop skips layers at
+    # random per process, so one would wait for a gather that the others never join.
+    if config.model.layerdrop > 0:
+        raise PhonetuneError(
+            f"model.layerdrop={config.model.layerdrop:g} cannot run under FSDP: processes skip "
+            "different layers, and a sharded layer runs only when all of them gather it. Set "
+            "model.layerdrop=0, or launch with DDP (configs/accelerate/8gpu_ddp.yaml)."
+        )
+
+
+def is_sharded(accelerator: Accelerator) -> bool:
+    """Whether each process holds only a shard of the weights (FSDP): the forward pass is then a
+    collective, and whole weights exist only once gathered."""
+    return accelerator.distributed_type.name == "FSDP"
 
 
 def seed_everything(seed: int) -> None:
@@ -623,8 +649,8 @@ def train_step(
                 config.model.ctc_loss_reduction,
                 config.model.ctc_zero_infinity,
             )
-            # DDP averages gradients over processes: scaling by the process count makes that average
-            # the gradient of (sum of all losses) / global_count.
+            # DDP and FSDP average gradients over processes: scaling by the process count makes
+            # that average the gradient of (sum of all losses) / global_count.
             weight = 0.0 if ghost else accelerator.num_processes
             accelerator.backward(loss * weight / global_count)
         if not ghost:
@@ -634,6 +660,8 @@ def train_step(
     parameters = [p for p in module.parameters() if p.requires_grad]
     max_norm = config.train.max_grad_norm if config.train.max_grad_norm > 0 else math.inf
     grad_norm = accelerator.clip_grad_norm_(parameters, max_norm)
+    if hasattr(grad_norm, "full_tensor"):  # under FSDP a DTensor: the norm of the whole gradient
+        grad_norm = grad_norm.full_tensor()
     finite = bool(torch.isfinite(grad_norm))
     skipped = not finite
     if finite or accelerator.scaler is not None:
@@ -714,12 +742,16 @@ def evaluate(
     unwrapped: CTCModel = accelerator.unwrap_model(module)
     id_to_token = {index: token for token, index in data.vocab.items()}
     batch_seconds = config.train.eval_batch_seconds or config.train.batch_seconds
-    mine = plan_eval(
-        data.eval.durations[data.eval_rows],
-        batch_seconds,
-        accelerator.num_processes,
-        accelerator.process_index,
-    )
+    durations = data.eval.durations[data.eval_rows]
+    count, index = accelerator.num_processes, accelerator.process_index
+    mine = plan_eval(durations, batch_seconds, count, index)
+    fillers = 0
+    if is_sharded(accelerator):
+        # Under FSDP each forward pass gathers the weights from all processes, so all must run
+        # the same number: a process with one batch fewer decodes the first batch again, unscored.
+        everyone = plan_eval(durations, batch_seconds)
+        fillers = math.ceil(len(everyone) / count) - len(mine)
+        mine = mine + [everyone[0]] * fillers
     loader = make_loader(
         data.eval, [data.eval_rows[b] for b in mine], None, config.data.num_workers
     )
@@ -727,12 +759,14 @@ def evaluate(
     blank_frames = total_frames = 0
     unwrapped.eval()
     try:
-        for batch in loader:
+        for number, batch in enumerate(loader):
             batch = batch.to(accelerator.device)
             with torch.no_grad(), accelerator.autocast():
                 logits = unwrapped(
                     batch.input_values, batch.attention_mask, freeze_transformer=True
                 )
+            if number >= len(mine) - fillers:
+                continue
             ids = logits.argmax(dim=-1).cpu()
             lengths = unwrapped.output_lengths(batch.input_lengths).cpu()
             for i, row in enumerate(batch.rows):
@@ -810,6 +844,7 @@ def save_checkpoint(
     if accelerator.is_main_process:
         error = guard.attempt(ckpt.begin_checkpoint, run_dir, state.step)
     guard.settle_save(accelerator, run_dir, state.step, error)
+    weights, optimizer_state = gather_training_state(module, optimizer, accelerator)
     error = guard.attempt(ckpt.write_rng_state, tmp, accelerator.process_index)
     if accelerator.is_main_process and error is None:
         scaler = accelerator.scaler
@@ -837,9 +872,10 @@ def save_checkpoint(
             vocab=data.vocab,
             config_yaml=dump_config(config),
             state=payload,
-            optimizer_state=optimizer.state_dict(),
+            optimizer_state=optimizer_state,
             scheduler_state=scheduler.state_dict(),
             scaler_state=scaler.state_dict() if scaler is not None else None,
+            model_state=weights,
         )
     guard.settle_save(accelerator, run_dir, state.step, error)
     final = ckpt.checkpoints_dir(run_dir) / ckpt.step_dir_name(state.step)
@@ -851,8 +887,54 @@ def save_checkpoint(
     return final
 
 
+def gather_training_state(
+    module: torch.nn.Module, optimizer: torch.optim.Optimizer, accelerator: Accelerator
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The whole model weights (Wav2Vec2ForCTC names) and optimizer state, on the main process.
+
+    Every process must call this: under FSDP both are gathered from the shards. The optimizer state
+    is keyed by parameter name, not position, so a checkpoint resumes under one process, DDP or
+    FSDP alike.
+    """
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    weights = accelerator.get_state_dict(module)  # CTCModel names: "model." + Wav2Vec2ForCTC's
+    weights = {name.removeprefix("model."): tensor for name, tensor in weights.items()}
+    optimizer_state = get_optimizer_state_dict(
+        module,
+        _torch_optimizer(optimizer),
+        options=StateDictOptions(full_state_dict=True, cpu_offload=True),
+    )
+    return weights, optimizer_state
+
+
+def restore_optimizer(
+    module: torch.nn.Module, optimizer: torch.optim.Optimizer, saved: dict[str, Any], path: Path
+) -> None:
+    """Load a name-keyed optimizer state (see gather_training_state), sharding it under FSDP."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    if any(isinstance(key, int) for key in saved.get("state", {})):
+        raise PhonetuneError(
+            f"{path}/optimizer.pt keys its state by position (a phonetune before FSDP support wrote "
+            "it), and this version cannot continue from it. Export it (phonetune export) and start "
+            "a new run from the export with model.name_or_path=EXPORT_DIR."
+        )
+    set_optimizer_state_dict(
+        module,
+        _torch_optimizer(optimizer),
+        optim_state_dict=saved,
+        options=StateDictOptions(full_state_dict=True),
+    )
+
+
+def _torch_optimizer(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+    return getattr(optimizer, "optimizer", optimizer)  # inside Accelerate's AcceleratedOptimizer
+
+
 def load_checkpoint(
     checkpoint: Path,
+    module: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     sampler: DurationBatchSampler,
@@ -868,7 +950,7 @@ def load_checkpoint(
     saved = ckpt.read_state(checkpoint)
     known = {f for f in TrainState.__dataclass_fields__}
     state = TrainState(**{key: value for key, value in saved.items() if key in known})
-    optimizer.load_state_dict(ckpt.load_tensors(checkpoint, "optimizer.pt"))
+    restore_optimizer(module, optimizer, ckpt.load_tensors(checkpoint, "optimizer.pt"), checkpoint)
     scheduler.load_state_dict(ckpt.load_tensors(checkpoint, "scheduler.pt"))
     scaler_state = ckpt.load_tensors(checkpoint, "scaler.pt")
     if accelerator.scaler is not None and scaler_state is not None:
@@ -1050,7 +1132,7 @@ def train_locked(config: Config, accelerator: Accelerator, run_dir: Path) -> dic
     # Masking and dropout draw from the RNGs: seed each process differently, or restore them.
     if resume_from is not None:
         state = load_checkpoint(
-            resume_from, optimizer, scheduler, sampler, accelerator, config, say
+            resume_from, module, optimizer, scheduler, sampler, accelerator, config, say
         )
     else:
         state = TrainState()
@@ -1247,6 +1329,7 @@ def print_summary(
         f"{count} {reason.replace('_', ' ')}" for reason, count in data.skipped.items() if count
     )
     effective = t.batch_seconds * accelerator.num_processes * t.grad_accum
+    sharding = ", FSDP (weights and optimizer state sharded)" if is_sharded(accelerator) else ""
     say(
         "phonetune train\n"
         f"  run directory:   {run_dir} (config.yaml, {METRICS_FILE}, checkpoints/)\n"
@@ -1268,7 +1351,7 @@ def print_summary(
             else ""
         )
         + ")\n"
-        f"  processes:       {accelerator.num_processes} on {accelerator.device.type}, mixed precision {t.mixed_precision}\n"
+        f"  processes:       {accelerator.num_processes} on {accelerator.device.type}{sharding}, mixed precision {t.mixed_precision}\n"
         f"  batch:           ≤{t.batch_seconds:g} s audio per process × {accelerator.num_processes} process(es) × "
         f"{t.grad_accum} accumulation = ≤{effective:g} s per optimizer step\n"
         f"  steps per epoch: {steps_per_epoch} ({t.max_steps} steps ≈ {t.max_steps / steps_per_epoch:.1f} epochs)\n"
