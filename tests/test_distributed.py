@@ -168,9 +168,12 @@ def test_fsdp_trains_like_one_process_and_its_checkpoints_resume_under_any_launc
     prepared_dir, tmp_path
 ):
     # Each of the two processes holds half of every weight and of the optimizer state; a frozen
-    # first step runs the encoder without gradients; the dev set fills one evaluation batch, so the
-    # second process decodes a filler batch to keep the sharded forward passes in step.
+    # first step runs the encoder without gradients; two batches accumulate per step (gradient
+    # reduction held back for the first); layers are recomputed in the backward pass; the dev set
+    # fills one evaluation batch, so the second process decodes a filler batch to keep the sharded
+    # forward passes in step.
     common = [*DETERMINISTIC, "train.freeze_finetune_updates=1", "train.eval_steps=2"]
+    common += ["train.grad_accum=2", "model.gradient_checkpointing=true"]
     (tmp_path / "fsdp").mkdir()
     straight = tmp_path / "fsdp" / "straight"
     launched = launch_two(prepared_dir, straight, *common, launch=FSDP_LAUNCH)
