@@ -58,6 +58,17 @@ def dev_phone_counts(prepared_dir):
     return counts
 
 
+def close_weights(first, second):
+    """Trained weights that agree as the same computation summed in another order does (see the
+    tolerances of test_two_processes_with_budget_b_train_like_one_with_2b)."""
+    assert first.keys() == second.keys()
+    assert all(first[k].shape == second[k].shape for k in first)
+    differences = torch.cat([(first[k] - second[k]).abs().flatten() for k in first])
+    stats = f"max {differences.max():.2e}, 99.9% {differences.quantile(0.999):.2e}"
+    assert differences.max() < 4e-3 and differences.quantile(0.999) < 1e-5, stats
+    assert differences.median() < 1e-7, stats
+
+
 def test_two_processes_with_budget_b_train_like_one_with_2b(prepared_dir, tmp_path):
     (tmp_path / "two").mkdir()
     two = launch_two(prepared_dir, tmp_path / "two" / "run", *DETERMINISTIC)
@@ -81,11 +92,7 @@ def test_two_processes_with_budget_b_train_like_one_with_2b(prepared_dir, tmp_pa
     # absent from the step) summation-order noise can flip an update's sign and move a weight by up
     # to two learning-rate steps (2 x 2e-3 here). 99.9% of the weights agree to 1e-5, half exactly
     # or to 1e-7 (measured: max 4e-4, 99.9% 3e-6).
-    assert final_two.keys() == final_one.keys()
-    differences = torch.cat([(final_two[k] - final_one[k]).abs().flatten() for k in final_one])
-    stats = f"max {differences.max():.2e}, 99.9% {differences.quantile(0.999):.2e}"
-    assert differences.max() < 4e-3 and differences.quantile(0.999) < 1e-5, stats
-    assert differences.median() < 1e-7, stats
+    close_weights(final_two, final_one)
 
     # Evaluation: every dev clip decoded exactly once across the two processes, although the eval
     # batches do not divide evenly between them.
@@ -151,17 +158,6 @@ def test_two_process_run_resumes_exactly_and_with_one_process(prepared_dir, tmp_
     assert any("resuming a 2-process run with 1" in line for line in say), say
     assert "position 2" in say  # the same global batch as the two processes would take next
     assert ckpt.find_latest_checkpoint(alone).name == "step_4"
-
-
-def close_weights(first, second):
-    """Trained weights that agree as the same computation summed in another order does (see the
-    tolerances of test_two_processes_with_budget_b_train_like_one_with_2b)."""
-    assert first.keys() == second.keys()
-    assert all(first[k].shape == second[k].shape for k in first)
-    differences = torch.cat([(first[k] - second[k]).abs().flatten() for k in first])
-    stats = f"max {differences.max():.2e}, 99.9% {differences.quantile(0.999):.2e}"
-    assert differences.max() < 4e-3 and differences.quantile(0.999) < 1e-5, stats
-    assert differences.median() < 1e-7, stats
 
 
 def test_fsdp_trains_like_one_process_and_its_checkpoints_resume_under_any_launcher(
