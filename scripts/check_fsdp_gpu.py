@@ -2,12 +2,13 @@
 the same run without sharding, resumed, and its checkpoint loaded with plain transformers.
 
     python scripts/check_fsdp_gpu.py --prepared-dir PREP [--processes N] [--out DIR]
+        [--mixed-precision bf16|no] [--accelerate-config FILE]
 
 CI cannot run this (Accelerate enables FSDP only on accelerators; tests/fsdp_on_cpu.py covers the
 same code on CPU processes). With one GPU, `--processes 1` still goes through the whole FSDP path
 (torchrun, `fully_shard`, gathered checkpoints), with a shard that is the whole tensor. Runs the
-tiny recipe in bf16 for `--steps` steps: (1) FSDP, (2) one process without FSDP, (3) FSDP resumed
-from the middle checkpoint. Prints one JSON object as the last line: losses of (1) and (2) and
+tiny recipe (bf16 unless `--mixed-precision` says otherwise) for `--steps` steps: (1) FSDP, (2) one
+process without FSDP, (3) FSDP resumed from the middle checkpoint. Prints one JSON object as the last line: losses of (1) and (2) and
 their largest relative difference, the largest weight difference of (3) against (1) at the last
 step, and whether the checkpoint loads with `Wav2Vec2ForCTC.from_pretrained`.
 """
@@ -25,7 +26,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 
-def train(launcher: list[str], prepared: Path, run_dir: Path, steps: int, *extra: str) -> str:
+def train(
+    launcher: list[str], prepared: Path, run_dir: Path, steps: int, precision: str, *extra: str
+) -> str:
     """One training run; returns its standard output (also printed)."""
     settings = [
         "--config",
@@ -36,7 +39,7 @@ def train(launcher: list[str], prepared: Path, run_dir: Path, steps: int, *extra
         f"train.save_steps={steps // 2}",
         f"train.eval_steps={steps // 2}",
         "train.keep_last=5",
-        "train.mixed_precision=bf16",
+        f"train.mixed_precision={precision}",
         "log.progress_bar=false",
         "log.every_steps=1",
         *extra,
@@ -63,6 +66,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=REPO / "runs" / "check_fsdp_gpu")
     parser.add_argument("--processes", type=int, default=1)
     parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--mixed-precision", choices=["bf16", "no"], default="bf16")
+    parser.add_argument(
+        "--accelerate-config", type=Path, default=REPO / "configs" / "accelerate" / "fsdp_8gpu.yaml"
+    )
     args = parser.parse_args(argv)
 
     import torch
@@ -73,16 +80,17 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(args.out)
     fsdp = ["-m", "accelerate.commands.launch", "--config_file"]
     fsdp += [
-        str(REPO / "configs/accelerate/fsdp_8gpu.yaml"),
+        str(args.accelerate_config),
         "--num_processes",
         str(args.processes),
     ]
     straight, plain, resumed = args.out / "fsdp", args.out / "plain", args.out / "fsdp_resumed"
-    summary = train(fsdp, args.prepared_dir, straight, args.steps)
-    train([], args.prepared_dir, plain, args.steps)
+    precision = args.mixed_precision
+    summary = train(fsdp, args.prepared_dir, straight, args.steps, precision)
+    train([], args.prepared_dir, plain, args.steps, precision)
     shutil.copytree(straight, resumed)
     shutil.rmtree(resumed / "checkpoints" / f"step_{args.steps}")
-    train(fsdp, args.prepared_dir, resumed, args.steps, "resume=auto")
+    train(fsdp, args.prepared_dir, resumed, args.steps, precision, "resume=auto")
 
     last = f"checkpoints/step_{args.steps}/model"
     first, again = (
@@ -96,6 +104,8 @@ def main(argv: list[str] | None = None) -> int:
     result = {
         "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
         "processes": args.processes,
+        "accelerate_config": str(args.accelerate_config),
+        "mixed_precision": precision,
         "fsdp_active": "FSDP (weights and optimizer state sharded)" in summary,
         "fsdp_losses": fsdp_losses,
         "plain_losses": plain_losses,

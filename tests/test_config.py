@@ -103,6 +103,20 @@ def test_overrides_are_yaml_scalars_with_dotted_keys(tmp_path):
     assert config.data.prepared_dir == "/prep"
 
 
+def test_yes_no_on_off_are_words_on_the_command_line_and_named_in_files(tmp_path):
+    # PyYAML reads no/yes/on/off as booleans (YAML 1.1); train.mixed_precision=no means "no".
+    config = load_config(None, ["model.config={}", *REQUIRED, "train.mixed_precision=no"])
+    assert config.train.mixed_precision == "no"
+    with pytest.raises(
+        PhonetuneError, match=r"log\.progress_bar must be true or false \(got 'off'\)"
+    ):
+        load_config(None, ["model.config={}", *REQUIRED, "log.progress_bar=off"])
+    path = tmp_path / "config.yaml"
+    path.write_text("model: {config: {}}\ntrain: {mixed_precision: no}\n", encoding="utf-8")
+    with pytest.raises(PhonetuneError, match="train.mixed_precision must be a string.*quote it"):
+        load_config(path, REQUIRED)
+
+
 def test_integers_are_accepted_for_floats_but_not_bools_for_integers():
     config = load_config(None, ["model.config={}", *REQUIRED, "train.lr=1", "data.max_duration=10"])
     assert config.train.lr == 1.0 and isinstance(config.train.lr, float)

@@ -241,6 +241,7 @@ def test_accelerate_configs_parse_as_the_launcher_reads_them(path):
         ("MEGATRON_LM", None, [], "MEGATRON_LM.*configs/accelerate/fsdp_8gpu.yaml"),
         ("FSDP", 1, [], "fsdp_version: 2"),
         ("FSDP", 2, ["model.layerdrop=0.1"], "model.layerdrop=0.1 cannot run under FSDP"),
+        ("FSDP", 2, ["train.mixed_precision=fp16"], "fp16 is not supported under FSDP.*bf16"),
     ],
 )
 def test_unsupported_launches_are_refused_with_the_fix_named(
@@ -259,5 +260,8 @@ def test_unsupported_launches_are_refused_with_the_fix_named(
             self.is_fsdp2 = fsdp_version == 2
 
     monkeypatch.setattr(accelerate, "Accelerator", Launched)
+    monkeypatch.setattr(
+        torch.cuda, "is_available", lambda: True
+    )  # these launch configs are for GPUs
     with pytest.raises(PhonetuneError, match=message):
         make_accelerator(config(tmp_path, tmp_path / "run", *overrides))

@@ -269,6 +269,10 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
     return config
 
 
+# PyYAML (YAML 1.1) reads these as booleans; on a command line only true/false are.
+_YAML11_BOOLEAN_WORDS = {"yes", "no", "on", "off"}
+
+
 def apply_override(raw: dict[str, Any], override: str, errors: list[str]) -> None:
     """Set `a.b.c=value` in the raw mapping; the value is parsed as a YAML scalar/flow value."""
     key, sep, text = override.partition("=")
@@ -282,6 +286,8 @@ def apply_override(raw: dict[str, Any], override: str, errors: list[str]) -> Non
         value = yaml.safe_load(text) if text.strip() else ""
     except yaml.YAMLError:
         value = text  # not YAML (e.g. an unbalanced bracket in a path): take it as a string
+    if text.strip().lower() in _YAML11_BOOLEAN_WORDS:
+        value = text.strip()  # train.mixed_precision=no means the word, not false
     parts = key.split(".")
     node = raw
     for depth, part in enumerate(parts[:-1]):
@@ -385,6 +391,8 @@ def _type_problem(value: Any, hint: Any) -> str | None:
             return "must be a finite number"
         return None if ok else "must be a number"
     if hint is str:
+        if isinstance(value, bool):  # `mixed_precision: no` in a YAML file
+            return "must be a string (YAML reads an unquoted no/yes/on/off as false/true: quote it)"
         return None if isinstance(value, str) else "must be a string"
     return None if isinstance(value, hint) else f"must be {_describe(hint)}"
 

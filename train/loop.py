@@ -185,11 +185,19 @@ def make_accelerator(config: Config) -> Accelerator:
 
 
 def check_fsdp_launch(accelerator: Accelerator, config: Config) -> None:
-    """FSDP version 2 (per-parameter sharding), without LayerDrop."""
+    """FSDP version 2 (per-parameter sharding), without LayerDrop or fp16 loss scaling."""
     if not accelerator.is_fsdp2:
         raise PhonetuneError(
             "phonetune train shards with FSDP version 2 (torch's fully_shard): set "
             "fsdp_config.fsdp_version: 2 in the Accelerate config, as configs/accelerate/fsdp_8gpu.yaml"
+        )
+    # fp16 failed on an H200: Accelerate 1.15 unscales the gradients twice when clipping under
+    # FSDP, and a plain GradScaler may find overflows per shard, so processes could disagree on which
+    # steps to skip (not checked). bf16 needs no loss scaling.
+    if config.train.mixed_precision == "fp16":
+        raise PhonetuneError(
+            "train.mixed_precision=fp16 is not supported under FSDP (loss scaling over shards); "
+            "use train.mixed_precision=bf16, or launch fp16 runs with DDP (configs/accelerate/8gpu_ddp.yaml)"
         )
     # Every process gathers a layer's shards together before running it; LayerDrop skips layers at
     # random per process, so one would wait for a gather that the others never join.
