@@ -265,3 +265,26 @@ def test_unsupported_launches_are_refused_with_the_fix_named(
     )  # these launch configs are for GPUs
     with pytest.raises(PhonetuneError, match=message):
         make_accelerator(config(tmp_path, tmp_path / "run", *overrides))
+
+
+@pytest.mark.parametrize("stable_layer_norm", [True, False])
+def test_fsdp_layer_class_missing_from_the_model_is_named(stable_layer_norm, prepared_dir):
+    from types import SimpleNamespace
+
+    from data.errors import PhonetuneError
+    from train.loop import check_fsdp_wrapping, load_data
+    from train.model import CTCModel, build_model
+
+    cfg = config(
+        prepared_dir, "/unused", *MICRO, f"model.config.do_stable_layer_norm={stable_layer_norm}"
+    )
+    module = CTCModel(build_model(cfg.model, load_data(cfg).vocab)[0])
+    plugin = SimpleNamespace(transformer_cls_names_to_wrap=["Wav2Vec2EncoderLayerStableLayerNorm"])
+    launched = SimpleNamespace(state=SimpleNamespace(fsdp_plugin=plugin))  # fsdp_8gpu.yaml's class
+    if stable_layer_norm:  # XLSR-style layers: what the config names
+        check_fsdp_wrapping(launched, module)
+    else:  # wav2vec2-base-style layers
+        with pytest.raises(
+            PhonetuneError, match=r"this model's layer classes: Wav2Vec2EncoderLayer\)$"
+        ):
+            check_fsdp_wrapping(launched, module)

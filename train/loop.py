@@ -209,6 +209,21 @@ def check_fsdp_launch(accelerator: Accelerator, config: Config) -> None:
         )
 
 
+def check_fsdp_wrapping(accelerator: Accelerator, module: torch.nn.Module) -> None:
+    """The layer classes the Accelerate config shards one by one exist in this model (a
+    wav2vec2-base encoder has Wav2Vec2EncoderLayer, not XLSR's ...StableLayerNorm)."""
+    wanted = accelerator.state.fsdp_plugin.transformer_cls_names_to_wrap or []
+    present = {type(child).__name__ for child in module.modules()}
+    missing = [name for name in wanted if name not in present]
+    if missing:
+        layers = sorted(name for name in present if "EncoderLayer" in name)
+        raise PhonetuneError(
+            f"the Accelerate config shards layers of class {', '.join(missing)}, which this model "
+            f"does not have; set fsdp_config.fsdp_transformer_layer_cls_to_wrap to its encoder "
+            f"layer class (this model's layer classes: {', '.join(layers)})"
+        )
+
+
 def is_sharded(accelerator: Accelerator) -> bool:
     """Whether each process holds only a shard of the weights (FSDP): the forward pass is then a
     collective, and whole weights exist only once gathered."""
@@ -1090,6 +1105,8 @@ def train_locked(config: Config, accelerator: Accelerator, run_dir: Path) -> dic
     else:
         model, origin = build_model(config.model, data.vocab)
     module = CTCModel(model)
+    if is_sharded(accelerator):
+        check_fsdp_wrapping(accelerator, module)
     drop_unalignable(data, module, config)
     trainable, total = count_parameters(module)
     optimizer = make_optimizer(module, config)
