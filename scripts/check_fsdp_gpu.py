@@ -8,9 +8,10 @@ CI cannot run this (Accelerate enables FSDP only on accelerators; tests/fsdp_on_
 same code on CPU processes). With one GPU, `--processes 1` still goes through the whole FSDP path
 (torchrun, `fully_shard`, gathered checkpoints), with a shard that is the whole tensor. Runs the
 tiny recipe (bf16 unless `--mixed-precision` says otherwise) for `--steps` steps: (1) FSDP, (2) one
-process without FSDP, (3) FSDP resumed from the middle checkpoint. Prints one JSON object as the last line: losses of (1) and (2) and
-their largest relative difference, the largest weight difference of (3) against (1) at the last
-step, and whether the checkpoint loads with `Wav2Vec2ForCTC.from_pretrained`.
+process without FSDP, (3) FSDP resumed from the middle checkpoint. Prints one JSON object as the
+last line: losses of (1) and (2) and their largest relative difference, the largest weight
+difference of (3) against (1) at the last step, and whether the checkpoint loads with
+`Wav2Vec2ForCTC.from_pretrained`.
 """
 
 from __future__ import annotations
@@ -78,12 +79,8 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.out.exists():
         shutil.rmtree(args.out)
-    fsdp = ["-m", "accelerate.commands.launch", "--config_file"]
-    fsdp += [
-        str(args.accelerate_config),
-        "--num_processes",
-        str(args.processes),
-    ]
+    fsdp = ["-m", "accelerate.commands.launch", "--config_file", str(args.accelerate_config)]
+    fsdp += ["--num_processes", str(args.processes)]
     straight, plain, resumed = args.out / "fsdp", args.out / "plain", args.out / "fsdp_resumed"
     precision = args.mixed_precision
     summary = train(fsdp, args.prepared_dir, straight, args.steps, precision)

@@ -179,7 +179,7 @@ def make_accelerator(config: Config) -> Accelerator:
             "Launch with DDP (configs/accelerate/8gpu_ddp.yaml), or FSDP to shard the model "
             "(configs/accelerate/fsdp_8gpu.yaml)."
         )
-    if launched == "FSDP":
+    if is_sharded(accelerator):
         check_fsdp_launch(accelerator, config)
     return accelerator
 
