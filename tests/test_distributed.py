@@ -234,20 +234,65 @@ def test_accelerate_configs_parse_as_the_launcher_reads_them(path):
     assert modes == ([] if expected[2] == "single" else [expected[2]])
 
 
+def zero2_plugin_config(change=None):
+    """The DeepSpeed config Accelerate builds from deepspeed_zero2_8gpu.yaml, with `change` applied."""
+    from accelerate.utils import DeepSpeedPlugin
+
+    plugin = DeepSpeedPlugin(
+        zero_stage=2, offload_optimizer_device="none", offload_param_device="none"
+    )
+    plugin.set_mixed_precision("bf16")
+    if change:
+        change(plugin.deepspeed_config)
+    return plugin.deepspeed_config
+
+
 @pytest.mark.parametrize(
-    ("kind", "fsdp_version", "overrides", "message"),
+    ("kind", "fsdp_version", "deepspeed", "overrides", "message"),
     [
-        ("DEEPSPEED", None, [], "DEEPSPEED.*configs/accelerate/8gpu_ddp.yaml"),
-        ("MEGATRON_LM", None, [], "MEGATRON_LM.*configs/accelerate/fsdp_8gpu.yaml"),
-        ("FSDP", 1, [], "fsdp_version: 2"),
-        ("FSDP", 2, ["model.layerdrop=0.1"], "model.layerdrop=0.1 cannot run under FSDP"),
-        ("FSDP", 2, ["train.mixed_precision=fp16"], "fp16 is not supported under FSDP.*bf16"),
+        ("MEGATRON_LM", None, None, [], "Megatron-LM.*deepspeed_zero2_8gpu.yaml"),
+        ("FSDP", 1, None, [], "fsdp_version: 2"),
+        ("FSDP", 2, None, ["model.layerdrop=0.1"], "model.layerdrop=0.1 cannot run under FSDP"),
+        ("FSDP", 2, None, ["train.mixed_precision=fp16"], "fp16 is not supported under FSDP.*bf16"),
+        (
+            "DEEPSPEED", None, lambda c: c["zero_optimization"].update(stage=3), [],
+            r"stage is 3: phonetune train runs ZeRO stage 2",
+        ),
+        (
+            "DEEPSPEED", None,
+            lambda c: c["zero_optimization"]["offload_optimizer"].update(device="cpu"), [],
+            r"offload_optimizer.device is cpu: offload is not supported",
+        ),
+        (
+            "DEEPSPEED", None, lambda c: c.update(optimizer={"type": "AdamW"}), [],
+            r"has a 'optimizer' section: phonetune builds its own",
+        ),
+        (
+            "DEEPSPEED", None, lambda c: c.update(gradient_accumulation_steps=4), [],
+            r"gradient_accumulation_steps is 4: .* train.grad_accum=4",
+        ),
+        (
+            "DEEPSPEED", None, lambda c: c.update(gradient_clipping=0.5), [],
+            r"gradient_clipping is 0.5 but train.max_grad_norm is 1",
+        ),
+        (
+            "DEEPSPEED", None, lambda c: c["bf16"].update(check_grad_overflow=False), [],
+            r"check_grad_overflow is false",
+        ),
+        ("DEEPSPEED", None, None, ["train.mixed_precision=fp16"], "fp16 is not supported under DeepSpeed"),
+        ("DEEPSPEED", None, None, ["model.layerdrop=0.1"], r"model.layerdrop=0.1: .*model.layerdrop=0"),
+        (
+            "DEEPSPEED", None, None,
+            ["train.weight_decay=0.01", "train.freeze_finetune_updates=10"],
+            r"weight decay would shrink it",
+        ),
     ],
-)
+)  # fmt: skip
 def test_unsupported_launches_are_refused_with_the_fix_named(
-    kind, fsdp_version, overrides, message, monkeypatch, tmp_path
+    kind, fsdp_version, deepspeed, overrides, message, monkeypatch, tmp_path
 ):
     import enum
+    from types import SimpleNamespace
 
     import accelerate
 
@@ -258,6 +303,9 @@ def test_unsupported_launches_are_refused_with_the_fix_named(
         def __init__(self, **kwargs):
             self.distributed_type = enum.Enum("DistributedType", [kind])[kind]
             self.is_fsdp2 = fsdp_version == 2
+            self.num_processes = 8
+            plugin = SimpleNamespace(deepspeed_config=zero2_plugin_config(deepspeed))
+            self.state = SimpleNamespace(deepspeed_plugin=plugin)
 
     monkeypatch.setattr(accelerate, "Accelerator", Launched)
     monkeypatch.setattr(
@@ -265,6 +313,37 @@ def test_unsupported_launches_are_refused_with_the_fix_named(
     )  # these launch configs are for GPUs
     with pytest.raises(PhonetuneError, match=message):
         make_accelerator(config(tmp_path, tmp_path / "run", *overrides))
+
+
+def test_a_launch_needing_a_missing_package_names_it(monkeypatch, tmp_path):
+    import accelerate
+
+    from data.errors import PhonetuneError
+    from train.loop import make_accelerator
+
+    def without_deepspeed(**kwargs):  # what Accelerator() raises under a DeepSpeed config then
+        raise ImportError("DeepSpeed is not installed => run `pip install deepspeed`")
+
+    monkeypatch.setattr(accelerate, "Accelerator", without_deepspeed)
+    with pytest.raises(PhonetuneError, match=r"not installed: DeepSpeed .*\.\[deepspeed\]"):
+        make_accelerator(config(tmp_path, tmp_path / "run"))
+
+
+def test_deepspeed_config_takes_accumulation_clipping_and_batch_from_phonetune():
+    from types import SimpleNamespace
+
+    from train.zero import check_deepspeed_launch
+
+    ds = zero2_plugin_config()
+    assert ds["gradient_clipping"] == "auto" and ds["train_micro_batch_size_per_gpu"] == "auto"
+    launched = SimpleNamespace(
+        num_processes=8,
+        state=SimpleNamespace(deepspeed_plugin=SimpleNamespace(deepspeed_config=ds)),
+    )
+    cfg = config("/unused", "/unused", "train.max_grad_norm=5", "train.freeze_finetune_updates=10")
+    check_deepspeed_launch(launched, cfg)  # the recipe's frozen phase, without weight decay
+    assert ds["gradient_clipping"] == 5.0 and ds["gradient_accumulation_steps"] == 1
+    assert (ds["train_micro_batch_size_per_gpu"], ds["train_batch_size"]) == (1, 8)
 
 
 @pytest.mark.parametrize("stable_layer_norm", [True, False])
@@ -288,3 +367,136 @@ def test_fsdp_layer_class_missing_from_the_model_is_named(stable_layer_norm, pre
             PhonetuneError, match=r"this model's layer classes: Wav2Vec2EncoderLayer\)$"
         ):
             check_fsdp_wrapping(launched, module)
+
+
+# DeepSpeed ZeRO-2 over two CPU processes: see tests/deepspeed_on_cpu.py for why not `accelerate launch`.
+ZERO2_LAUNCH = f"-m torch.distributed.run --standalone --nproc_per_node 2 {ROOT / 'tests' / 'deepspeed_on_cpu.py'}"
+
+
+def test_deepspeed_zero2_trains_like_one_process_and_its_checkpoints_resume_under_any_launcher(
+    prepared_dir, tmp_path
+):
+    # Each process holds whole weights but half of the Adam state and of the reduced gradients;
+    # two batches accumulate per step (phonetune tells the engine which backward closes the step);
+    # layers are recomputed in the backward pass.
+    common = [*DETERMINISTIC, "train.eval_steps=2", "train.grad_accum=2"]
+    common += ["model.gradient_checkpointing=true"]
+    (tmp_path / "zero").mkdir()
+    straight = tmp_path / "zero" / "straight"
+    launched = launch_two(prepared_dir, straight, *common, launch=ZERO2_LAUNCH)
+    assert "2 on cpu, DeepSpeed ZeRO-2 (optimizer state and gradients sharded)" in launched.stdout
+    one = tmp_path / "one"
+    train(config(prepared_dir, one, *common, "train.batch_seconds=24"))
+
+    zero_losses, zero_evals = read_metrics(straight)
+    one_losses, _ = read_metrics(one)
+    for key, rtol in (("loss", 1e-5), ("grad_norm", 1e-4)):  # the norm is the engine's own
+        np.testing.assert_allclose(
+            [r[key] for r in zero_losses], [r[key] for r in one_losses], rtol=rtol
+        )
+    # Checkpoints hold the whole fp32 weights and a name-keyed Adam state gathered from the shards,
+    # laid out as the one-process run's.
+    final = weights(ckpt.checkpoints_dir(straight) / "step_4")
+    close_weights(final, weights(ckpt.checkpoints_dir(one) / "step_4"))
+    zero_adam, one_adam = (
+        ckpt.load_tensors(ckpt.checkpoints_dir(run) / "step_4", "optimizer.pt")
+        for run in (straight, one)
+    )
+    assert zero_adam["state"].keys() == one_adam["state"].keys()
+    assert "model.lm_head.weight" in zero_adam["state"]
+    for name, state in one_adam["state"].items():
+        assert float(zero_adam["state"][name]["step"]) == float(state["step"]) == 4
+        for moment in ("exp_avg", "exp_avg_sq"):  # summed in another order; a misplaced shard
+            torch.testing.assert_close(  # would be off by far more
+                zero_adam["state"][name][moment], state[moment], rtol=1e-2, atol=1e-6
+            )
+    groups = [[g["params"], g["weight_decay"], g["lr"]] for g in zero_adam["param_groups"]]
+    assert groups == [[g["params"], g["weight_decay"], g["lr"]] for g in one_adam["param_groups"]]
+    # Every dev clip decoded once per evaluation, across the two processes.
+    import datasets
+
+    dev = datasets.load_from_disk(str(prepared_dir))["dev"]
+    assert [r["eval_utterances"] for r in zero_evals] == [len(dev)] * 2
+    counted = {loc: c["ref_phones"] for loc, c in zero_evals[-1]["eval_counts_per_locale"].items()}
+    assert counted == dev_phone_counts(prepared_dir)
+
+    # Killed after step 3, continued under ZeRO-2: bit for bit the same run.
+    stopped = tmp_path / "zero" / "stopped"
+    shutil.copytree(straight, stopped)
+    shutil.rmtree(ckpt.checkpoints_dir(stopped) / "step_4")
+    launch_two(prepared_dir, stopped, *common, "resume=auto", launch=ZERO2_LAUNCH)
+    resumed = weights(ckpt.checkpoints_dir(stopped) / "step_4")
+    assert all(torch.equal(final[k], resumed[k]) for k in final)
+    assert [r["loss"] for r in read_metrics(stopped)[0]] == [r["loss"] for r in zero_losses]
+
+    # The ZeRO-2 checkpoint continued by one process, and the one-process checkpoint by ZeRO-2.
+    alone = tmp_path / "alone"
+    shutil.copytree(straight, alone)
+    shutil.rmtree(ckpt.checkpoints_dir(alone) / "step_4")
+    train(config(prepared_dir, alone, *common, "train.batch_seconds=24", "resume=auto"))
+    close_weights(final, weights(ckpt.checkpoints_dir(alone) / "step_4"))
+    adopted = tmp_path / "zero" / "adopted"
+    shutil.copytree(one, adopted)
+    shutil.rmtree(ckpt.checkpoints_dir(adopted) / "step_4")
+    launch_two(prepared_dir, adopted, *common, "resume=auto", launch=ZERO2_LAUNCH)
+    close_weights(weights(ckpt.checkpoints_dir(one) / "step_4"), final)
+    close_weights(weights(ckpt.checkpoints_dir(adopted) / "step_4"), final)
+
+
+def test_deepspeed_zero2_frozen_transformer_phase_trains_only_the_head(prepared_dir, tmp_path):
+    # Step 1 runs the encoder without gradients: ZeRO updates its parameters with a zero gradient
+    # (weight decay 0), which must leave them as they were, so step 2 starts where one process
+    # without ZeRO starts it. (From step 3 the Adam step counts differ: see train/zero.py.)
+    common = [*DETERMINISTIC, "train.freeze_finetune_updates=1", "train.max_steps=2"]
+    (tmp_path / "zero").mkdir()
+    launch_two(prepared_dir, tmp_path / "zero" / "run", *common, launch=ZERO2_LAUNCH)
+    train(config(prepared_dir, tmp_path / "one", *common, "train.batch_seconds=24"))
+    zero_losses, one_losses = (
+        read_metrics(run)[0] for run in (tmp_path / "zero" / "run", tmp_path / "one")
+    )
+    assert [r["frozen_transformer"] for r in zero_losses] == [True, False]
+    np.testing.assert_allclose(
+        [r["loss"] for r in zero_losses], [r["loss"] for r in one_losses], rtol=1e-5
+    )
+
+
+def test_deepspeed_zero2_skips_a_step_whose_gradient_is_nan_on_one_process(
+    prepared_dir, tmp_path, monkeypatch
+):
+    # NaN in one clip on process 0 only: the engine's overflow check is reduced over the
+    # processes, so both skip step 3 (no update) and go on.
+    monkeypatch.setenv("PHONETUNE_TEST_NAN_STEP", "3")
+    run = tmp_path / "zero" / "run"
+    run.parent.mkdir()
+    steps = ["train.save_steps=1", "train.keep_last=10"]
+    launch_two(prepared_dir, run, *DETERMINISTIC, *steps, launch=ZERO2_LAUNCH)
+    records = read_metrics(run)[0]
+    assert [r["skipped_steps"] for r in records] == [0, 0, 1, 1]
+    assert [r["loss"] is None for r in records] == [False, False, True, False]
+    assert records[2]["grad_norm"] is None  # non-finite, written as null
+    saved = {step: weights(path) for step, path in ckpt.list_checkpoints(run)}
+    assert all(torch.equal(saved[2][k], saved[3][k]) for k in saved[2])  # no update at step 3
+    assert not all(torch.equal(saved[3][k], saved[4][k]) for k in saved[3])
+    assert all(torch.isfinite(t).all() for t in saved[4].values())
+
+
+def test_deepspeed_zero2_bf16_keeps_exact_fp32_masters_and_checkpoints_them(prepared_dir, tmp_path):
+    # Under bf16 DeepSpeed casts the model to bf16 and would build its fp32 masters from that
+    # rounding. With a learning rate too small to move an fp32 weight, the checkpoint's trainable
+    # weights must be the initial fp32 ones (one process without DeepSpeed saves those); the frozen feature encoder is saved as the forward pass used it, in bf16 values.
+    common = [*DETERMINISTIC, "train.max_steps=2", "train.lr=1e-30"]
+    (tmp_path / "zero").mkdir()
+    run = tmp_path / "zero" / "run"
+    launched = launch_two(
+        prepared_dir, run, *common, "train.mixed_precision=bf16", launch=ZERO2_LAUNCH
+    )
+    assert "mixed precision bf16" in launched.stdout
+    train(config(prepared_dir, tmp_path / "one", *common, "train.batch_seconds=24"))
+    assert all(r["loss"] is not None for r in read_metrics(run)[0])
+    bf16, fp32 = (weights(ckpt.checkpoints_dir(r) / "step_2") for r in (run, tmp_path / "one"))
+    encoder = [k for k in fp32 if k.startswith("wav2vec2.feature_extractor.")]
+    assert encoder and all(torch.equal(bf16[k], fp32[k].bfloat16().float()) for k in encoder)
+    for k in fp32:  # zero-initialised biases move by ~1e-31: nothing like a bf16 rounding
+        if k not in encoder:
+            torch.testing.assert_close(bf16[k], fp32[k], rtol=0, atol=1e-20)
+    assert not torch.equal(fp32["lm_head.weight"], fp32["lm_head.weight"].bfloat16().float())

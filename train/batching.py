@@ -132,10 +132,11 @@ class Batch:
     def padded_seconds(self) -> float:
         return self.input_values.numel() / SAMPLE_RATE
 
-    def to(self, device: torch.device | str) -> Batch:
+    def to(self, device: torch.device | str, dtype: torch.dtype = torch.float32) -> Batch:
+        """On `device`, the audio in `dtype` (the other tensors keep theirs)."""
         move = {"non_blocking": True}
         return Batch(
-            input_values=self.input_values.to(device, **move),
+            input_values=self.input_values.to(device, dtype, **move),
             attention_mask=self.attention_mask.to(device, **move),
             input_lengths=self.input_lengths.to(device, **move),
             labels=None if self.labels is None else self.labels.to(device, **move),

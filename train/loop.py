@@ -4,7 +4,8 @@ One process (CPU or one GPU) with `phonetune train --config FILE [key=value ...]
 `accelerate launch [options] -m train --config FILE [key=value ...]` (on GPUs: `--multi_gpu
 --num_processes N`; the same flags also work without GPUs, the processes then join a gloo group on
 the CPU, whereas `--cpu --num_processes N` starts a single process unless MPI is set up; FSDP
-version 2 shards the model, see `check_fsdp_launch`). The run can be killed at any
+version 2 shards the model, see `check_fsdp_launch`, and DeepSpeed ZeRO-2 the optimizer state, see
+train/zero.py). The run can be killed at any
 moment and continued with `resume=auto`: the next steps are the ones the uninterrupted run would
 have taken (same batches, same masks and dropout, same updates).
 
@@ -36,7 +37,7 @@ import torch.nn.functional as F
 from data.errors import PhonetuneError
 from data.vocab import BLANK_ID, load_vocab
 from train import checkpoint as ckpt
-from train import guard
+from train import guard, zero
 from train.batching import (
     IGNORE_INDEX,
     Batch,
@@ -163,24 +164,30 @@ def make_accelerator(config: Config) -> Accelerator:
     # LayerDrop and the frozen-transformer phase leave parameters without gradients in some steps;
     # DDP must then look for them or it waits forever ("Expected to have finished reduction").
     find_unused = config.model.layerdrop > 0 or config.train.freeze_finetune_updates > 0
-    accelerator = Accelerator(
-        mixed_precision=config.train.mixed_precision,
-        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=find_unused)],
-        # Without a GPU, say so: several processes started by torchrun (`accelerate launch
-        # --multi_gpu`, `torchrun`) then form a gloo process group instead of each running alone.
-        cpu=not torch.cuda.is_available(),
-    )
-    launched = accelerator.distributed_type.name
-    if launched in ("DEEPSPEED", "MEGATRON_LM"):
+    try:
+        accelerator = Accelerator(
+            mixed_precision=config.train.mixed_precision,
+            kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=find_unused)],
+            # Without a GPU, say so: several processes started by torchrun (`accelerate launch
+            # --multi_gpu`, `torchrun`) then form a gloo process group instead of each running alone.
+            cpu=not torch.cuda.is_available(),
+        )
+    except ImportError as error:  # a launcher config needing DeepSpeed, which is not installed
         raise PhonetuneError(
-            f"the launcher asked for {launched}, which phonetune train does not support: its "
-            "engine takes over the optimizer step (NaN skips, clipping, accumulation) that "
-            "phonetune owns. "
-            "Launch with DDP (configs/accelerate/8gpu_ddp.yaml), or FSDP to shard the model "
-            "(configs/accelerate/fsdp_8gpu.yaml)."
+            f"the launch needs a package that is not installed: {error} "
+            '(for DeepSpeed: pip install -e ".[deepspeed]")'
+        ) from error
+    if accelerator.distributed_type.name == "MEGATRON_LM":
+        raise PhonetuneError(
+            "the launcher asked for Megatron-LM, which phonetune train does not support. "
+            "Launch with DDP (configs/accelerate/8gpu_ddp.yaml), FSDP "
+            "(configs/accelerate/fsdp_8gpu.yaml) or DeepSpeed ZeRO-2 "
+            "(configs/accelerate/deepspeed_zero2_8gpu.yaml)."
         )
     if is_sharded(accelerator):
         check_fsdp_launch(accelerator, config)
+    if zero.uses_deepspeed(accelerator):
+        zero.check_deepspeed_launch(accelerator, config)
     return accelerator
 
 
@@ -643,6 +650,7 @@ def train_step(
     """
     device = accelerator.device
     unwrapped: CTCModel = accelerator.unwrap_model(module)
+    deepspeed = zero.uses_deepspeed(accelerator)
     mean_per_utterance = config.model.ctc_loss_reduction == "mean"
     real = [b for b, ghost in zip(batches, ghosts, strict=True) if not ghost]
     # The loss is normalised by the number of label tokens of the whole step: all accumulated batches
@@ -657,8 +665,10 @@ def train_step(
     loss_sum = torch.zeros((), device=device)
     infeasible = 0
     for index, (batch, ghost) in enumerate(zip(batches, ghosts, strict=True)):
-        batch = batch.to(device)
+        batch = batch.to(device, input_dtype(unwrapped))
         last = index == len(batches) - 1
+        if deepspeed:  # the last backward of the step reduces the gradients
+            module.set_gradient_accumulation_boundary(last)
         with contextlib.nullcontext() if last else accelerator.no_sync(module):
             logits = module(
                 batch.input_values, batch.attention_mask, freeze_transformer=freeze_transformer
@@ -672,24 +682,22 @@ def train_step(
                 config.model.ctc_loss_reduction,
                 config.model.ctc_zero_infinity,
             )
-            # DDP and FSDP average gradients over processes: scaling by the process count makes
-            # that average the gradient of (sum of all losses) / global_count.
+            # DDP, FSDP and ZeRO average gradients over processes: scaling by the process count
+            # makes that average the gradient of (sum of all losses) / global_count.
             weight = 0.0 if ghost else accelerator.num_processes
-            accelerator.backward(loss * weight / global_count)
+            if deepspeed:  # already normalised over the accumulated batches: no 1/grad_accum
+                module.backward(loss * weight / global_count, scale_wrt_gas=False)
+            else:
+                accelerator.backward(loss * weight / global_count)
         if not ghost:
             loss_sum += loss.detach()
             infeasible += count_infeasible(output_lengths, batch.labels, batch.label_lengths)
 
-    parameters = [p for p in module.parameters() if p.requires_grad]
-    max_norm = config.train.max_grad_norm if config.train.max_grad_norm > 0 else math.inf
-    grad_norm = accelerator.clip_grad_norm_(parameters, max_norm)
-    if hasattr(grad_norm, "full_tensor"):  # under FSDP a DTensor: the norm of the whole gradient
-        grad_norm = grad_norm.full_tensor()
-    finite = bool(torch.isfinite(grad_norm))
-    skipped = not finite
-    if finite or accelerator.scaler is not None:
-        optimizer.step()  # with fp16 the grad scaler skips an overflowing step itself and lowers its scale
-        skipped = skipped or accelerator.optimizer_step_was_skipped
+    if deepspeed:
+        grad_norm, skipped = zero.step(module)
+    else:
+        grad_norm, skipped = clip_and_update(module, optimizer, accelerator, config)
+    finite = math.isfinite(grad_norm)
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
 
@@ -707,12 +715,39 @@ def train_step(
     loss_value = float(totals[0] / global_count.double())
     return StepResult(
         loss=loss_value if finite and math.isfinite(loss_value) else math.nan,
-        grad_norm=float(grad_norm),
+        grad_norm=grad_norm,
         skipped=skipped,
         audio_seconds=float(totals[2]),
         padded_seconds=float(totals[3]),
         infeasible=int(totals[1]),
     )
+
+
+def clip_and_update(
+    module: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    accelerator: Accelerator,
+    config: Config,
+) -> tuple[float, bool]:
+    """Clip to train.max_grad_norm and update unless the gradient is NaN/inf; the norm before
+    clipping and whether the update was skipped."""
+    parameters = [p for p in module.parameters() if p.requires_grad]
+    max_norm = config.train.max_grad_norm if config.train.max_grad_norm > 0 else math.inf
+    grad_norm = accelerator.clip_grad_norm_(parameters, max_norm)
+    if hasattr(grad_norm, "full_tensor"):  # under FSDP a DTensor: the norm of the whole gradient
+        grad_norm = grad_norm.full_tensor()
+    finite = bool(torch.isfinite(grad_norm))
+    skipped = not finite
+    if finite or accelerator.scaler is not None:
+        optimizer.step()  # with fp16 the grad scaler skips an overflowing step itself and lowers its scale
+        skipped = skipped or accelerator.optimizer_step_was_skipped
+    return float(grad_norm), skipped
+
+
+def input_dtype(module: torch.nn.Module) -> torch.dtype:
+    """The dtype the model's weights are in, for the audio fed to it: fp32, except under DeepSpeed
+    with bf16, which casts the model itself instead of using autocast."""
+    return next(module.parameters()).dtype
 
 
 class BatchStream:
@@ -783,7 +818,7 @@ def evaluate(
     unwrapped.eval()
     try:
         for number, batch in enumerate(loader):
-            batch = batch.to(accelerator.device)
+            batch = batch.to(accelerator.device, input_dtype(unwrapped))
             with torch.no_grad(), accelerator.autocast():
                 logits = unwrapped(
                     batch.input_values, batch.attention_mask, freeze_transformer=True
@@ -915,12 +950,15 @@ def gather_training_state(
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """The whole model weights (Wav2Vec2ForCTC names) and optimizer state, on the main process.
 
-    Every process must call this: under FSDP both are gathered from the shards. The optimizer state
-    is keyed by parameter name, not position, so a checkpoint resumes under one process, DDP or
-    FSDP alike.
+    Every process must call this: under FSDP and ZeRO-2 both are gathered from the shards. The
+    optimizer state is keyed by parameter name, not position, so a checkpoint resumes under one
+    process, DDP, FSDP or ZeRO-2 alike.
     """
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
+    if zero.uses_deepspeed(accelerator):
+        weights, optimizer_state = zero.gather_state(module)
+        return {name.removeprefix("model."): t for name, t in weights.items()}, optimizer_state
     weights = accelerator.get_state_dict(module)  # CTCModel names: "model." + Wav2Vec2ForCTC's
     weights = {name.removeprefix("model."): tensor for name, tensor in weights.items()}
     optimizer_state = get_optimizer_state_dict(
@@ -932,9 +970,14 @@ def gather_training_state(
 
 
 def restore_optimizer(
-    module: torch.nn.Module, optimizer: torch.optim.Optimizer, saved: dict[str, Any], path: Path
+    module: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    saved: dict[str, Any],
+    path: Path,
+    accelerator: Accelerator,
 ) -> None:
-    """Load a name-keyed optimizer state (see gather_training_state), sharding it under FSDP."""
+    """Load a name-keyed optimizer state (see gather_training_state), sharding it under FSDP or
+    ZeRO-2."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
     if any(isinstance(key, int) for key in saved.get("state", {})):
@@ -943,6 +986,9 @@ def restore_optimizer(
             "it), and this version cannot continue from it. Export it (phonetune export) and start "
             "a new run from the export with model.name_or_path=EXPORT_DIR."
         )
+    if zero.uses_deepspeed(accelerator):
+        zero.restore_optimizer(module, saved)
+        return
     set_optimizer_state_dict(
         module,
         _torch_optimizer(optimizer),
@@ -973,7 +1019,9 @@ def load_checkpoint(
     saved = ckpt.read_state(checkpoint)
     known = {f for f in TrainState.__dataclass_fields__}
     state = TrainState(**{key: value for key, value in saved.items() if key in known})
-    restore_optimizer(module, optimizer, ckpt.load_tensors(checkpoint, "optimizer.pt"), checkpoint)
+    restore_optimizer(
+        module, optimizer, ckpt.load_tensors(checkpoint, "optimizer.pt"), checkpoint, accelerator
+    )
     scheduler.load_state_dict(ckpt.load_tensors(checkpoint, "scheduler.pt"))
     scaler_state = ckpt.load_tensors(checkpoint, "scaler.pt")
     if accelerator.scaler is not None and scaler_state is not None:
@@ -1122,7 +1170,12 @@ def train_locked(config: Config, accelerator: Accelerator, run_dir: Path) -> dic
             t.final_lr_scale,
         ),
     )
+    # DeepSpeed casts the model to bf16 and builds its fp32 masters from that: keep them exact.
+    fp32_weights = zero.trainable_fp32_weights(module) if zero.uses_deepspeed(accelerator) else None
     module, optimizer = accelerator.prepare(module, optimizer)
+    if fp32_weights is not None:
+        zero.set_fp32_masters(module, fp32_weights)
+        del fp32_weights
     sampler = DurationBatchSampler(
         data.train_rows,
         data.train.durations[data.train_rows],
@@ -1354,7 +1407,11 @@ def print_summary(
         f"{count} {reason.replace('_', ' ')}" for reason, count in data.skipped.items() if count
     )
     effective = t.batch_seconds * accelerator.num_processes * t.grad_accum
-    sharding = ", FSDP (weights and optimizer state sharded)" if is_sharded(accelerator) else ""
+    sharding = ""
+    if is_sharded(accelerator):
+        sharding = ", FSDP (weights and optimizer state sharded)"
+    elif zero.uses_deepspeed(accelerator):
+        sharding = ", DeepSpeed ZeRO-2 (optimizer state and gradients sharded)"
     say(
         "phonetune train\n"
         f"  run directory:   {run_dir} (config.yaml, {METRICS_FILE}, checkpoints/)\n"

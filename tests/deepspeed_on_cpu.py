@@ -1,0 +1,63 @@
+"""`python -m torch.distributed.run --nproc_per_node N tests/deepspeed_on_cpu.py --config ...`:
+phonetune train under DeepSpeed ZeRO stage 2 on CPU processes (gloo), for tests.
+
+Accelerate runs DeepSpeed only on accelerator devices (on CPUs `accelerate launch --use_deepspeed`
+falls back to DDP), while DeepSpeed itself runs ZeRO-2 on its CPU accelerator over the gloo group.
+So this launcher builds the accelerator as `phonetune train` does, then sets the distributed type
+and the plugin that `accelerate launch --config_file configs/accelerate/deepspeed_zero2_8gpu.yaml`
+sets on GPUs (without bf16: the tests compare fp32 losses). Everything after that (the engine,
+its optimizer, phonetune's checks and checkpoints) is the code that runs on GPUs.
+"""
+
+import os
+import sys
+
+from accelerate.state import PartialState
+from accelerate.utils import DeepSpeedPlugin, DistributedType
+
+import train.loop as loop
+from train import zero
+
+make_accelerator = loop.make_accelerator
+
+
+def make_deepspeed_accelerator(config):
+    accelerator = make_accelerator(config)
+    plugin = DeepSpeedPlugin(  # deepspeed_zero2_8gpu.yaml's settings
+        zero_stage=2,
+        gradient_accumulation_steps=1,
+        offload_optimizer_device="none",
+        offload_param_device="none",
+        zero3_init_flag=False,
+    )
+    plugin.set_mixed_precision(config.train.mixed_precision)
+    plugin.select(_from_accelerator_state=True)
+    os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
+    accelerator.state.deepspeed_plugins = plugin
+    accelerator.deepspeed_engine_wrapped = None  # what Accelerator() sets up for a DeepSpeed launch
+    # Set on both: every AcceleratorState() copies the process state's value back over its own.
+    accelerator.state.distributed_type = DistributedType.DEEPSPEED
+    PartialState().distributed_type = DistributedType.DEEPSPEED
+    zero.check_deepspeed_launch(accelerator, config)
+    return accelerator
+
+
+def poison_on_first_process(step):
+    """NaN into the audio of `step`'s first batch on process 0 only (PHONETUNE_TEST_NAN_STEP)."""
+    real_next, calls = loop.BatchStream.next_step, {"n": 0}
+
+    def next_step(self, state):
+        batches, ghosts = real_next(self, state)
+        calls["n"] += 1
+        if calls["n"] == step and os.environ.get("RANK") == "0":
+            batches[0].input_values[0, 1000:1100] = float("nan")
+        return batches, ghosts
+
+    loop.BatchStream.next_step = next_step
+
+
+if __name__ == "__main__":
+    loop.make_accelerator = make_deepspeed_accelerator
+    if "PHONETUNE_TEST_NAN_STEP" in os.environ:
+        poison_on_first_process(int(os.environ["PHONETUNE_TEST_NAN_STEP"]))
+    sys.exit(loop.main())
