@@ -69,6 +69,36 @@ def close_weights(first, second):
     assert differences.median() < 1e-7, stats
 
 
+def without_last_checkpoint(run_dir, copy):
+    """A copy of a 4-step run as if it had been killed before saving step 4."""
+    shutil.copytree(run_dir, copy)
+    shutil.rmtree(ckpt.checkpoints_dir(copy) / "step_4")
+    (copy / "best.json").unlink(missing_ok=True)
+    return copy
+
+
+def assert_resume_is_exact(prepared_dir, straight, overrides, launch):
+    """The run continued from its step-2 checkpoint under `launch`: bit for bit the same run.
+    Returns the continued launch."""
+    stopped = without_last_checkpoint(straight, straight.parent / "stopped")
+    launched = launch_two(prepared_dir, stopped, *overrides, "resume=auto", launch=launch)
+    final, resumed = (weights(ckpt.checkpoints_dir(run) / "step_4") for run in (straight, stopped))
+    assert all(torch.equal(final[k], resumed[k]) for k in final)
+    assert [r["loss"] for r in read_metrics(stopped)[0]] == [
+        r["loss"] for r in read_metrics(straight)[0]
+    ]
+    return launched
+
+
+def assert_every_dev_clip_counted_once(evals, prepared_dir):
+    import datasets
+
+    dev = datasets.load_from_disk(str(prepared_dir))["dev"]
+    assert [r["eval_utterances"] for r in evals] == [len(dev)] * len(evals)
+    counted = {loc: c["ref_phones"] for loc, c in evals[-1]["eval_counts_per_locale"].items()}
+    assert counted == dev_phone_counts(prepared_dir)
+
+
 def test_two_processes_with_budget_b_train_like_one_with_2b(prepared_dir, tmp_path):
     (tmp_path / "two").mkdir()
     two = launch_two(prepared_dir, tmp_path / "two" / "run", *DETERMINISTIC)
@@ -120,27 +150,12 @@ def test_two_process_run_resumes_exactly_and_with_one_process(prepared_dir, tmp_
     }
 
     # As if killed after step 3: only the step-2 checkpoint survives.
-    stopped = tmp_path / "two" / "stopped"
-    shutil.copytree(straight, stopped)
-    shutil.rmtree(ckpt.checkpoints_dir(stopped) / "step_4")
-    (stopped / "best.json").unlink(missing_ok=True)
-    resumed = launch_two(prepared_dir, stopped, *common, "resume=auto")
+    resumed = assert_resume_is_exact(prepared_dir, straight, common, LAUNCH)
     assert "batching differs" not in resumed.stdout and "-process run with" not in resumed.stdout
-    first, second = (
-        weights(ckpt.checkpoints_dir(straight) / "step_4"),
-        weights(ckpt.checkpoints_dir(stopped) / "step_4"),
-    )
-    assert all(torch.equal(first[k], second[k]) for k in first)  # bit for bit
-    straight_losses, _ = read_metrics(straight)
-    resumed_losses, _ = read_metrics(stopped)
-    assert [r["loss"] for r in resumed_losses] == [r["loss"] for r in straight_losses]
 
     # The same run continued by one process with the same global budget (2 x 12 s): allowed, with a
     # warning, on the same global batches.
-    alone = tmp_path / "alone"
-    shutil.copytree(straight, alone)
-    shutil.rmtree(ckpt.checkpoints_dir(alone) / "step_4")
-    (alone / "best.json").unlink(missing_ok=True)
+    alone = without_last_checkpoint(straight, tmp_path / "alone")
     say: list[str] = []
     import train.loop as loop
 
@@ -192,24 +207,14 @@ def test_fsdp_trains_like_one_process_and_its_checkpoints_resume_under_any_launc
 
     dev = datasets.load_from_disk(str(prepared_dir))["dev"]
     assert len(plan_eval(np.asarray(dev["duration"]), 60.0)) == 1  # the filler case is exercised
-    assert [r["eval_utterances"] for r in fsdp_evals] == [len(dev)] * 2
-    counted = {loc: c["ref_phones"] for loc, c in fsdp_evals[-1]["eval_counts_per_locale"].items()}
-    assert counted == dev_phone_counts(prepared_dir)
+    assert_every_dev_clip_counted_once(fsdp_evals, prepared_dir)
 
     # Killed after step 3, continued under FSDP: bit for bit the same run.
-    stopped = tmp_path / "fsdp" / "stopped"
-    shutil.copytree(straight, stopped)
-    shutil.rmtree(ckpt.checkpoints_dir(stopped) / "step_4")
-    launch_two(prepared_dir, stopped, *common, "resume=auto", launch=FSDP_LAUNCH)
-    resumed = weights(ckpt.checkpoints_dir(stopped) / "step_4")
-    assert all(torch.equal(final[k], resumed[k]) for k in final)
-    assert [r["loss"] for r in read_metrics(stopped)[0]] == [r["loss"] for r in fsdp_losses]
+    assert_resume_is_exact(prepared_dir, straight, common, FSDP_LAUNCH)
 
     # The same checkpoint continued by one process without sharding: the optimizer state was
     # gathered whole and is matched to the parameters by name.
-    alone = tmp_path / "alone"
-    shutil.copytree(straight, alone)
-    shutil.rmtree(ckpt.checkpoints_dir(alone) / "step_4")
+    alone = without_last_checkpoint(straight, tmp_path / "alone")
     train(config(prepared_dir, alone, *common, "train.batch_seconds=24", "resume=auto"))
     close_weights(final, weights(ckpt.checkpoints_dir(alone) / "step_4"))
 
@@ -412,32 +417,16 @@ def test_deepspeed_zero2_trains_like_one_process_and_its_checkpoints_resume_unde
             )
     groups = [[g["params"], g["weight_decay"], g["lr"]] for g in zero_adam["param_groups"]]
     assert groups == [[g["params"], g["weight_decay"], g["lr"]] for g in one_adam["param_groups"]]
-    # Every dev clip decoded once per evaluation, across the two processes.
-    import datasets
-
-    dev = datasets.load_from_disk(str(prepared_dir))["dev"]
-    assert [r["eval_utterances"] for r in zero_evals] == [len(dev)] * 2
-    counted = {loc: c["ref_phones"] for loc, c in zero_evals[-1]["eval_counts_per_locale"].items()}
-    assert counted == dev_phone_counts(prepared_dir)
+    assert_every_dev_clip_counted_once(zero_evals, prepared_dir)
 
     # Killed after step 3, continued under ZeRO-2: bit for bit the same run.
-    stopped = tmp_path / "zero" / "stopped"
-    shutil.copytree(straight, stopped)
-    shutil.rmtree(ckpt.checkpoints_dir(stopped) / "step_4")
-    launch_two(prepared_dir, stopped, *common, "resume=auto", launch=ZERO2_LAUNCH)
-    resumed = weights(ckpt.checkpoints_dir(stopped) / "step_4")
-    assert all(torch.equal(final[k], resumed[k]) for k in final)
-    assert [r["loss"] for r in read_metrics(stopped)[0]] == [r["loss"] for r in zero_losses]
+    assert_resume_is_exact(prepared_dir, straight, common, ZERO2_LAUNCH)
 
     # The ZeRO-2 checkpoint continued by one process, and the one-process checkpoint by ZeRO-2.
-    alone = tmp_path / "alone"
-    shutil.copytree(straight, alone)
-    shutil.rmtree(ckpt.checkpoints_dir(alone) / "step_4")
+    alone = without_last_checkpoint(straight, tmp_path / "alone")
     train(config(prepared_dir, alone, *common, "train.batch_seconds=24", "resume=auto"))
     close_weights(final, weights(ckpt.checkpoints_dir(alone) / "step_4"))
-    adopted = tmp_path / "zero" / "adopted"
-    shutil.copytree(one, adopted)
-    shutil.rmtree(ckpt.checkpoints_dir(adopted) / "step_4")
+    adopted = without_last_checkpoint(one, tmp_path / "zero" / "adopted")
     launch_two(prepared_dir, adopted, *common, "resume=auto", launch=ZERO2_LAUNCH)
     close_weights(weights(ckpt.checkpoints_dir(one) / "step_4"), final)
     close_weights(weights(ckpt.checkpoints_dir(adopted) / "step_4"), final)
