@@ -320,6 +320,19 @@ def test_unsupported_launches_are_refused_with_the_fix_named(
         make_accelerator(config(tmp_path, tmp_path / "run", *overrides))
 
 
+def test_a_gpu_launcher_config_for_deepspeed_on_cpus_says_what_runs_instead(prepared_dir, tmp_path):
+    config_file = ROOT / "configs" / "accelerate" / "deepspeed_zero2_8gpu.yaml"
+    launch = f"-m accelerate.commands.launch --config_file {config_file} --num_processes 2 -m train"
+    launched = launch_two(
+        prepared_dir, tmp_path / "run", *MICRO, "train.max_steps=1", launch=launch
+    )
+    assert "processes:       2 on cpu, mixed precision no" in launched.stdout
+    assert (
+        "warning: the launcher config asks for DeepSpeed, which Accelerate runs only on GPUs; "
+        "these 2 process(es) train without it (DDP on the cpu, nothing sharded)"
+    ) in launched.stdout
+
+
 def test_a_launch_needing_a_missing_package_names_it(monkeypatch, tmp_path):
     import accelerate
 

@@ -177,6 +177,17 @@ def make_accelerator(config: Config) -> Accelerator:
             f"the launch needs a package that is not installed: {error} "
             '(for DeepSpeed: pip install -e ".[deepspeed]")'
         ) from error
+    for variable, asked in (
+        ("ACCELERATE_USE_DEEPSPEED", "DeepSpeed"),
+        ("ACCELERATE_USE_FSDP", "FSDP"),
+    ):
+        launched = accelerator.distributed_type.name
+        if os.environ.get(variable, "").lower() == "true" and launched not in ("DEEPSPEED", "FSDP"):
+            accelerator.print(
+                f"warning: the launcher config asks for {asked}, which Accelerate runs only on "
+                f"GPUs; these {accelerator.num_processes} process(es) train without it (DDP on the "
+                f"{accelerator.device.type}, nothing sharded)"
+            )
     if accelerator.distributed_type.name == "MEGATRON_LM":
         raise PhonetuneError(
             "the launcher asked for Megatron-LM, which phonetune train does not support. "
