@@ -18,9 +18,11 @@ master weights, the Adam moments and the reduced gradients. phonetune keeps what
 Two differences from the other launchers, both from ZeRO's flat fp32 partitions: one Adam step
 count per parameter group, and parameters without a gradient in a step (the transformer during
 `train.freeze_finetune_updates`) take an update with a zero gradient. With weight decay 0 (the
-recipe) such an update leaves them unchanged, but their step count still advances, so Adam's bias
-correction is smaller for them once they unfreeze. Weight decay during a frozen phase would shrink
-frozen weights, so that combination is refused.
+recipe) such an update leaves them unchanged, but their step count still advances: once they
+unfreeze, their moments start from zero without the early-step bias correction, so their first
+updates are larger than under DDP (as in fairseq's FP16Optimizer, which zero-fills the missing
+gradients of its flat fp32 copy). Weight decay during a frozen phase would shrink frozen weights, so
+that combination is refused.
 """
 
 from __future__ import annotations
@@ -35,8 +37,6 @@ if TYPE_CHECKING:
     from accelerate import Accelerator
 
     from train.config import Config
-
-DDP_HINT = "launch with DDP (configs/accelerate/8gpu_ddp.yaml)"
 
 
 def uses_deepspeed(accelerator: Accelerator) -> bool:
@@ -115,7 +115,7 @@ def check_deepspeed_launch(accelerator: Accelerator, config: Config) -> None:
         raise PhonetuneError(
             "this DeepSpeed launch cannot run phonetune train:\n  - "
             + "\n  - ".join(problems)
-            + f"\n(or {DDP_HINT})"
+            + "\n(or launch with DDP: configs/accelerate/8gpu_ddp.yaml)"
         )
     ds["gradient_accumulation_steps"] = 1
     ds["gradient_clipping"] = config.train.max_grad_norm  # 0: no clipping, as train.max_grad_norm
