@@ -502,3 +502,9 @@ def test_deepspeed_zero2_bf16_keeps_exact_fp32_masters_and_checkpoints_them(prep
         if k not in encoder:
             torch.testing.assert_close(bf16[k], fp32[k], rtol=0, atol=1e-20)
     assert not torch.equal(fp32["lm_head.weight"], fp32["lm_head.weight"].bfloat16().float())
+    # The checkpoint's model folder says fp32, so plain transformers loads the masters as saved.
+    from transformers import Wav2Vec2ForCTC
+
+    loaded = Wav2Vec2ForCTC.from_pretrained(ckpt.checkpoints_dir(run) / "step_2" / "model")
+    assert loaded.lm_head.weight.dtype == torch.float32
+    assert torch.equal(loaded.lm_head.weight.detach(), bf16["lm_head.weight"])

@@ -236,8 +236,15 @@ def _save_quietly(
 
     was_enabled = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()
+    # config.json records the dtype of the model object, which under DeepSpeed bf16 is bf16 while
+    # `state_dict` holds its fp32 masters: from_pretrained would then load them in bf16. (Read first:
+    # save_pretrained empties the dict it is given.)
+    dtype = next((t.dtype for t in (state_dict or {}).values() if t.is_floating_point()), None)
     try:
         model.save_pretrained(path, safe_serialization=True, state_dict=state_dict)
+        if dtype is not None and dtype != model.dtype:
+            model.config.dtype = str(dtype).removeprefix("torch.")
+            model.config.save_pretrained(path)
     finally:
         if was_enabled:
             hf_logging.enable_progress_bar()
