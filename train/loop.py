@@ -968,7 +968,7 @@ def gather_training_state(
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
     if zero.uses_deepspeed(accelerator):
-        weights, optimizer_state = zero.gather_state(module)
+        weights, optimizer_state = zero.gather_state(module, keep=accelerator.is_main_process)
         return {name.removeprefix("model."): t for name, t in weights.items()}, optimizer_state
     weights = accelerator.get_state_dict(module)  # CTCModel names: "model." + Wav2Vec2ForCTC's
     weights = {name.removeprefix("model."): tensor for name, tensor in weights.items()}

@@ -154,10 +154,13 @@ def step(engine: Any) -> tuple[float, bool]:
     return float(norm), not engine.was_step_applied()
 
 
-def gather_state(engine: Any) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+def gather_state(engine: Any, keep: bool) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Whole fp32 weights (CTCModel names) and the name-keyed Adam state, as
-    torch.distributed.checkpoint's full optimizer state dict lays it out. Every process calls
-    this: each parameter is assembled from all shards."""
+    torch.distributed.checkpoint's full optimizer state dict lays it out, on the CPU.
+
+    Every process calls this (each parameter is assembled from all shards by a collective); only
+    where `keep` (the process that writes) are the results kept, elsewhere both dicts are empty.
+    """
     from deepspeed.utils import (
         lazy_init_hp_params_optimizer_state,
         safe_get_full_fp32_param,
@@ -169,7 +172,7 @@ def gather_state(engine: Any) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     # Frozen parameters and buffers as the forward pass used them (bf16 under bf16).
     weights = {
         name: tensor.detach().to("cpu", torch.float32)
-        for name, tensor in engine.module.state_dict().items()
+        for name, tensor in (engine.module.state_dict().items() if keep else ())
     }
     state: dict[str, dict[str, torch.Tensor]] = {}
     groups = []
@@ -183,16 +186,21 @@ def gather_state(engine: Any) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
             lazy_init_hp_params_optimizer_state(members, flat, adam.state)
         for parameter in members:
             name = names[id(parameter)]
-            weights[name] = safe_get_full_fp32_param(parameter).cpu()
-            if "step" in flat_state:  # no state before the first update
-                state[name] = {
-                    "step": flat_state["step"].detach().cpu().clone(),
-                    "exp_avg": safe_get_full_optimizer_state(parameter, "exp_avg").cpu(),
-                    "exp_avg_sq": safe_get_full_optimizer_state(parameter, "exp_avg_sq").cpu(),
-                }
+            weight = safe_get_full_fp32_param(parameter)
+            moments = {  # none before the first update
+                key: safe_get_full_optimizer_state(parameter, key)
+                for key in ("exp_avg", "exp_avg_sq")
+                if "step" in flat_state
+            }
+            if not keep:
+                continue
+            weights[name] = weight.cpu()
+            if moments:
+                step = flat_state["step"].detach().cpu().clone()
+                state[name] = {"step": step, **{k: v.cpu() for k, v in moments.items()}}
         settings = {key: value for key, value in group.items() if key != "params"}
         groups.append({**settings, "params": [names[id(parameter)] for parameter in members]})
-    return weights, {"state": state, "param_groups": groups}
+    return weights, {"state": state, "param_groups": groups} if keep else {}
 
 
 def restore_optimizer(engine: Any, saved: dict[str, Any]) -> None:
