@@ -5,8 +5,9 @@ Accelerate runs DeepSpeed only on accelerator devices (on CPUs `accelerate launc
 falls back to DDP), while DeepSpeed itself runs ZeRO-2 on its CPU accelerator over the gloo group.
 So this launcher builds the accelerator as `phonetune train` does, then sets the distributed type
 and the plugin that `accelerate launch --config_file configs/accelerate/deepspeed_zero2_8gpu.yaml`
-sets on GPUs (without bf16: the tests compare fp32 losses). Everything after that (the engine,
-its optimizer, phonetune's checks and checkpoints) is the code that runs on GPUs.
+sets on GPUs, in the run's train.mixed_precision (fp32 where the tests compare losses). Everything
+after that (the engine, its optimizer, phonetune's checks and checkpoints) is the code that runs on
+GPUs. PHONETUNE_TEST_NAN_STEP=N writes a NaN into step N's audio on process 0 only.
 """
 
 import os
