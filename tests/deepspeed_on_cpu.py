@@ -57,7 +57,17 @@ def poison_on_first_process(step):
     loop.BatchStream.next_step = next_step
 
 
+def use_gloo_only():
+    """DeepSpeed's CPU backend would compile a C++ shared-memory all-reduce on first use (a compiler
+    needed, ~30 s) and route CPU collectives through it; on GPUs it is never built. Collectives
+    then go through torch.distributed's gloo group, as every other CPU test's."""
+    import deepspeed.comm.torch
+
+    deepspeed.comm.torch.build_shm_op = lambda: None
+
+
 if __name__ == "__main__":
+    use_gloo_only()
     loop.make_accelerator = make_deepspeed_accelerator
     if "PHONETUNE_TEST_NAN_STEP" in os.environ:
         poison_on_first_process(int(os.environ["PHONETUNE_TEST_NAN_STEP"]))
