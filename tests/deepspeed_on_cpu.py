@@ -61,9 +61,10 @@ def use_gloo_only():
     """DeepSpeed's CPU backend would compile a C++ shared-memory all-reduce on first use (a compiler
     needed, ~30 s) and route CPU collectives through it; on GPUs it is never built. Collectives
     then go through torch.distributed's gloo group, as every other CPU test's."""
-    import deepspeed.comm.torch
+    import importlib
 
-    deepspeed.comm.torch.build_shm_op = lambda: None
+    # By module name: the attribute `deepspeed.comm.torch` is PyTorch itself (imported there).
+    importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
 
 
 if __name__ == "__main__":
