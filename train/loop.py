@@ -177,11 +177,11 @@ def make_accelerator(config: Config) -> Accelerator:
             f"the launch needs a package that is not installed: {error} "
             '(for DeepSpeed: pip install -e ".[deepspeed]")'
         ) from error
+    launched = accelerator.distributed_type.name
     for variable, asked in (
         ("ACCELERATE_USE_DEEPSPEED", "DeepSpeed"),
         ("ACCELERATE_USE_FSDP", "FSDP"),
     ):
-        launched = accelerator.distributed_type.name
         if os.environ.get(variable, "").lower() == "true" and launched not in ("DEEPSPEED", "FSDP"):
             accelerator.print(
                 f"warning: the launcher config asks for {asked}, which Accelerate runs only on "
@@ -662,6 +662,7 @@ def train_step(
     device = accelerator.device
     unwrapped: CTCModel = accelerator.unwrap_model(module)
     deepspeed = zero.uses_deepspeed(accelerator)
+    audio_dtype = input_dtype(unwrapped)
     mean_per_utterance = config.model.ctc_loss_reduction == "mean"
     real = [b for b, ghost in zip(batches, ghosts, strict=True) if not ghost]
     # The loss is normalised by the number of label tokens of the whole step: all accumulated batches
@@ -676,7 +677,7 @@ def train_step(
     loss_sum = torch.zeros((), device=device)
     infeasible = 0
     for index, (batch, ghost) in enumerate(zip(batches, ghosts, strict=True)):
-        batch = batch.to(device, input_dtype(unwrapped))
+        batch = batch.to(device, audio_dtype)
         last = index == len(batches) - 1
         if deepspeed:  # the last backward of the step reduces the gradients
             module.set_gradient_accumulation_boundary(last)
@@ -826,10 +827,11 @@ def evaluate(
     )
     records: list[tuple[int, str, str, str]] = []
     blank_frames = total_frames = 0
+    audio_dtype = input_dtype(unwrapped)
     unwrapped.eval()
     try:
         for number, batch in enumerate(loader):
-            batch = batch.to(accelerator.device, input_dtype(unwrapped))
+            batch = batch.to(accelerator.device, audio_dtype)
             with torch.no_grad(), accelerator.autocast():
                 logits = unwrapped(
                     batch.input_values, batch.attention_mask, freeze_transformer=True
@@ -969,15 +971,15 @@ def gather_training_state(
 
     if zero.uses_deepspeed(accelerator):
         weights, optimizer_state = zero.gather_state(module, keep=accelerator.is_main_process)
-        return {name.removeprefix("model."): t for name, t in weights.items()}, optimizer_state
-    weights = accelerator.get_state_dict(module)  # CTCModel names: "model." + Wav2Vec2ForCTC's
-    weights = {name.removeprefix("model."): tensor for name, tensor in weights.items()}
-    optimizer_state = get_optimizer_state_dict(
-        module,
-        _torch_optimizer(optimizer),
-        options=StateDictOptions(full_state_dict=True, cpu_offload=True),
-    )
-    return weights, optimizer_state
+    else:
+        weights = accelerator.get_state_dict(module)
+        optimizer_state = get_optimizer_state_dict(
+            module,
+            _torch_optimizer(optimizer),
+            options=StateDictOptions(full_state_dict=True, cpu_offload=True),
+        )
+    # CTCModel names: "model." + Wav2Vec2ForCTC's
+    return {name.removeprefix("model."): t for name, t in weights.items()}, optimizer_state
 
 
 def restore_optimizer(
