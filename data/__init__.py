@@ -1,8 +1,7 @@
-"""phonetune's data stage: a Common Voice release -> espeak-ng phones -> a prepared dataset."""
+"""phonetune's data stage, and the phone facts every stage shares.
 
-from importlib.metadata import PackageNotFoundError, version
-
-try:
-    __version__ = version("phonetune")
-except PackageNotFoundError:  # running from a source tree that was not pip-installed
-    __version__ = "0.0.0+source"
+A Common Voice release -> espeak-ng phones -> a prepared dataset (`synth`, `prepare`, `merge`),
+plus what training and inference both read: audio decoding and normalisation (`audio`), the
+vocabulary (`vocab`), the prepared dataset on disk (`prepared`), CTC frame rules and decoding
+(`ctc`), the phone error rate (`per`) and articulatory features (`articulatory`).
+"""

@@ -40,8 +40,8 @@ from pathlib import Path
 
 import numpy as np
 
-from data.errors import PhonetuneError
-from data.vocab import SPECIAL_TOKENS
+from phonetune.data.errors import PhonetuneError
+from phonetune.data.vocab import SPECIAL_TOKENS
 
 TIE_BAR = "\u0361"
 LONG = "ː"
@@ -450,8 +450,8 @@ def inventory_from_text(path: Path, locale: str) -> TextInventory:
     Lines in a script espeak-ng would spell out letter by letter, and lines that yield no phones,
     are skipped and counted, as preparation rejects such sentences.
     """
-    from data.locales import foreign_scripts, get_locale
-    from data.phonemize import phonemize_batch
+    from phonetune.data.locales import foreign_scripts, get_locale
+    from phonetune.data.phonemize import phonemize_batch
 
     spec = get_locale(locale)
     path = Path(path)

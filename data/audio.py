@@ -1,4 +1,5 @@
-"""Decode any clip once: MP3, WAV, FLAC or OGG at any rate, mixed to mono, resampled to 16 kHz."""
+"""Audio in every stage: decode any clip once (MP3, WAV, FLAC or OGG at any rate, mixed to mono,
+resampled to 16 kHz), and normalise and pad waveforms exactly as the model was trained to see them."""
 
 from __future__ import annotations
 
@@ -9,10 +10,6 @@ import soundfile
 import soxr
 
 SAMPLE_RATE = 16_000
-
-# wav2vec 2.0's feature encoder (kernel, stride) per convolution: 400-sample receptive field,
-# 320-sample hop, so about 50 CTC output frames per second of 16 kHz audio.
-_CONV_LAYERS = ((10, 5), (3, 2), (3, 2), (3, 2), (3, 2), (2, 2), (2, 2))
 
 # Peak below which a clip is treated as silence (about -80 dBFS): nothing for CTC to align.
 SILENCE_PEAK = 1e-4
@@ -88,19 +85,33 @@ def to_pcm16(samples: np.ndarray) -> np.ndarray:
     return (np.clip(samples, -1.0, 32767 / 32768) * 32768.0).round().astype(np.int16)
 
 
-def count_ctc_frames(num_samples: int) -> int:
-    """CTC output frames wav2vec 2.0's feature encoder produces for `num_samples` at 16 kHz."""
-    length = num_samples
-    for kernel, stride in _CONV_LAYERS:
-        if length < kernel:
-            return 0
-        length = (length - kernel) // stride + 1
-    return length
+def normalize_audio(samples: np.ndarray) -> np.ndarray:
+    """One utterance -> float32 with zero mean and unit variance over its samples.
+
+    The same computation as `Wav2Vec2FeatureExtractor(do_normalize=True)` (what the released model's
+    processor applies at inference): float32, `(x - mean) / sqrt(var + 1e-7)`. int16 PCM is first
+    scaled to [-1, 1) as the feature extractor would receive it from an audio decoder. Training,
+    evaluation, transcription and the export checks all normalise through here.
+    """
+    audio = np.asarray(samples, dtype=np.float32)
+    if samples.dtype == np.int16:
+        audio = audio / np.float32(32768.0)
+    return (audio - audio.mean()) / np.sqrt(audio.var() + np.float32(1e-7))
 
 
-def count_ctc_minimum(phones: list[str]) -> int:
-    """Fewest CTC frames that can carry `phones`: one per phone plus a blank between repeats."""
-    repeats = sum(
-        1 for previous, current in zip(phones, phones[1:], strict=False) if previous == current
-    )
-    return len(phones) + repeats
+def pad_waves(
+    waves: list[np.ndarray], pad_to_multiple_of: int = 1, width: int | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Normalise each wave and zero-pad them into one (len(waves), width) float32 array; returns it
+    and the waves' lengths in samples (int64). The width is the longest wave rounded up to a
+    multiple of `pad_to_multiple_of`, or `width` when given (it must hold the longest)."""
+    lengths = np.array([len(wave) for wave in waves], dtype=np.int64)
+    longest = int(lengths.max(initial=1))
+    if width is None:
+        width = -(-longest // pad_to_multiple_of) * pad_to_multiple_of
+    elif width < longest:
+        raise ValueError(f"width {width} cannot hold a wave of {longest} samples")
+    batch = np.zeros((len(waves), width), dtype=np.float32)
+    for i, wave in enumerate(waves):
+        batch[i, : len(wave)] = normalize_audio(wave)
+    return batch, lengths

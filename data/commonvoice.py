@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from data.errors import PhonetuneError
+from phonetune.data.errors import PhonetuneError
 
 SPLITS: tuple[str, ...] = ("train", "dev", "test")
 REQUIRED_COLUMNS: tuple[str, ...] = ("path", "sentence")

@@ -12,7 +12,7 @@ from __future__ import annotations
 import unicodedata
 from dataclasses import dataclass
 
-from data.errors import PhonetuneError
+from phonetune.data.errors import PhonetuneError
 
 
 @dataclass(frozen=True)

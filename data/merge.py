@@ -20,10 +20,11 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-from data.commonvoice import SPLITS
-from data.errors import PhonetuneError
-from data.prepare import REPORT_NAME, VOCAB_BUILT, print_summary, shard_schema, write_dataset
-from data.vocab import build_vocab, load_vocab, save_vocab
+from phonetune.data.commonvoice import SPLITS
+from phonetune.data.errors import PhonetuneError
+from phonetune.data.prepare import VOCAB_BUILT, print_summary, shard_schema, write_dataset
+from phonetune.data.prepared import DATASET_FILE, REPORT_FILE
+from phonetune.data.vocab import VOCAB_FILE, build_vocab, load_vocab, save_vocab
 
 # Settings that must agree for rows of several inputs to belong in one dataset; the others
 # (cv_root, locales, splits) describe what an input holds.
@@ -58,7 +59,7 @@ def read_input(path: Path) -> PreparedInput:
     """A prepared dataset's report, vocabulary and Arrow files; a clear error if it is not one."""
     if not path.is_dir():
         raise PhonetuneError(f"{path} is not a folder (give folders written by phonetune prepare)")
-    needed = [path / REPORT_NAME, path / "vocab.json", path / "dataset_dict.json"]
+    needed = [path / REPORT_FILE, path / VOCAB_FILE, path / DATASET_FILE]
     missing = [p.name for p in needed if not p.is_file()]
     if missing:
         raise PhonetuneError(
@@ -66,8 +67,8 @@ def read_input(path: Path) -> PreparedInput:
             f"`phonetune prepare --out {path}` (again) until it finishes."
         )
     try:
-        report = json.loads((path / REPORT_NAME).read_text(encoding="utf-8"))
-        splits = json.loads((path / "dataset_dict.json").read_text(encoding="utf-8"))["splits"]
+        report = json.loads((path / REPORT_FILE).read_text(encoding="utf-8"))
+        splits = json.loads((path / DATASET_FILE).read_text(encoding="utf-8"))["splits"]
         files, fingerprints = {}, {}
         for split in splits:
             state = json.loads((path / split / "state.json").read_text(encoding="utf-8"))
@@ -81,7 +82,7 @@ def read_input(path: Path) -> PreparedInput:
     entries = report.get("per_locale", {}).values()
     if missing or not all("splits" in e and "phone_inventory" in e for e in entries):
         raise PhonetuneError(
-            f"{path / REPORT_NAME} is not a report of this phonetune's prepare (missing: "
+            f"{path / REPORT_FILE} is not a report of this phonetune's prepare (missing: "
             f"{', '.join(missing) or 'per-locale splits or phone inventories'}); prepare {path} "
             "again"
         )
@@ -93,7 +94,7 @@ def read_input(path: Path) -> PreparedInput:
             rows[split] += count
             if schema not in schemas:
                 schemas.append(schema)
-    vocab = load_vocab(path / "vocab.json")
+    vocab = load_vocab(path / VOCAB_FILE)
     return PreparedInput(path, report, vocab, files, fingerprints, rows, schemas)
 
 
@@ -193,14 +194,14 @@ def check_out(out: Path, inputs: list[PreparedInput]) -> None:
     for prepared in inputs:
         if prepared.path.resolve() == resolved:
             raise PhonetuneError(f"OUT_DIR {out} is also an input: give a new folder")
-    report = out / REPORT_NAME
+    report = out / REPORT_FILE
     earlier_merge = False
     if report.is_file():
         try:
             earlier_merge = "merged_from" in json.loads(report.read_text(encoding="utf-8"))
         except (OSError, json.JSONDecodeError):
             earlier_merge = False
-    ours = ["dataset_dict.json", "vocab.json", REPORT_NAME, *SPLITS]
+    ours = [DATASET_FILE, VOCAB_FILE, REPORT_FILE, *SPLITS]
     if not earlier_merge and any((out / name).exists() for name in ours):
         raise PhonetuneError(
             f"OUT_DIR {out} already holds a dataset (or a train/dev/test folder) that merge did "
@@ -339,11 +340,11 @@ def merge(out: Path, paths: list[Path]) -> dict:
     }
     linker = Linker()
     write_dataset(out, files, fingerprints, linker)
-    save_vocab(vocab, out / "vocab.json")
+    save_vocab(vocab, out / VOCAB_FILE)
     report = merge_reports(inputs, vocab, source, linker)
-    tmp = out / (REPORT_NAME + ".tmp")
+    tmp = out / (REPORT_FILE + ".tmp")
     tmp.write_text(json.dumps(report, ensure_ascii=False, indent=1), encoding="utf-8")
-    os.replace(tmp, out / REPORT_NAME)  # written last: a merged folder with a report is whole
+    os.replace(tmp, out / REPORT_FILE)  # written last: a merged folder with a report is whole
     return report
 
 

@@ -16,8 +16,8 @@ import unicodedata
 from collections.abc import Sequence
 from pathlib import Path
 
-from data.errors import PhonetuneError
-from data.espeak import configure_phonemizer
+from phonetune.data.errors import PhonetuneError
+from phonetune.data.espeak import configure_phonemizer
 
 LANGUAGE_SWITCH_POLICIES = ("remove-flags", "remove-utterance")
 # Bump when the scheme above changes: old cache entries then stop matching.

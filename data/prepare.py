@@ -28,21 +28,22 @@ from pathlib import Path
 
 import numpy as np
 
-from data import audio as audio_io
-from data.commonvoice import SPLITS, Clip, Rejection, find_split_files, read_split
-from data.errors import PhonetuneError
-from data.espeak import espeak_version
-from data.locales import foreign_scripts, get_locale, parse_locales
-from data.phonemize import (
+from phonetune.data import audio as audio_io
+from phonetune.data import ctc
+from phonetune.data.commonvoice import SPLITS, Clip, Rejection, find_split_files, read_split
+from phonetune.data.errors import PhonetuneError
+from phonetune.data.espeak import espeak_version
+from phonetune.data.locales import foreign_scripts, get_locale, parse_locales
+from phonetune.data.phonemize import (
     LANGUAGE_SWITCH_POLICIES,
     SCHEME_VERSION,
     PhonemeCache,
     phonemize_batch,
 )
-from data.vocab import build_vocab, load_vocab, save_vocab
+from phonetune.data.prepared import DATASET_FILE, REPORT_FILE
+from phonetune.data.vocab import VOCAB_FILE, build_vocab, load_vocab, save_vocab
 
 SHARD_CLIPS = 256
-REPORT_NAME = "prep_report.json"
 OOV_POLICIES = ("reject", "unk")
 # The report's vocab.source when no --vocab was given (merge rebuilds such vocabularies).
 VOCAB_BUILT = "built from the kept clips"
@@ -358,8 +359,8 @@ def check_clip(
             f"{duration:.2f} s is outside [{min_duration}, {max_duration}] s",
         )
     phones = task.phones.split()
-    frames = audio_io.count_ctc_frames(len(samples))
-    needed = audio_io.count_ctc_minimum(phones)
+    frames = ctc.count_frames(len(samples))
+    needed = ctc.count_min_frames(phones)
     if frames < needed:
         # CTC needs one frame per phone plus a blank between repeated phones; with fewer frames
         # the loss is infinite and poisons the batch.
@@ -401,7 +402,7 @@ def process_shard(job: tuple[str, list[ClipTask], ShardSettings]) -> str:
             "locale": task.locale,
             "split": task.split,
             "duration": duration,
-            "num_frames": audio_io.count_ctc_frames(len(pcm)),
+            "num_frames": ctc.count_frames(len(pcm)),
             "client_id": task.client_id,
             "sentence": task.sentence,
             "path": f"{task.locale}/clips/{task.path}",
@@ -541,8 +542,8 @@ def write_dataset(
         }
         (folder / "state.json").write_text(json.dumps(state, indent=2), encoding="utf-8")
         (folder / "dataset_info.json").write_text(json.dumps(DATASET_INFO), encoding="utf-8")
-    (staging / "dataset_dict.json").write_text(json.dumps({"splits": splits}), encoding="utf-8")
-    for old in [out / "dataset_dict.json", *(out / split for split in SPLITS)]:
+    (staging / DATASET_FILE).write_text(json.dumps({"splits": splits}), encoding="utf-8")
+    for old in [out / DATASET_FILE, *(out / split for split in SPLITS)]:
         if old.is_dir():
             shutil.rmtree(old)
         elif old.exists():
@@ -587,7 +588,7 @@ def build_report(
 ) -> dict:
     import phonemizer
 
-    from data import __version__
+    from phonetune import __version__
 
     all_rejected = rejected + outcome.rejected
     # Grouped once: filtering every clip for every (locale, split) grows with locales x clips.
@@ -682,7 +683,7 @@ def print_summary(report: dict, out: Path) -> None:
         f"phonemes: {cache['hits']} sentences from the cache, {cache['misses']} phonemized; "
         f"vocabulary: {report['vocab']['size']} tokens ({report['vocab']['source']})"
     )
-    print(f"prepared dataset: {out}  (datasets.load_from_disk)\nreport: {out / REPORT_NAME}")
+    print(f"prepared dataset: {out}  (datasets.load_from_disk)\nreport: {out / REPORT_FILE}")
 
 
 # --- the command ------------------------------------------------------------------------------
@@ -728,7 +729,7 @@ def _holds_other_files(out: Path) -> bool:
     """A non-empty folder that no earlier prepare run wrote to (finished or interrupted)."""
     if not out.is_dir() or not any(out.iterdir()):
         return False
-    return not ((out / REPORT_NAME).is_file() or (out / ".work").is_dir())
+    return not ((out / REPORT_FILE).is_file() or (out / ".work").is_dir())
 
 
 def prepare(options: PrepareOptions) -> dict:
@@ -804,16 +805,16 @@ def prepare(options: PrepareOptions) -> dict:
     )
     cache.close()
     if not outcome.kept:
-        _write_atomically(options.out / REPORT_NAME, _to_json(report))
+        _write_atomically(options.out / REPORT_FILE, _to_json(report))
         raise PhonetuneError(
             f"no clip was kept out of {report['totals']['read']} read; every "
-            f"rejection and its reason is in {options.out / REPORT_NAME}"
+            f"rejection and its reason is in {options.out / REPORT_FILE}"
         )
     if not finished:
         assemble_dataset(shards, options.out, outcome.rows)
-    save_vocab(vocab, options.out / "vocab.json")
+    save_vocab(vocab, options.out / VOCAB_FILE)
     report["shards"]["plan"] = plan  # written last: it marks the dataset as finished
-    _write_atomically(options.out / REPORT_NAME, _to_json(report))
+    _write_atomically(options.out / REPORT_FILE, _to_json(report))
     # The audio is now in the dataset: drop the shards' copies, keep their small .json records
     # so that a re-run with the same inputs recognises the finished work and decodes nothing.
     _prune_work_dir(work_dir, {Path(path).name for path, _ in shards})
@@ -827,10 +828,10 @@ def _to_json(report: dict) -> bytes:
 def _finished_plan(out: Path) -> str | None:
     """The shard plan of the dataset already in `out`, if a previous run finished there."""
     try:
-        report = json.loads((out / REPORT_NAME).read_text(encoding="utf-8"))
+        report = json.loads((out / REPORT_FILE).read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError):
         return None
-    if not (out / "dataset_dict.json").is_file():
+    if not (out / DATASET_FILE).is_file():
         return None
     return report.get("shards", {}).get("plan")
 

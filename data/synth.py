@@ -38,9 +38,9 @@ from pathlib import Path
 
 import numpy as np
 
-from data.commonvoice import SPLITS
-from data.errors import PhonetuneError
-from data.locales import DEFAULT_LOCALES, LOCALES, parse_locales
+from phonetune.data.commonvoice import SPLITS
+from phonetune.data.errors import PhonetuneError
+from phonetune.data.locales import DEFAULT_LOCALES, LOCALES, parse_locales
 
 # Common Voice's columns, in its order (the releases phonetune reads).
 TSV_COLUMNS: tuple[str, ...] = (
@@ -420,7 +420,7 @@ def synthesize_batch(job: tuple[str, list[Clip]]) -> list[tuple[str, float]]:
     """
     import soundfile
 
-    from data.espeak import Synthesizer
+    from phonetune.data.espeak import Synthesizer
 
     out, clips = job
     synthesizer = Synthesizer()
@@ -528,7 +528,7 @@ def summarize(
     out: Path, plans: dict[str, list[Clip]], seconds: dict[str, float], seed: int
 ) -> dict:
     """Clips, hours and speakers, per split and per locale."""
-    from data.espeak import espeak_version
+    from phonetune.data.espeak import espeak_version
 
     per_locale = {}
     splits = {split: {"clips": 0, "speakers": 0, "seconds": 0.0} for split in SPLITS}
@@ -585,7 +585,7 @@ def check_options(locales: list[str], clips_per_locale: int, num_workers: int) -
 
 def check_variants() -> None:
     """espeak-ng silently ignores an unknown variant, so check the files exist."""
-    from data.espeak import locate_espeak
+    from phonetune.data.espeak import locate_espeak
 
     data_path = locate_espeak().data_path
     if data_path is None:  # a system espeak-ng that knows its own data folder: nothing to check
@@ -610,7 +610,7 @@ def synthesize_corpus(
 
     The same seed gives the same TSVs and byte-identical MP3s, whatever `num_workers` is.
     """
-    from data.espeak import synthesis_voice
+    from phonetune.data.espeak import synthesis_voice
 
     out = Path(out)
     check_options(locales, clips_per_locale, num_workers)

@@ -11,11 +11,12 @@ import unicodedata
 from collections import Counter
 from pathlib import Path
 
-from data.errors import PhonetuneError
+from phonetune.data.errors import PhonetuneError
 
 SPECIAL_TOKENS: tuple[str, ...] = ("<pad>", "<s>", "</s>", "<unk>")
 BLANK_TOKEN = "<pad>"
 BLANK_ID = 0
+VOCAB_FILE = "vocab.json"  # its name in a prepared dataset, a checkpoint and an export
 RELEASED_VOCAB_PATH = Path(__file__).parent / "reference" / "espeak_cv_ft_vocab.json"
 
 

@@ -4,7 +4,7 @@
     python scripts/bench_gpu.py --write-section runs/bench_gpu/bench_gpu.json   # into BENCHMARKS.md
 
 What it runs, all with phonetune's own code (config loading, model building, sampler, loader,
-`train.loop.train_step`) and the recipe `configs/xlsr53_espeak_cv.yaml` (bf16 autocast, SpecAugment,
+`phonetune.train.loop.train_step`) and the recipe `configs/xlsr53_espeak_cv.yaml` (bf16 autocast, SpecAugment,
 LayerDrop 0.1, frozen feature encoder) on the architecture of `configs/xlsr53_architecture.json`
 (XLSR-53's config.json values, randomly initialised: the weights do not change the work of a step):
 
@@ -43,12 +43,12 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "scripts"))
 
 from bench_train import write_benchmarks  # noqa: E402  (one way to rewrite a BENCHMARKS.md section)
 
-SAMPLE_RATE = 16_000
+from phonetune.data.audio import SAMPLE_RATE  # noqa: E402
+
 RECIPE = REPO / "configs" / "xlsr53_espeak_cv.yaml"
 ARCHITECTURE = REPO / "configs" / "xlsr53_architecture.json"
 BENCHMARKS_HEADING = "## GPU: `scripts/bench_gpu.py`"
@@ -66,7 +66,7 @@ def write_synthetic_prepared(
     import pyarrow as pa
 
     datasets.disable_progress_bars()
-    from data.vocab import SPECIAL_TOKENS, load_released_vocab, save_vocab
+    from phonetune.data.vocab import SPECIAL_TOKENS, load_released_vocab, save_vocab
 
     vocab = load_released_vocab()
     phones = np.array([token for token in vocab if token not in SPECIAL_TOKENS])
@@ -131,31 +131,34 @@ def datasheet_rate(gpu_name: str) -> float | None:
 
 
 class Bench:
-    """phonetune's training pieces, set up once (as `train.loop.train_locked` sets them up)."""
+    """phonetune's training pieces, set up once (as `phonetune.train.loop.set_up` sets them up)."""
 
-    def __init__(self, config) -> None:  # noqa: ANN001 - train.config.Config
+    def __init__(self, config) -> None:  # noqa: ANN001 - phonetune.train.config.Config
         import torch
 
-        from train import loop
-        from train.model import CTCModel, build_model, count_parameters
+        from phonetune.train.batching import drop_unalignable, load_training_data
+        from phonetune.train.model import CTCModel, build_model, count_parameters
+        from phonetune.train.parallel import make_parallel
+        from phonetune.train.resume import seed_everything
+        from phonetune.train.schedule import make_optimizer
 
-        self.loop, self.config = loop, config
-        self.accelerator = loop.make_accelerator(config)
-        self.data = loop.load_data(config)
-        loop.seed_everything(config.train.seed)
+        self.config = config
+        self.parallel = make_parallel(config)
+        self.data = load_training_data(config)
+        seed_everything(config.train.seed)
         model, _ = build_model(config.model, self.data.vocab)
         module = CTCModel(model)
-        loop.drop_unalignable(self.data, module, config)
+        drop_unalignable(self.data, module.conv_layers, config)
         self.trainable, self.total = count_parameters(module)
-        optimizer = loop.make_optimizer(module, config)
+        optimizer = make_optimizer(module, config)
         # A constant learning rate: the schedule does not change the work of a step.
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
-        self.module, self.optimizer = self.accelerator.prepare(module, optimizer)
+        self.module, self.optimizer = self.parallel.prepare(module, optimizer)
         self.module.train()
-        self.cuda = self.accelerator.device.type == "cuda"
+        self.cuda = self.parallel.device.type == "cuda"
 
     def sampler(self, budget: float):  # -> DurationBatchSampler
-        from train.batching import DurationBatchSampler
+        from phonetune.train.batching import DurationBatchSampler
 
         t, data = self.config.train, self.data
         return DurationBatchSampler(
@@ -168,7 +171,7 @@ class Bench:
         )
 
     def batches(self, budget: float):  # -> an endless iterator of Batch
-        from train.batching import make_loader
+        from phonetune.train.batching import make_loader
 
         sampler, epoch = self.sampler(budget), 0
         while True:
@@ -185,13 +188,15 @@ class Bench:
             epoch += 1
 
     def step(self, batch):  # noqa: ANN001, ANN201 - Batch -> StepResult
-        return self.loop.train_step(
+        from phonetune.train.loop import train_step
+
+        return train_step(
             self.module,
             self.optimizer,
             self.scheduler,
             [batch],
             [False],
-            self.accelerator,
+            self.parallel,
             self.config,
             freeze_transformer=False,
         )
@@ -281,7 +286,8 @@ class Bench:
         the longest clips of the corpus, as many as the budget holds."""
         import torch
 
-        from train.batching import collate, pack_batches
+        from phonetune.data.prepared import pack_batches
+        from phonetune.train.batching import collate
 
         t = self.config.train
         durations = self.data.train.durations[self.data.train_rows]
@@ -376,7 +382,7 @@ def describe_machine() -> dict:
 def run(args: argparse.Namespace) -> dict:
     import torch
 
-    from train.config import load_config
+    from phonetune.train.config import load_config
 
     args.out.mkdir(parents=True, exist_ok=True)
     model_overrides = (

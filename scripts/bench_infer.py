@@ -39,10 +39,10 @@ import numpy as np
 import torch
 import yaml
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from train.evaluate import normalize_batch  # noqa: E402
-from train.export import SAMPLE_RATE, export_model, speak_sentences  # noqa: E402
+from phonetune.data.audio import SAMPLE_RATE
+from phonetune.infer.checks import speak_sentences
+from phonetune.infer.export import export_model
+from phonetune.infer.recognize import normalize_batch
 
 REFERENCE_VOCAB = (
     Path(__file__).resolve().parent.parent / "data" / "reference" / "espeak_cv_ft_vocab.json"
@@ -158,24 +158,20 @@ def print_table(report: dict) -> None:
                 )
 
 
-END_TO_END = "train.evaluate.evaluate_model, end to end"
+END_TO_END = "phonetune.infer.evaluate.evaluate_model, end to end"
 
 
 def bench_evaluation(
     prepared_dir: Path, split: str, config_path: Path, batch_seconds: float, repeats: int
 ) -> dict:
     """Evaluation throughput of the ways listed in the module docstring, in alternating rounds."""
-    from data.vocab import load_vocab
-    from train.config import load_config
-    from train.evaluate import (
-        LoadedModel,
-        batch_by_seconds,
-        count_output_frames,
-        evaluate_model,
-        load_split,
-    )
-    from train.model import build_model
-    from train.per import greedy_decode
+    from phonetune.data.ctc import conv_layers, count_frames, greedy_decode
+    from phonetune.data.prepared import batches_longest_first
+    from phonetune.data.vocab import load_vocab
+    from phonetune.infer.evaluate import evaluate_model, load_split
+    from phonetune.infer.recognize import LoadedModel
+    from phonetune.train.config import load_config
+    from phonetune.train.model import build_model
 
     vocab = load_vocab(prepared_dir / "vocab.json")
     config = load_config(
@@ -196,7 +192,7 @@ def bench_evaluation(
         for samples in rows.select_columns(["audio"]).with_format("numpy")["audio"]
     ]
     seconds = np.array([len(wave) / SAMPLE_RATE for wave in waves])
-    by_seconds = batch_by_seconds(seconds.tolist(), batch_seconds)
+    by_seconds = [batch.tolist() for batch in batches_longest_first(seconds, batch_seconds)]
     size = max(1, round(len(waves) / len(by_seconds)))
     in_order = [list(range(i, min(i + size, len(waves)))) for i in range(0, len(waves), size)]
     ways = {
@@ -219,7 +215,7 @@ def bench_evaluation(
             with mode():
                 ids = model(**batch).logits.argmax(dim=-1)
             for row, index in enumerate(indices):
-                frames = count_output_frames(model, len(waves[index]))
+                frames = count_frames(len(waves[index]), conv_layers(model.config))
                 greedy_decode(ids[row, :frames].tolist(), loaded.id_to_token)
 
     def evaluate_end_to_end() -> None:

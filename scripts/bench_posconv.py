@@ -13,13 +13,10 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from train.model import fft_conv1d  # noqa: E402
+from phonetune.train.model import fft_conv1d
 
 SHAPES = [(8, 150), (16, 60), (4, 300)]  # (clips, frames): ~20 s batches of 3, 1.2 and 6 s clips
 

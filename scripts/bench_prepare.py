@@ -38,10 +38,10 @@ from pathlib import Path
 
 import soundfile
 
-from data.audio import load_audio
-from data.commonvoice import SPLITS
-from data.locales import DEFAULT_LOCALES, get_locale
-from data.prepare import PrepareOptions, prepare
+from phonetune.data.audio import load_audio
+from phonetune.data.commonvoice import SPLITS
+from phonetune.data.locales import DEFAULT_LOCALES, get_locale
+from phonetune.data.prepare import PrepareOptions, prepare
 
 Clips = list[tuple[str, str, Path]]
 METHODS = ("decode_only", "phonetune", "tutorial", "naive")
@@ -93,7 +93,7 @@ def _phonemize_one(sentence: str, language: str) -> str:
     from phonemizer import phonemize
     from phonemizer.separator import Separator
 
-    from data.espeak import configure_phonemizer
+    from phonetune.data.espeak import configure_phonemizer
 
     configure_phonemizer()
     return phonemize(
@@ -181,7 +181,7 @@ def measure(method: str, args: argparse.Namespace, cv_root: Path, scratch: Path)
 def ensure_corpus(args: argparse.Namespace, locales: list[str], scratch: Path) -> Path:
     cv_root = args.cv_root or scratch / "cv"
     if not cv_root.exists():
-        from data.synth import synthesize_corpus
+        from phonetune.data.synth import synthesize_corpus
 
         synthesize_corpus(
             cv_root,

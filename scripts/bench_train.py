@@ -8,8 +8,8 @@
 Three contenders train the same model (the config's, built by `train.model.build_model` with the
 config's seed, so the weights are identical) on the same prepared corpus, each in its own process:
 
-1. `phonetune`: the real training loop (`train.loop.train`), evaluation and checkpoints out of the
-   way.
+1. `phonetune`: the real training loop (`phonetune.train.loop.train`), evaluation and checkpoints
+   out of the way.
 2. `reference`: `scripts/reference_hf_recipe.py`, the Hugging Face recipe (`transformers.Trainer`,
    padding collator, length-grouped sampling) with K utterances per batch, K chosen so that its
    average padded batch holds as many seconds as phonetune's average padded batch.
@@ -39,7 +39,6 @@ BENCHMARKS.md (unless --no-write), and prints one JSON object as the last line.
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 import os
 import platform
@@ -52,9 +51,10 @@ import time
 from datetime import date
 from pathlib import Path
 
+from phonetune.data.audio import SAMPLE_RATE
+
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "scripts"))
+sys.path.insert(0, str(REPO / "scripts"))  # reference_hf_recipe.py
 
 MARK = "@@bench "  # prefix of the protocol lines a worker writes on stdout; other lines are logged
 CONTENDERS = ("phonetune", "reference", "limit")
@@ -68,7 +68,6 @@ PRESETS = {
 DEMO_LOCALES = ["en", "fr", "de", "es", "it", "pl", "ru", "tr"]
 DEMO_CLIPS_PER_LOCALE = 200
 BENCHMARKS_HEADING = "## Training: `scripts/bench_train.py`"
-SAMPLE_RATE = 16_000
 
 
 # --- the worker side: one contender per process, driven over stdin/stdout ------------------------
@@ -131,12 +130,6 @@ def describe_optimizer(optimizer) -> str:  # noqa: ANN001
     return f"{type(optimizer).__name__} ({kind})"
 
 
-def call_with(function, **available):  # noqa: ANN001, ANN003, ANN201
-    """Call a training-loop helper with the arguments its current signature names."""
-    names = inspect.signature(function).parameters
-    return function(**{key: value for key, value in available.items() if key in names})
-
-
 class Chunk:
     """The work between two commands: steps, audio and wall time (from the command's arrival)."""
 
@@ -163,34 +156,32 @@ class Chunk:
 
 
 def phonetune_worker(spec: dict) -> None:
-    """`train.loop.train` with a gate in front of every step: it waits for the orchestrator between
-    rounds. The gate closes a round just before the step after its last one, when that step's
-    batch is loaded: the round holds N steps and N batch loads."""
-    import train.loop as loop
-    from train.config import load_config
+    """`phonetune.train.loop.train` with a gate in front of every step (its public `Hooks`): it waits
+    for the orchestrator between rounds. The gate closes a round just before the step after its
+    last one, before that step's batch is loaded: the round holds N steps and N batch loads."""
+    from phonetune.train.config import load_config
+    from phonetune.train.loop import Hooks, train
 
-    real_step = loop.train_step
-    signature = inspect.signature(real_step)
     gate = {"remaining": spec["warmup_steps"], "chunk": Chunk()}
 
-    def gated_step(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+    def before_step(run, step):  # noqa: ANN001, ANN202
         if gate["remaining"] == 0:
             reply(gate["chunk"].result())
             command = read_command()
             stop_if_asked(command)
             gate["remaining"], gate["chunk"] = command["steps"], Chunk()
-        result = real_step(*args, **kwargs)
+
+    def on_batches(run, step, batches):  # noqa: ANN001, ANN202
+        gate["chunk"].rows += [row for batch in batches for row in batch.rows]
+
+    def after_step(run, step, result):  # noqa: ANN001, ANN202
         chunk = gate["chunk"]
         chunk.steps += 1
         chunk.audio += result.audio_seconds
         chunk.padded += result.padded_seconds
-        arguments = signature.bind(*args, **kwargs).arguments
-        chunk.rows += [row for batch in arguments["batches"] for row in batch.rows]
-        chunk.optimizer = describe_optimizer(arguments["optimizer"])
+        chunk.optimizer = describe_optimizer(run.optimizer)
         gate["remaining"] -= 1
-        return result
 
-    loop.train_step = gated_step
     config = load_config(
         Path(spec["config"]),
         [
@@ -204,7 +195,7 @@ def phonetune_worker(spec: dict) -> None:
             *spec["overrides"],
         ],
     )
-    loop.train(config)
+    train(config, Hooks(before_step=before_step, on_batches=on_batches, after_step=after_step))
     raise RuntimeError("phonetune's run ended before the benchmark stopped it")
 
 
@@ -274,10 +265,18 @@ def limit_worker(spec: dict) -> None:
     batches (the same sampler, replayed), in two variants: `padded` batches and `exact` lengths."""
     import torch
 
-    from train.batching import Batch, DurationBatchSampler, collate
-    from train.config import load_config
-    from train.loop import ctc_loss, drop_unalignable, load_data, make_optimizer, seed_everything
-    from train.model import CTCModel, build_model
+    from phonetune.train.batching import (
+        Batch,
+        DurationBatchSampler,
+        collate,
+        drop_unalignable,
+        load_training_data,
+    )
+    from phonetune.train.config import load_config
+    from phonetune.train.loop import ctc_loss
+    from phonetune.train.model import CTCModel, build_model
+    from phonetune.train.resume import seed_everything
+    from phonetune.train.schedule import make_optimizer
 
     config = load_config(
         Path(spec["config"]),
@@ -289,11 +288,11 @@ def limit_worker(spec: dict) -> None:
     )
     t, m = config.train, config.model
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    data = load_data(config)
+    data = load_training_data(config)
     seed_everything(t.seed)
     model, _ = build_model(m, data.vocab)
     module = CTCModel(model)
-    call_with(drop_unalignable, data=data, module=module, config=config)
+    drop_unalignable(data, module.conv_layers, config)
     module.to(device).train()
     optimizer = fastest_adamw(make_optimizer(module, config))
     parameters = [p for p in module.parameters() if p.requires_grad]
@@ -447,11 +446,12 @@ class Worker:
 
 def ensure_corpus(work_dir: Path) -> Path:
     """The demo's corpus (synthesized and prepared once under `work_dir`)."""
-    from data.prepare import PrepareOptions, prepare
-    from data.synth import synthesize_corpus
+    from phonetune.data.prepare import PrepareOptions, prepare
+    from phonetune.data.prepared import is_prepared
+    from phonetune.data.synth import synthesize_corpus
 
     corpus, prepared = work_dir / "corpus", work_dir / "prepared"
-    if not (prepared / "dataset_dict.json").is_file():
+    if not is_prepared(prepared):
         if not (corpus / "phonetune_synth.json").is_file():
             print(f"synthesizing the demo corpus into {corpus} (once)", flush=True)
             synthesize_corpus(corpus, DEMO_LOCALES, DEMO_CLIPS_PER_LOCALE, seed=0, num_workers=2)
@@ -475,7 +475,7 @@ def choose_reference_batch_size(config, prepared_dir: Path) -> dict:  # noqa: AN
     import torch
     from transformers.trainer_pt_utils import get_length_grouped_indices
 
-    from train.batching import plan_epoch
+    from phonetune.train.batching import plan_epoch
 
     train = datasets.load_from_disk(str(prepared_dir))[config.data.train_split]
     durations = np.asarray(train["duration"], dtype=np.float64)
@@ -813,7 +813,7 @@ def main(argv: list[str] | None = None) -> int:
         WORKERS[args.worker](json.loads(args.spec))
         return 0
 
-    from train.config import load_config
+    from phonetune.train.config import load_config
 
     load_before = round(os.getloadavg()[0], 2)
     args.work_dir.mkdir(parents=True, exist_ok=True)
@@ -821,7 +821,7 @@ def main(argv: list[str] | None = None) -> int:
         args.prepared_dir = ensure_corpus(args.work_dir)
     args.prepared_dir = args.prepared_dir.resolve()
     if not (args.prepared_dir / "dataset_dict.json").is_file():
-        from data.errors import PhonetuneError
+        from phonetune.data.errors import PhonetuneError
 
         raise PhonetuneError(
             f"--prepared-dir {args.prepared_dir} is not a prepared dataset (no dataset_dict.json): "
@@ -893,7 +893,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run_command_line() -> int:
-    from data.errors import PhonetuneError
+    from phonetune.data.errors import PhonetuneError
 
     try:
         return main()

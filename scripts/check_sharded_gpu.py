@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -47,13 +46,9 @@ def train(
         "log.every_steps=1",
         *extra,
     ]
-    command = [sys.executable, *launcher, "-m", "train", *settings]
+    command = [sys.executable, *launcher, "-m", "phonetune", "train", *settings]
     print(" ".join(command), flush=True)
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
-    }
-    done = subprocess.run(command, cwd=REPO, env=env, check=True, stdout=subprocess.PIPE, text=True)
+    done = subprocess.run(command, cwd=REPO, check=True, stdout=subprocess.PIPE, text=True)
     print(done.stdout, flush=True)
     return done.stdout
 

@@ -6,7 +6,7 @@
 
 Each trial trains the same tiny model (a checkpoint at every step, masking and dropout on, so a
 resumed run only matches if every RNG, the optimizer, the scheduler and the data position come back)
-in a `python -m train ... resume=auto` subprocess, sends it SIGKILL at a random moment, restarts it
+in a `python -m phonetune train ... resume=auto` subprocess, sends it SIGKILL at a random moment, restarts it
 with resume=auto, up to `--kills` times, then lets it finish. Each kill moment is drawn, with equal
 odds, uniformly over the whole life of an uninterrupted run (start-up included), over its training
 loop (after this process's first checkpoint), or 0-50 ms into a checkpoint write. A trial survives
@@ -34,7 +34,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
 TINY = REPO / "configs" / "tiny_cpu.yaml"
 # A very small model, a checkpoint at every step, every source of randomness on.
@@ -66,10 +65,10 @@ POLL_SECONDS = 0.001
 
 # --- one training process ---------------------------------------------------------------------------
 def launch(prepared_dir: Path, run_dir: Path, steps: int, log: Path) -> subprocess.Popen:
-    """`python -m train` on the tiny config, output to `log`."""
+    """`python -m phonetune train` on the tiny config, output to `log`."""
     # One thread, as the in-process reference of tests/test_faults.py (the thread count changes sums).
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "train", "--config", str(TINY)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "phonetune", "train", "--config", str(TINY)]
     command += [f"data.prepared_dir={prepared_dir}", f"run.output_dir={run_dir}"]
     command += [*SETTINGS, f"train.max_steps={steps}"]
     with open(log, "ab") as out:
@@ -170,7 +169,7 @@ def differences(reference: Path, run_dir: Path) -> list[str]:
     """How a finished run differs from the reference: weights, best.json, per-step metrics."""
     from safetensors.torch import load_file
 
-    from train import checkpoint as ckpt
+    from phonetune.train import checkpoint as ckpt
 
     found = []
     mine, theirs = ckpt.find_latest_checkpoint(run_dir), ckpt.find_latest_checkpoint(reference)
@@ -222,8 +221,8 @@ def training_seconds(log: Path) -> float:
 
 def make_corpus(work: Path) -> Path:
     """The test suite's corpus: 4 locales × 30 synthetic clips, prepared."""
-    from data.prepare import PrepareOptions, prepare
-    from data.synth import synthesize_corpus
+    from phonetune.data.prepare import PrepareOptions, prepare
+    from phonetune.data.synth import synthesize_corpus
 
     locales = ["en", "fr", "ru", "zh-CN"]
     prepared = work / "prepared"

@@ -8,7 +8,7 @@ It follows transformers' speech-recognition example (`run_speech_recognition_ctc
 dataset mapped once to normalised `input_values` and `labels` with `datasets.map`, a collator that
 pads with `processor.pad` and masks label padding with -100, and `transformers.Trainer` with
 length-grouped sampling and a fixed number of utterances per batch. None of phonetune's training
-code is used; only the model comes from phonetune (`train.model.build_model` with the same config
+code is used; only the model comes from phonetune (`phonetune.train.model.build_model` with the same config
 and seed), so both contenders start from identical weights, the mel filterbank feature encoder
 included. Data: the `train` split of a `phonetune prepare` folder (int16 audio, space-separated
 phones, its vocab.json).
@@ -29,7 +29,6 @@ import numpy as np
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
 SAMPLE_RATE = 16_000
 DEFAULT_CONFIG = REPO / "configs" / "tiny_cpu.yaml"
@@ -106,9 +105,9 @@ class DataCollatorCTCWithPadding:
 
 def build_model(config_path: Path, overrides: list[str], vocab_path: Path):
     """phonetune's model for this config (same weights as `phonetune train` starts from)."""
-    from data.vocab import load_vocab
-    from train.config import load_config
-    from train.model import build_model as build_phonetune_model
+    from phonetune.data.vocab import load_vocab
+    from phonetune.train.config import load_config
+    from phonetune.train.model import build_model as build_phonetune_model
 
     config = load_config(
         config_path, [f"data.prepared_dir={vocab_path.parent}", "run.output_dir=unused", *overrides]

@@ -37,7 +37,7 @@ echo "phonetune: job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}) on $SLURM
 # RANK / WORLD_SIZE / LOCAL_RANK as torchrun would set them, per task.
 srun --kill-on-bad-exit=1 bash -c '
   export RANK=$SLURM_PROCID WORLD_SIZE=$SLURM_NTASKS LOCAL_RANK=$SLURM_LOCALID
-  exec python -m train --config "$0" data.prepared_dir="$1" run.output_dir="$2" resume=auto "${@:3}"
+  exec python -m phonetune train --config "$0" data.prepared_dir="$1" run.output_dir="$2" resume=auto "${@:3}"
 ' "$CONFIG" "$PREPARED" "$RUN_DIR" "$@" &
 training=$!
 

@@ -3,10 +3,7 @@
 import os
 
 import pytest
-
-# Locales of the shared corpus: Latin, Cyrillic and Han scripts, tone digits included.
-TEST_LOCALES = ["en", "fr", "ru", "zh-CN"]
-TEST_CLIPS_PER_LOCALE = 30
+from helpers import TEST_CLIPS_PER_LOCALE, TEST_LOCALES
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -25,7 +22,7 @@ def isolated_cache(tmp_path_factory):
 @pytest.fixture(scope="session")
 def cv_corpus(tmp_path_factory):
     """A Common Voice-layout corpus spoken by espeak-ng (4 locales, 30 clips each)."""
-    from data.synth import synthesize_corpus
+    from phonetune.data.synth import synthesize_corpus
 
     root = tmp_path_factory.mktemp("cv") / "corpus"
     synthesize_corpus(
@@ -37,7 +34,7 @@ def cv_corpus(tmp_path_factory):
 @pytest.fixture(scope="session")
 def prepared_dir(cv_corpus, tmp_path_factory):
     """`cv_corpus` prepared (docs/formats.md layout): vocab.json, prep_report.json, DatasetDict."""
-    from data.prepare import PrepareOptions, prepare
+    from phonetune.data.prepare import PrepareOptions, prepare
 
     out = tmp_path_factory.mktemp("prepared") / "prep"
     prepare(PrepareOptions(cv_root=cv_corpus, locales=TEST_LOCALES, out=out, num_workers=2))

@@ -5,9 +5,10 @@ Accelerate runs DeepSpeed only on accelerator devices (on CPUs `accelerate launc
 falls back to DDP), while DeepSpeed itself runs ZeRO-2 on its CPU accelerator over the gloo group.
 So this launcher builds the accelerator as `phonetune train` does, then sets the distributed type
 and the plugin that `accelerate launch --config_file configs/accelerate/deepspeed_zero2_8gpu.yaml`
-sets on GPUs, in the run's train.mixed_precision (fp32 where the tests compare losses). Everything
-after that (the engine, its optimizer, phonetune's checks and checkpoints) is the code that runs on
-GPUs. PHONETUNE_TEST_NAN_STEP=N writes a NaN into step N's audio on process 0 only.
+sets on GPUs, in the run's train.mixed_precision (fp32 where the tests compare losses), through the
+training loop's public `Hooks`. Everything after that (the engine, its optimizer, phonetune's
+checks and checkpoints) is the code that runs on GPUs. PHONETUNE_TEST_NAN_STEP=N writes a NaN into
+step N's audio on process 0 only.
 """
 
 import os
@@ -16,14 +17,13 @@ import sys
 from accelerate.state import PartialState
 from accelerate.utils import DeepSpeedPlugin, DistributedType
 
-import train.loop as loop
-from train import zero
+from phonetune.cli import main
+from phonetune.train import parallel
+from phonetune.train.loop import Hooks
 
-make_accelerator = loop.make_accelerator
 
-
-def make_deepspeed_accelerator(config):
-    accelerator = make_accelerator(config)
+def make_deepspeed_parallel(config):
+    accelerator = parallel.make_parallel(config).accelerator
     plugin = DeepSpeedPlugin(  # deepspeed_zero2_8gpu.yaml's settings
         zero_stage=2,
         gradient_accumulation_steps=1,
@@ -39,22 +39,17 @@ def make_deepspeed_accelerator(config):
     # Set on both: every AcceleratorState() copies the process state's value back over its own.
     accelerator.state.distributed_type = DistributedType.DEEPSPEED
     PartialState().distributed_type = DistributedType.DEEPSPEED
-    zero.check_deepspeed_launch(accelerator, config)
-    return accelerator
+    return parallel.checked(accelerator, config)
 
 
 def poison_on_first_process(step):
     """NaN into the audio of `step`'s first batch on process 0 only (PHONETUNE_TEST_NAN_STEP)."""
-    real_next, calls = loop.BatchStream.next_step, {"n": 0}
 
-    def next_step(self, state):
-        batches, ghosts = real_next(self, state)
-        calls["n"] += 1
-        if calls["n"] == step and os.environ.get("RANK") == "0":
+    def on_batches(run, number, batches):
+        if number == step and os.environ.get("RANK") == "0":
             batches[0].input_values[0, 1000:1100] = float("nan")
-        return batches, ghosts
 
-    loop.BatchStream.next_step = next_step
+    return on_batches
 
 
 def use_gloo_only():
@@ -69,7 +64,7 @@ def use_gloo_only():
 
 if __name__ == "__main__":
     use_gloo_only()
-    loop.make_accelerator = make_deepspeed_accelerator
+    hooks = Hooks(make_parallel=make_deepspeed_parallel)
     if "PHONETUNE_TEST_NAN_STEP" in os.environ:
-        poison_on_first_process(int(os.environ["PHONETUNE_TEST_NAN_STEP"]))
-    sys.exit(loop.main())
+        hooks.on_batches = poison_on_first_process(int(os.environ["PHONETUNE_TEST_NAN_STEP"]))
+    sys.exit(main(["train", *sys.argv[1:]], hooks))

@@ -4,9 +4,10 @@ train under FSDP version 2 on CPU processes (gloo), for tests.
 Accelerate turns FSDP on only for accelerator devices (on CPUs `accelerate launch --use_fsdp` runs
 DDP), while torch's `fully_shard` itself shards over a CPU process group. So this launcher builds
 the accelerator as `phonetune train` does, then sets the distributed type and FSDP plugin that
-`accelerate launch --config_file configs/accelerate/fsdp_8gpu.yaml` sets on GPUs. Everything after
-that (preparing the model, gathering weights for checkpoints, evaluation) is phonetune's and
-Accelerate's code for FSDP, unchanged.
+`accelerate launch --config_file configs/accelerate/fsdp_8gpu.yaml` sets on GPUs (through the
+training loop's public `Hooks.make_parallel`). Everything after that (preparing the model,
+gathering weights for checkpoints, evaluation) is phonetune's and Accelerate's code for FSDP,
+unchanged.
 """
 
 import sys
@@ -14,13 +15,13 @@ import sys
 from accelerate.state import PartialState
 from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
 
-import train.loop as loop
+from phonetune.cli import main
+from phonetune.train import parallel
+from phonetune.train.loop import Hooks
 
-make_accelerator = loop.make_accelerator
 
-
-def make_fsdp_accelerator(config):
-    accelerator = make_accelerator(config)
+def make_fsdp_parallel(config):
+    accelerator = parallel.make_parallel(config).accelerator
     accelerator.state.fsdp_plugin = FullyShardedDataParallelPlugin(  # fsdp_8gpu.yaml's settings
         fsdp_version=2,
         auto_wrap_policy="transformer_based_wrap",
@@ -32,10 +33,8 @@ def make_fsdp_accelerator(config):
     # Set on both: every AcceleratorState() copies the process state's value back over its own.
     accelerator.state.distributed_type = DistributedType.FSDP
     PartialState().distributed_type = DistributedType.FSDP
-    loop.check_fsdp_launch(accelerator, config)
-    return accelerator
+    return parallel.checked(accelerator, config)
 
 
 if __name__ == "__main__":
-    loop.make_accelerator = make_fsdp_accelerator
-    sys.exit(loop.main())
+    sys.exit(main(["train", *sys.argv[1:]], Hooks(make_parallel=make_fsdp_parallel)))

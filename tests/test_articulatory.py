@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 
-from data.articulatory import (
+from phonetune.data.articulatory import (
     feature_names,
     feature_substitution_cost,
     feature_weights,
@@ -17,9 +17,9 @@ from data.articulatory import (
     read_inventory,
     split_tone,
 )
-from data.errors import PhonetuneError
-from data.vocab import RELEASED_VOCAB_PATH
-from train.per import feature_edit_distance, score_feature_errors, score_predictions
+from phonetune.data.errors import PhonetuneError
+from phonetune.data.per import feature_edit_distance, score_feature_errors, score_predictions
+from phonetune.data.vocab import RELEASED_VOCAB_PATH
 
 # Characters panphon has no features for, which phone_features drops (docs/zero_shot.md): all come
 # from the released vocabulary's older espeak-ng (`.` after a vowel, `ᵝ`, a doubled `ʲ`, `̊`).
@@ -115,9 +115,9 @@ def test_every_phone_of_the_released_vocabulary_has_features():
 
 def test_every_phone_espeak_ng_writes_for_the_synthetic_languages_is_read_fully():
     """The phones of today's espeak-ng for the 10 synth languages need no dropped character."""
-    from data.locales import get_locale
-    from data.phonemize import phonemize_batch
-    from data.synth import draw_sentences, load_grammar, sentence_locales
+    from phonetune.data.locales import get_locale
+    from phonetune.data.phonemize import phonemize_batch
+    from phonetune.data.synth import draw_sentences, load_grammar, sentence_locales
 
     tokens = set()
     for locale in sentence_locales():

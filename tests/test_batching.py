@@ -4,14 +4,13 @@ import numpy as np
 import pytest
 import torch
 
-from train.batching import (
+from phonetune.data.audio import normalize_audio
+from phonetune.data.prepared import PreparedSplit, pack_batches
+from phonetune.train.batching import (
     IGNORE_INDEX,
     DurationBatchSampler,
-    PreparedSplit,
     collate,
     make_loader,
-    normalize_audio,
-    pack_batches,
     padding_fraction,
     plan_epoch,
     plan_eval,

@@ -85,8 +85,8 @@ def test_sweep_measures_throughput_flops_and_writes_its_section(tmp_path):
 
 
 def test_synthetic_corpus_is_a_prepared_dataset_training_can_read(tmp_path):
-    from train.config import load_config
-    from train.loop import load_data
+    from phonetune.train.batching import load_training_data
+    from phonetune.train.config import load_config
 
     bench = load_bench()
     prepared = bench.write_synthetic_prepared(tmp_path / "prep", 30, 0, 2.0, 3.0)
@@ -98,7 +98,7 @@ def test_synthetic_corpus_is_a_prepared_dataset_training_can_read(tmp_path):
             "data.locales=null",
         ],
     )
-    data = load_data(config)
+    data = load_training_data(config)
     assert len(data.vocab) == 392 and len(data.train_rows) == 30
     durations = data.train.durations[data.train_rows]
     assert durations.min() >= 2.0 and durations.max() <= 3.0

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from data.errors import PhonetuneError
-from train import checkpoint as ckpt
+from phonetune.data.errors import PhonetuneError
+from phonetune.train import checkpoint as ckpt
 
 
 class _TinySavable(torch.nn.Module):
@@ -70,8 +70,8 @@ def test_incomplete_checkpoints_are_ignored(tmp_path):
     assert ckpt.find_latest_checkpoint(tmp_path) == root / "step_100"
     assert [step for step, _ in ckpt.list_checkpoints(tmp_path)] == [100]
     with pytest.raises(PhonetuneError, match="not a complete checkpoint"):
-        ckpt.resolve_checkpoint(tmp_path, str(root / "step_200"))
-    assert ckpt.resolve_checkpoint(tmp_path, "latest") == root / "step_100"
+        ckpt.select_checkpoint(root / "step_200")
+    assert ckpt.select_checkpoint(tmp_path, "latest").path == root / "step_100"
     done = ckpt.clean_interrupted_saves(tmp_path)
     assert done == ["removed step_300.tmp (an interrupted checkpoint write or deletion)"]
     assert not (root / "step_300.tmp").exists() and (root / "step_200").exists()

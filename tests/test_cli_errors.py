@@ -8,10 +8,10 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import VOCAB, write_checkpoint
 
-from data.errors import PhonetuneError
-from tests.test_export import VOCAB, write_checkpoint
-from train.cli import main
+from phonetune.cli import main
+from phonetune.data.errors import PhonetuneError
 
 ROOT = Path(__file__).parents[1]
 TINY = str(ROOT / "configs" / "tiny_cpu.yaml")
@@ -189,9 +189,9 @@ def test_debug_shows_the_traceback(place):
 
 
 def test_the_command_line_exits_2_and_prints_no_traceback(place):
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = dict(os.environ)
     # prepare fails in its option checks, before anything heavy is imported
-    command = [sys.executable, "-m", "train.cli", "prepare", "--cv-root", "nope"]
+    command = [sys.executable, "-m", "phonetune", "prepare", "--cv-root", "nope"]
     command += ["--locales", "en", "--out", "x"]
     done = subprocess.run(command, capture_output=True, text=True, env=env, cwd=place)
     assert done.returncode == 2 and "Traceback" not in done.stderr

@@ -6,9 +6,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from data.errors import PhonetuneError
-from data.locales import LOCALES
-from train.config import (
+from phonetune.data.errors import PhonetuneError
+from phonetune.data.locales import LOCALES
+from phonetune.train.config import (
     SECTIONS,
     Config,
     config_differences,
@@ -18,7 +18,7 @@ from train.config import (
 )
 
 CONFIGS = sorted((Path(__file__).parents[1] / "configs").glob("*.yaml"))
-REQUIRED = ["data.prepared_dir=/prep", "run.output_dir=/run"]
+REQUIRED = ["data.prepared_dir=/prep", "run.output_dir=/nonexistent/run"]
 
 # Common Voice 6.1 locales (the release the paper fine-tuned on).
 CV61_LOCALES = set(

@@ -2,7 +2,7 @@
 
 import json
 
-from train.cli import main
+from phonetune.cli import main
 
 
 def test_short_demo_runs_every_stage(tmp_path, capsys):

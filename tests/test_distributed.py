@@ -1,6 +1,6 @@
 """Several processes on the CPU (gloo), as CI can run them: equivalence, evaluation, resume.
 
-Each launch is `accelerate launch --cpu --num_processes 2 -m train`, the form users type.
+Each launch is `accelerate launch --cpu --num_processes 2 -m phonetune train`, the form users type.
 """
 
 import os
@@ -11,17 +11,17 @@ import sys
 import numpy as np
 import pytest
 import torch
+from helpers import FAST, MICRO, RANDOM, ROOT, TINY, config, read_metrics
 from safetensors.torch import load_file
 
-from tests.test_train import FAST, MICRO, RANDOM, ROOT, TINY, config, read_metrics
-from train import checkpoint as ckpt
-from train.batching import plan_eval
-from train.loop import train
+from phonetune.train import checkpoint as ckpt
+from phonetune.train.batching import plan_eval
+from phonetune.train.loop import Hooks, train
 
 pytestmark = pytest.mark.slow
 
 LAUNCH = "-m accelerate.commands.launch --cpu --num_processes 2 --mixed_precision no"
-LAUNCH += " --dynamo_backend no -m train"
+LAUNCH += " --dynamo_backend no -m phonetune train"
 # Without dropout, masking and LayerDrop (whose draws differ by process), N processes with a
 # budget B must train like one process with N x B.
 DETERMINISTIC = [*MICRO, "train.max_steps=4", "train.save_steps=2", "train.eval_steps=4"]
@@ -34,7 +34,7 @@ FSDP_LAUNCH = (
 
 
 def launch_two(prepared_dir, run_dir, *overrides, launch=LAUNCH):
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     settings = [f"data.prepared_dir={prepared_dir}", f"run.output_dir={run_dir}", *FAST]
     done = subprocess.run(
         [sys.executable, *launch.split(), "--config", str(TINY), *settings, *overrides],
@@ -137,7 +137,7 @@ def test_two_processes_with_budget_b_train_like_one_with_2b(prepared_dir, tmp_pa
     assert counted == dev_phone_counts(prepared_dir)
 
 
-def test_two_process_run_resumes_exactly_and_with_one_process(prepared_dir, tmp_path):
+def test_two_process_run_resumes_exactly_and_with_one_process(prepared_dir, tmp_path, capsys):
     # Masking, dropout, LayerDrop and a frozen-transformer phase on: every process's RNG state must
     # come back, and parameters without gradients must not stall the gradient reduction.
     common = [*MICRO, *RANDOM, "train.freeze_finetune_updates=1", "train.max_steps=4"]
@@ -156,22 +156,23 @@ def test_two_process_run_resumes_exactly_and_with_one_process(prepared_dir, tmp_
     # The same run continued by one process with the same global budget (2 x 12 s): allowed, with a
     # warning, on the same global batches.
     alone = without_last_checkpoint(straight, tmp_path / "alone")
-    say: list[str] = []
-    import train.loop as loop
+    rows = {"resumed": {}, "one": {}}
 
-    original = loop.continue_sampler
+    def recorder(name):
+        def record(run, step, batches):
+            rows[name][step] = sorted(row for batch in batches for row in batch.rows)
 
-    def recording(state, saved, sampler, accelerator, cfg, _say):
-        original(state, saved, sampler, accelerator, cfg, say.append)
-        say.append(f"position {state.position}")
+        return Hooks(on_batches=record)
 
-    loop.continue_sampler = recording
-    try:
-        train(config(prepared_dir, alone, *common, "train.batch_seconds=24", "resume=auto"))
-    finally:
-        loop.continue_sampler = original
-    assert any("resuming a 2-process run with 1" in line for line in say), say
-    assert "position 2" in say  # the same global batch as the two processes would take next
+    capsys.readouterr()
+    alone_config = config(prepared_dir, alone, *common, "train.batch_seconds=24", "resume=auto")
+    train(alone_config, recorder("resumed"))
+    assert "resuming a 2-process run with 1" in capsys.readouterr().out
+    # the global batch the two processes would have taken next: one process's step 3 with 2 x 12 s
+    train(
+        config(prepared_dir, tmp_path / "one", *common, "train.batch_seconds=24"), recorder("one")
+    )
+    assert rows["resumed"][3] == rows["one"][3] and rows["resumed"][4] == rows["one"][4]
     assert ckpt.find_latest_checkpoint(alone).name == "step_4"
 
 
@@ -224,7 +225,16 @@ def test_accelerate_configs_parse_as_the_launcher_reads_them(path):
     from accelerate.commands.launch import _validate_launch_command, launch_command_parser
 
     node = ["--machine_rank", "1", "--main_process_ip", "10.0.0.1"] if "nodes" in path.name else []
-    argv = ["--config_file", str(path), *node, "-m", "train", "--config", "recipe.yaml"]
+    argv = [
+        "--config_file",
+        str(path),
+        *node,
+        "-m",
+        "phonetune",
+        "train",
+        "--config",
+        "recipe.yaml",
+    ]
     args, defaults, _ = _validate_launch_command(launch_command_parser().parse_args(argv))
     assert defaults.mixed_precision == "bf16" and not defaults.use_cpu
     expected = {  # file -> (processes, machines, launcher mode)
@@ -301,8 +311,8 @@ def test_unsupported_launches_are_refused_with_the_fix_named(
 
     import accelerate
 
-    from data.errors import PhonetuneError
-    from train.loop import make_accelerator
+    from phonetune.data.errors import PhonetuneError
+    from phonetune.train.parallel import make_parallel
 
     class Launched:  # what Accelerate builds under such a launch config
         def __init__(self, **kwargs):
@@ -317,12 +327,12 @@ def test_unsupported_launches_are_refused_with_the_fix_named(
         torch.cuda, "is_available", lambda: True
     )  # these launch configs are for GPUs
     with pytest.raises(PhonetuneError, match=message):
-        make_accelerator(config(tmp_path, tmp_path / "run", *overrides))
+        make_parallel(config(tmp_path, tmp_path / "run", *overrides))
 
 
 def test_a_gpu_launcher_config_for_deepspeed_on_cpus_says_what_runs_instead(prepared_dir, tmp_path):
     config_file = ROOT / "configs" / "accelerate" / "deepspeed_zero2_8gpu.yaml"
-    launch = f"-m accelerate.commands.launch --config_file {config_file} --num_processes 2 -m train"
+    launch = f"-m accelerate.commands.launch --config_file {config_file} --num_processes 2 -m phonetune train"
     launched = launch_two(
         prepared_dir, tmp_path / "run", *MICRO, "train.max_steps=1", launch=launch
     )
@@ -336,21 +346,21 @@ def test_a_gpu_launcher_config_for_deepspeed_on_cpus_says_what_runs_instead(prep
 def test_a_launch_needing_a_missing_package_names_it(monkeypatch, tmp_path):
     import accelerate
 
-    from data.errors import PhonetuneError
-    from train.loop import make_accelerator
+    from phonetune.data.errors import PhonetuneError
+    from phonetune.train.parallel import make_parallel
 
     def without_deepspeed(**kwargs):  # what Accelerator() raises under a DeepSpeed config then
         raise ImportError("DeepSpeed is not installed => run `pip install deepspeed`")
 
     monkeypatch.setattr(accelerate, "Accelerator", without_deepspeed)
     with pytest.raises(PhonetuneError, match=r"not installed: DeepSpeed .*\.\[deepspeed\]"):
-        make_accelerator(config(tmp_path, tmp_path / "run"))
+        make_parallel(config(tmp_path, tmp_path / "run"))
 
 
 def test_deepspeed_config_takes_accumulation_clipping_and_batch_from_phonetune():
     from types import SimpleNamespace
 
-    from train.zero import check_deepspeed_launch
+    from phonetune.train.parallel import check_deepspeed_launch
 
     ds = zero2_plugin_config()
     assert ds["gradient_clipping"] == "auto" and ds["train_micro_batch_size_per_gpu"] == "auto"
@@ -368,14 +378,15 @@ def test_deepspeed_config_takes_accumulation_clipping_and_batch_from_phonetune()
 def test_fsdp_layer_class_missing_from_the_model_is_named(stable_layer_norm, prepared_dir):
     from types import SimpleNamespace
 
-    from data.errors import PhonetuneError
-    from train.loop import check_fsdp_wrapping, load_data
-    from train.model import CTCModel, build_model
+    from phonetune.data.errors import PhonetuneError
+    from phonetune.train.batching import load_training_data
+    from phonetune.train.model import CTCModel, build_model
+    from phonetune.train.parallel import check_fsdp_wrapping
 
     cfg = config(
         prepared_dir, "/unused", *MICRO, f"model.config.do_stable_layer_norm={stable_layer_norm}"
     )
-    module = CTCModel(build_model(cfg.model, load_data(cfg).vocab)[0])
+    module = CTCModel(build_model(cfg.model, load_training_data(cfg).vocab)[0])
     plugin = SimpleNamespace(transformer_cls_names_to_wrap=["Wav2Vec2EncoderLayerStableLayerNorm"])
     launched = SimpleNamespace(state=SimpleNamespace(fsdp_plugin=plugin))  # fsdp_8gpu.yaml's class
     if stable_layer_norm:  # XLSR-style layers: what the config names
@@ -448,7 +459,7 @@ def test_deepspeed_zero2_trains_like_one_process_and_its_checkpoints_resume_unde
 def test_deepspeed_zero2_frozen_transformer_phase_trains_only_the_head(prepared_dir, tmp_path):
     # Step 1 runs the encoder without gradients: ZeRO updates its parameters with a zero gradient
     # (weight decay 0), which must leave them as they were, so step 2 starts where one process
-    # without ZeRO starts it. (From step 3 the Adam step counts differ: see train/zero.py.)
+    # without ZeRO starts it. (From step 3 the Adam step counts differ: see train/parallel.py.)
     common = [*DETERMINISTIC, "train.freeze_finetune_updates=1", "train.max_steps=2"]
     (tmp_path / "zero").mkdir()
     launch_two(prepared_dir, tmp_path / "zero" / "run", *common, launch=ZERO2_LAUNCH)

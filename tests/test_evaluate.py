@@ -6,14 +6,17 @@ import json
 import numpy as np
 import pytest
 import torch
-from test_export import VOCAB, speech, tiny_model, write_checkpoint, write_prepared
+from helpers import VOCAB, speech, tiny_model, write_checkpoint, write_prepared
 from transformers import Wav2Vec2FeatureExtractor, Wav2Vec2ForCTC, Wav2Vec2Processor
 
-from data.errors import PhonetuneError
-from train.cli import main
-from train.evaluate import batch_by_seconds, evaluate_model, normalize_batch
-from train.export import export_model
-from train.per import SPECIAL_TOKENS, score_predictions
+from phonetune.cli import main
+from phonetune.data.errors import PhonetuneError
+from phonetune.data.per import score_predictions
+from phonetune.data.prepared import batches_longest_first
+from phonetune.data.vocab import SPECIAL_TOKENS
+from phonetune.infer.evaluate import evaluate_model
+from phonetune.infer.export import export_model
+from phonetune.infer.recognize import normalize_batch
 
 FIELDS = {"per", "substitutions", "deletions", "insertions", "ref_phones", "utterances"}
 
@@ -105,9 +108,9 @@ def test_normalize_batch_matches_the_feature_extractor():
     assert "attention_mask" not in normalize_batch(waves, uses_attention_mask=False)
 
 
-def test_batch_by_seconds_keeps_padded_audio_under_budget():
+def test_batches_longest_first_keep_padded_audio_under_budget():
     durations = [1.0, 5.0, 2.0, 2.0, 9.0]
-    batches = batch_by_seconds(durations, budget_seconds=6.0)
+    batches = [batch.tolist() for batch in batches_longest_first(durations, 6.0)]
     assert batches == [[4], [1], [2, 3, 0]]  # longest first; a clip over budget goes alone
     assert sorted(i for batch in batches for i in batch) == list(range(5))
 

@@ -1,202 +1,36 @@
 """`phonetune export`: the folder reloads with identical logits, runs the model card's code and the ASR
 pipeline, decodes to single-spaced phones, matches in ONNX, and refuses what it must refuse.
 
-The helpers at the top build tiny checkpoints in the training stage's layout and a tiny prepared
-dataset; test_evaluate.py and test_transcribe.py use them too.
+Tiny checkpoints in the training stage's layout and a tiny prepared dataset come from helpers.py.
 """
 
-import functools
 import json
 import shutil
 
 import numpy as np
 import pytest
-import soxr
 import torch
-import yaml
-from transformers import Wav2Vec2Config, Wav2Vec2ForCTC, Wav2Vec2Processor, pipeline
-
-from data.errors import PhonetuneError
-from train.cli import main
-from train.export import (
-    LOGITS_TOLERANCE,
-    ONNX_TOLERANCE,
-    export_model,
-    find_checkpoint,
+from helpers import (
+    SAMPLE_RATE,
+    VOCAB,
+    speech,
+    write_checkpoint,
+    write_prepared,
 )
-from train.per import SPECIAL_TOKENS, greedy_decode
+from transformers import Wav2Vec2ForCTC, Wav2Vec2Processor, pipeline
 
-# Multi-character phones (aɪ, tʃ) and a Mandarin tone-bearing one (i5) are single tokens.
-VOCAB = {
-    "<pad>": 0,
-    "<s>": 1,
-    "</s>": 2,
-    "<unk>": 3,
-    "a": 4,
-    "aɪ": 5,
-    "tʃ": 6,
-    "n": 7,
-    "i5": 8,
-    "ə": 9,
-    "s": 10,
-    "t": 11,
-    "ʁ": 12,
-    "ɛ": 13,
-}
-SAMPLE_RATE = 16_000
-
-
-# --- helpers shared with test_evaluate.py and test_transcribe.py --------------------------------
-def tiny_model(seed=0, feat_extract_norm="layer", vocab_size=None):
-    """A 2-layer wav2vec 2.0 with a random CTC head: milliseconds per second of audio on a CPU."""
-    torch.manual_seed(seed)
-    layer = feat_extract_norm == "layer"
-    config = Wav2Vec2Config(
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        # A 320-sample hop like the real feature encoder: 50 frames per second, so attention over
-        # a few seconds of audio stays cheap.
-        conv_dim=(32, 32, 32),
-        conv_kernel=(10, 4, 4),
-        conv_stride=(5, 8, 8),
-        num_conv_pos_embeddings=16,
-        num_conv_pos_embedding_groups=2,
-        vocab_size=vocab_size or len(VOCAB),
-        pad_token_id=0,
-        feat_extract_norm=feat_extract_norm,
-        do_stable_layer_norm=layer,
-    )
-    model = Wav2Vec2ForCTC(config).eval()
-    with torch.no_grad():  # a spread-out head, so that argmax is not all blanks
-        model.lm_head.weight.normal_(0, 1.0)
-    return model
-
-
-def write_checkpoint(
-    run_dir,
-    step,
-    model=None,
-    *,
-    seed=0,
-    feat_extract_norm="layer",
-    prepared_dir=None,
-    eval_per=None,
-    vocab=VOCAB,
-):
-    """RUN_DIR/checkpoints/step_<step>/ exactly as the training stage writes it."""
-    model = model if model is not None else tiny_model(seed, feat_extract_norm, len(vocab))
-    path = run_dir / "checkpoints" / f"step_{step}"
-    path.mkdir(parents=True)
-    model.save_pretrained(path / "model")
-    (path / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
-    config = {
-        "data": {"prepared_dir": str(prepared_dir) if prepared_dir else None},
-        "model": {"name_or_path": "tiny-random-wav2vec2"},
-    }
-    (path / "config.yaml").write_text(yaml.safe_dump(config), encoding="utf-8")
-    state = {
-        "step": step,
-        "epoch": 1,
-        "eval_per": eval_per,
-        "versions": {
-            "espeak_ng": "1.52.0",
-            "phonemizer": "3.3.0",
-            "transformers": "5.24.0",
-            "torch": "2.13.0",
-            "phonetune": "0.1.0",
-        },
-    }
-    (path / "state.json").write_text(json.dumps(state), encoding="utf-8")
-    return path
-
-
-@functools.cache
-def synthesizer():
-    from data.espeak import Synthesizer
-
-    return Synthesizer()  # one per process: espeak-ng keeps global state
-
-
-def speech(text, voice="en-us", rate=SAMPLE_RATE):
-    """`text` spoken by espeak-ng at `rate` Hz: real speech, no download."""
-    from data.espeak import synthesis_voice
-
-    synth = synthesizer()
-    wave = synth.speak(text, synthesis_voice(voice))
-    return soxr.resample(wave, synth.sample_rate, rate).astype(np.float32)
-
-
-def write_prepared(path, rows):
-    """A prepared dataset (docs/formats.md) from rows of {audio (float), phones, locale, split}."""
-    import datasets
-
-    from data.audio import count_ctc_frames, to_pcm16
-
-    splits = {}
-    for row in rows:
-        pcm = to_pcm16(row["audio"])
-        splits.setdefault(row["split"], []).append(
-            {
-                "audio": pcm.tolist(),
-                "phones": row["phones"],
-                "num_phones": len(row["phones"].split()),
-                "locale": row["locale"],
-                "split": row["split"],
-                "duration": len(pcm) / SAMPLE_RATE,
-                "num_frames": count_ctc_frames(len(pcm)),
-                "client_id": "spk",
-                "sentence": "",
-                "path": f"{row['locale']}/clips/x.mp3",
-            }
-        )
-    features = datasets.Features(
-        {
-            "audio": datasets.List(datasets.Value("int16")),
-            "phones": datasets.Value("string"),
-            "num_phones": datasets.Value("int32"),
-            "locale": datasets.Value("string"),
-            "split": datasets.Value("string"),
-            "duration": datasets.Value("float32"),
-            "num_frames": datasets.Value("int32"),
-            "client_id": datasets.Value("string"),
-            "sentence": datasets.Value("string"),
-            "path": datasets.Value("string"),
-        }
-    )
-    dataset = datasets.DatasetDict(
-        {
-            name: datasets.Dataset.from_list(items, features=features)
-            for name, items in splits.items()
-        }
-    )
-    dataset.save_to_disk(str(path))
-    (path / "vocab.json").write_text(json.dumps(VOCAB, ensure_ascii=False), encoding="utf-8")
-    locales = sorted({row["locale"] for row in rows})
-    report = {
-        "versions": {"phonetune": "0.1.0", "espeak_ng": "1.52.0", "phonemizer": "3.3.0"},
-        "settings": {
-            "language_switch": "remove-flags",
-            "phonemizer_strip": False,
-            "with_stress": False,
-        },
-        "per_locale": {
-            loc: {
-                "espeak_language": {"en": "en-us", "fr": "fr-fr"}.get(loc, loc),
-                "splits": {"train": {"hours": 0.25 if loc == "en" else 0.5}},
-            }
-            for loc in locales
-        },
-    }
-    (path / "prep_report.json").write_text(json.dumps(report), encoding="utf-8")
-    return path
+from phonetune.cli import main
+from phonetune.data.ctc import conv_layers, count_frames, greedy_decode
+from phonetune.data.errors import PhonetuneError
+from phonetune.data.vocab import SPECIAL_TOKENS
+from phonetune.infer.checks import LOGITS_TOLERANCE, ONNX_TOLERANCE
+from phonetune.infer.export import export_model
+from phonetune.infer.recognize import normalize_batch
+from phonetune.train.checkpoint import select_checkpoint
 
 
 def checkpoint_logits(step_dir, wave):
     """The checkpoint's logits for one clip, fed as training feeds it."""
-    from train.evaluate import normalize_batch
-
     model = Wav2Vec2ForCTC.from_pretrained(str(step_dir / "model")).eval()
     with torch.inference_mode():
         return model(**normalize_batch([wave], model.config.feat_extract_norm == "layer")).logits
@@ -371,8 +205,6 @@ def test_onnx_matches_pytorch_on_new_batch_sizes_and_lengths(export_dir):
     import onnx
     import onnxruntime
 
-    from train.evaluate import count_output_frames, normalize_batch
-
     graph = onnx.load(str(export_dir / "model.onnx")).graph
     assert [i.name for i in graph.input] == ["input_values", "attention_mask"]
     assert [o.name for o in graph.output] == ["logits"]
@@ -391,7 +223,7 @@ def test_onnx_matches_pytorch_on_new_batch_sizes_and_lengths(export_dir):
         reference = model(**batch).logits.numpy()
     assert result.shape == reference.shape and result.shape[0] == 3
     for row, wave in enumerate(waves):
-        frames = count_output_frames(model, len(wave))
+        frames = count_frames(len(wave), conv_layers(model.config))
         assert np.abs(result[row, :frames] - reference[row, :frames]).max() <= ONNX_TOLERANCE
 
 
@@ -432,28 +264,31 @@ def test_group_norm_model_exports_without_attention_mask(tmp_path, clip):
 
 
 # --- choosing the checkpoint ---------------------------------------------------------------------
-def test_find_checkpoint_ignores_incomplete_saves(run_dir):
-    assert find_checkpoint(run_dir).step == 4  # not step_6.tmp, not step_8 (no state.json)
-    assert find_checkpoint(run_dir / "checkpoints").step == 4
-    assert find_checkpoint(run_dir, best=True).path.name == "step_2"
-    assert find_checkpoint(run_dir, step=2).step == 2
-    assert find_checkpoint(run_dir / "checkpoints" / "step_2").step == 2
+def test_select_checkpoint_ignores_incomplete_saves(run_dir):
+    assert select_checkpoint(run_dir).step == 4  # not step_6.tmp, not step_8 (no state.json)
+    assert select_checkpoint(run_dir / "checkpoints").step == 4
+    assert select_checkpoint(run_dir, "best").path.name == "step_2"
+    for step in (2, "2", "step 2", "step_2"):
+        assert select_checkpoint(run_dir, step).step == 2
+    assert select_checkpoint(run_dir / "checkpoints" / "step_2").step == 2
     with pytest.raises(
         PhonetuneError, match=r"no complete checkpoint for step 6; available steps: 2, 4"
     ):
-        find_checkpoint(run_dir, step=6)
+        select_checkpoint(run_dir, 6)
     with pytest.raises(PhonetuneError, match="not a complete checkpoint"):
-        find_checkpoint(run_dir / "checkpoints" / "step_8")
+        select_checkpoint(run_dir / "checkpoints" / "step_8")
     with pytest.raises(PhonetuneError, match="not a complete checkpoint"):
-        find_checkpoint(run_dir / "checkpoints" / "step_6.tmp")
+        select_checkpoint(run_dir / "checkpoints" / "step_6.tmp")
     with pytest.raises(PhonetuneError, match="give the run folder"):
-        find_checkpoint(run_dir / "checkpoints" / "step_2", best=True)
+        select_checkpoint(run_dir / "checkpoints" / "step_2", "best")
+    with pytest.raises(PhonetuneError, match="latest, best, step N"):
+        select_checkpoint(run_dir, "newest")
 
 
 def test_best_without_best_json_says_why(tmp_path):
     write_checkpoint(tmp_path / "run", 3)
     with pytest.raises(PhonetuneError, match=r"best\.json does not exist.*available steps: 3"):
-        find_checkpoint(tmp_path / "run", best=True)
+        select_checkpoint(tmp_path / "run", "best")
 
 
 def test_no_checkpoint_is_a_clear_error(tmp_path, capsys):
@@ -470,7 +305,7 @@ def test_no_checkpoint_is_a_clear_error(tmp_path, capsys):
 
 def test_best_and_step_selection_and_overwrite(run_dir, tmp_path, clip):
     out = tmp_path / "export"
-    export_model(run_dir, out, best=True, verbose=False)
+    export_model(run_dir, out, which="best", verbose=False)
     assert "`step_2`" in (out / "README.md").read_text()
     model = Wav2Vec2ForCTC.from_pretrained(out).eval()
     processor = Wav2Vec2Processor.from_pretrained(out)
@@ -483,10 +318,10 @@ def test_best_and_step_selection_and_overwrite(run_dir, tmp_path, clip):
     ).abs().max() <= 1e-5
 
     with pytest.raises(PhonetuneError, match="not empty.*--overwrite"):
-        export_model(run_dir, out, step=4, verbose=False)
+        export_model(run_dir, out, which=4, verbose=False)
     assert "`step_2`" in (out / "README.md").read_text()  # untouched
 
-    export_model(run_dir, out, step=4, overwrite=True, verbose=False)
+    export_model(run_dir, out, which=4, overwrite=True, verbose=False)
     assert "`step_4`" in (out / "README.md").read_text()
     assert not (out / "model.onnx").exists()  # nothing left over from another export
     assert [p.name for p in tmp_path.iterdir()] == ["export"]  # no staging folder left behind
@@ -544,7 +379,7 @@ def test_missing_weights_fail_the_export(run_dir, tmp_path, monkeypatch):
 
 
 def test_preprocessing_that_differs_from_training_fails_the_export(run_dir, tmp_path, monkeypatch):
-    import train.export as export_module
+    import phonetune.infer.export as export_module
 
     build = export_module.build_processor
 

@@ -20,11 +20,12 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from data.errors import PhonetuneError
-from train import checkpoint as ckpt
-from train import guard
-from train.config import load_config
-from train.loop import train
+from phonetune.data.errors import PhonetuneError
+from phonetune.train import checkpoint as ckpt
+from phonetune.train import run_dir as run_dir_lock
+from phonetune.train.config import load_config
+from phonetune.train.loop import Hooks, train
+from phonetune.train.stop import TrainingStopped
 
 ROOT = Path(__file__).parents[1]
 _spec = importlib.util.spec_from_file_location("kill_trials", ROOT / "scripts" / "kill_trials.py")
@@ -55,6 +56,7 @@ def metrics(run_dir):
 
 
 # --- kill -9 ----------------------------------------------------------------------------------------
+@pytest.mark.slow  # training subprocesses killed and restarted
 def test_kill_9_anywhere_then_resume_auto_equals_an_uninterrupted_run(prepared_dir, tmp_path):
     steps = 10
     # The uninterrupted run in this process, on one thread as the harness's subprocesses (another
@@ -87,32 +89,23 @@ def test_kill_9_anywhere_then_resume_auto_equals_an_uninterrupted_run(prepared_d
 
 
 # --- SIGTERM / SIGINT -------------------------------------------------------------------------------
-def signal_in_step(monkeypatch, step, *signals):
-    """Deliver `signals` to this process while the training step `step` runs."""
-    import train.loop as loop
+def signal_in_step(step, *signals):
+    """Hooks delivering `signals` to this process just before the training step `step` runs."""
 
-    real_step, calls = loop.train_step, {"n": 0}
-
-    def step_with_signal(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == step:
+    def before_step(run, number):
+        if number == step:
             for sig in signals:
                 os.kill(os.getpid(), sig)
-        return real_step(*args, **kwargs)
 
-    monkeypatch.setattr(loop, "train_step", step_with_signal)
+    return Hooks(before_step=before_step)
 
 
-def test_sigterm_saves_at_the_step_boundary_and_resume_is_exact(
-    prepared_dir, tmp_path, monkeypatch, capsys
-):
+def test_sigterm_saves_at_the_step_boundary_and_resume_is_exact(prepared_dir, tmp_path, capsys):
     common = ["train.max_steps=4", "train.save_steps=100"]  # no checkpoint before the last step
     train(config(prepared_dir, tmp_path / "straight", *common))
     before = signal.getsignal(signal.SIGTERM)
-    with monkeypatch.context() as patch:
-        signal_in_step(patch, 2, signal.SIGTERM)
-        with pytest.raises(guard.TrainingStopped) as stopped:
-            train(config(prepared_dir, tmp_path / "run", *common))
+    with pytest.raises(TrainingStopped) as stopped:
+        train(config(prepared_dir, tmp_path / "run", *common), signal_in_step(2, signal.SIGTERM))
     assert stopped.value.code == 143 and stopped.value.step == 2
     assert ckpt.list_checkpoints(tmp_path / "run") == [(2, stopped.value.checkpoint)]
     assert signal.getsignal(signal.SIGTERM) == before  # the handler is the caller's again
@@ -132,29 +125,28 @@ def test_sigterm_saves_at_the_step_boundary_and_resume_is_exact(
     )
 
 
-def test_ctrl_c_saves_and_twice_stops_at_once(prepared_dir, tmp_path, monkeypatch, capsys):
+def test_ctrl_c_saves_and_twice_stops_at_once(prepared_dir, tmp_path, capsys):
     common = ["train.max_steps=4", "train.save_steps=100"]
-    with monkeypatch.context() as patch:
-        signal_in_step(patch, 2, signal.SIGINT)
-        with pytest.raises(guard.TrainingStopped) as stopped:
-            train(config(prepared_dir, tmp_path / "once", *common))
+    with pytest.raises(TrainingStopped) as stopped:
+        train(config(prepared_dir, tmp_path / "once", *common), signal_in_step(2, signal.SIGINT))
     assert (
         stopped.value.code == 130
         and ckpt.find_latest_checkpoint(tmp_path / "once").name == "step_2"
     )
     assert "Ctrl-C again to stop without saving" in capsys.readouterr().err
-    with monkeypatch.context() as patch:
-        signal_in_step(patch, 2, signal.SIGINT, signal.SIGINT)
-        with pytest.raises(KeyboardInterrupt):
-            train(config(prepared_dir, tmp_path / "twice", *common))
+    with pytest.raises(KeyboardInterrupt):
+        twice = signal_in_step(2, signal.SIGINT, signal.SIGINT)
+        train(config(prepared_dir, tmp_path / "twice", *common), twice)
     assert ckpt.list_checkpoints(tmp_path / "twice") == []
 
 
 # --- two runs, one directory ------------------------------------------------------------------------
+@pytest.mark.slow  # a training subprocess
 def test_a_second_run_in_the_same_directory_refuses_and_sigterm_ends_the_first(
     prepared_dir, tmp_path
 ):
-    """A real `python -m train` holds the directory; SIGTERM makes it save and exit with 143."""
+    """A real `python -m phonetune train` holds the directory; SIGTERM makes it save and exit
+    with 143."""
     run_dir = tmp_path / "run"
     log = tmp_path / "first.log"
     first = harness.launch(prepared_dir, run_dir, 500, log)
@@ -184,21 +176,22 @@ def test_a_second_run_in_the_same_directory_refuses_and_sigterm_ends_the_first(
 def test_a_killed_holder_leaves_no_stale_lock(tmp_path):
     run_dir = tmp_path / "run"
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from pathlib import Path; from train import guard;"
-         "print(guard.acquire(Path(sys.argv[1])) or 'locked', flush=True); time.sleep(600)",
+        [sys.executable, "-c", "import sys, time; from pathlib import Path; "
+         "from phonetune.train.run_dir import acquire; "
+         "print(acquire(Path(sys.argv[1])) or 'locked', flush=True); time.sleep(600)",
          str(run_dir)],
-        stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)},
+        stdout=subprocess.PIPE, text=True,
     )  # fmt: skip
     try:
         assert holder.stdout.readline().strip() == "locked"
-        assert f"pid {holder.pid} on host" in guard.acquire(run_dir)
+        assert f"pid {holder.pid} on host" in run_dir_lock.acquire(run_dir)
         holder.send_signal(signal.SIGKILL)
         holder.wait()
-        assert guard.acquire(run_dir) == ""  # no lock file to delete by hand
-        assert (run_dir / guard.LOCK_FILE).read_text().startswith(f"pid {os.getpid()} ")
+        assert run_dir_lock.acquire(run_dir) == ""  # no lock file to delete by hand
+        assert (run_dir / run_dir_lock.LOCK_FILE).read_text().startswith(f"pid {os.getpid()} ")
     finally:
         holder.kill()
-        guard.unlock_run_dir(run_dir)
+        run_dir_lock.unlock_run_dir(run_dir)
 
 
 # --- disk full, permission denied -------------------------------------------------------------------
@@ -249,29 +242,20 @@ def test_permission_denied_while_saving_is_explained(prepared_dir, tmp_path, mon
 
 
 # --- NaN / inf in a batch ---------------------------------------------------------------------------
-def poison_batches(monkeypatch, poison):
-    """`poison[step]` (nan or inf) is written into the audio of that step's first batch."""
-    import train.loop as loop
+def poison_batches(poison):
+    """Hooks writing `poison[step]` (nan or inf) into the audio of that step's first batch."""
 
-    real_next, calls = loop.BatchStream.next_step, {"n": 0}
+    def on_batches(run, step, batches):
+        if step in poison:
+            batches[0].input_values[0, 1000:1100] = poison[step]
 
-    def next_step(self, state):
-        out = real_next(self, state)
-        calls["n"] += 1
-        batches = out[0] if isinstance(out, tuple) else out
-        if calls["n"] in poison:
-            batches[0].input_values[0, 1000:1100] = poison[calls["n"]]
-        return out
-
-    monkeypatch.setattr(loop.BatchStream, "next_step", next_step)
+    return Hooks(on_batches=on_batches)
 
 
-def test_nan_or_inf_in_a_batch_is_skipped_counted_and_training_goes_on(
-    prepared_dir, tmp_path, monkeypatch
-):
+def test_nan_or_inf_in_a_batch_is_skipped_counted_and_training_goes_on(prepared_dir, tmp_path):
     run_dir = tmp_path / "run"
-    poison_batches(monkeypatch, {3: float("nan"), 5: float("inf")})
-    result = train(config(prepared_dir, run_dir, "train.max_steps=7", "train.keep_last=10"))
+    poison = poison_batches({3: float("nan"), 5: float("inf")})
+    result = train(config(prepared_dir, run_dir, "train.max_steps=7", "train.keep_last=10"), poison)
     assert result["step"] == 7 and result["skipped_steps"] == 2
     records = metrics(run_dir)
     assert [r["skipped_steps"] for r in records] == [0, 0, 1, 1, 2, 2, 2]
@@ -283,12 +267,10 @@ def test_nan_or_inf_in_a_batch_is_skipped_counted_and_training_goes_on(
     assert all(torch.isfinite(t).all() for t in saved[7].values())
 
 
-def test_nan_in_every_batch_stops_the_run_naming_the_likely_causes(
-    prepared_dir, tmp_path, monkeypatch
-):
-    poison_batches(monkeypatch, {n: float("nan") for n in range(3, 100)})
+def test_nan_in_every_batch_stops_the_run_naming_the_likely_causes(prepared_dir, tmp_path):
+    poison = poison_batches({n: float("nan") for n in range(3, 100)})
     with pytest.raises(PhonetuneError) as stopped:
-        train(config(prepared_dir, tmp_path / "run", "train.max_consecutive_nonfinite=3"))
+        train(config(prepared_dir, tmp_path / "run", "train.max_consecutive_nonfinite=3"), poison)
     message = str(stopped.value)
     assert "stopped at step 5: 3 steps in a row had a NaN/inf gradient" in message
     for cause in (
@@ -309,10 +291,10 @@ def test_sigterm_to_one_of_two_processes_stops_both_at_the_same_step(prepared_di
 
     run_dir = tmp_path / "run"
     launcher = "-m accelerate.commands.launch --multi_gpu --num_processes 2 --num_machines 1"
-    launcher += " --mixed_precision no --dynamo_backend no -m train"
+    launcher += " --mixed_precision no --dynamo_backend no -m phonetune train"
     settings = [f"data.prepared_dir={prepared_dir}", f"run.output_dir={run_dir}", *harness.SETTINGS]
     settings += ["train.max_steps=500", "train.save_steps=1000", "train.eval_steps=1000"]
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     log = tmp_path / "launch.log"
     with open(log, "wb") as out:
         launched = subprocess.Popen(

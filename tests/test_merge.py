@@ -7,12 +7,11 @@ from pathlib import Path
 
 import pytest
 from datasets import load_from_disk
+from helpers import FAST, MICRO, TEST_LOCALES, TINY, read_metrics
 
-from data.errors import PhonetuneError
-from data.merge import merge
-from data.prepare import PrepareOptions, prepare
-from tests.conftest import TEST_LOCALES
-from tests.test_train import FAST, MICRO, TINY, read_metrics
+from phonetune.data.errors import PhonetuneError
+from phonetune.data.merge import merge
+from phonetune.data.prepare import PrepareOptions, prepare
 
 # Three jobs, as a cluster would run them: one with two locales, two with one each.
 GROUPS = [["en", "fr"], ["ru"], ["zh-CN"]]
@@ -85,7 +84,7 @@ def test_arrow_files_are_hard_links_to_the_inputs(merged, per_locale_dirs):
 
 
 def test_merged_dataset_trains(merged, tmp_path):
-    from train.cli import main
+    from phonetune.cli import main
 
     _, out = merged
     run = tmp_path / "run"
@@ -154,7 +153,7 @@ def test_merge_refuses_incompatible_inputs(per_locale_dirs, prepared_dir, tmp_pa
 
 
 def test_cli_merges_and_reports_errors_without_traceback(per_locale_dirs, tmp_path, capsys):
-    from train.cli import main
+    from phonetune.cli import main
 
     en_fr, ru, _ = per_locale_dirs
     assert main(["merge", str(tmp_path / "m"), str(en_fr), str(ru)]) == 0

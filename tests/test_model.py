@@ -7,10 +7,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from data.errors import PhonetuneError
-from train.config import ModelConfig
-from train.loop import ctc_loss
-from train.model import (
+from phonetune.data.errors import PhonetuneError
+from phonetune.train.config import ModelConfig
+from phonetune.train.loop import ctc_loss
+from phonetune.train.model import (
     CTCModel,
     build_model,
     count_parameters,

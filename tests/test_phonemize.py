@@ -2,9 +2,15 @@
 
 import pytest
 
-from data.locales import DEFAULT_LOCALES, LOCALES, foreign_scripts, get_locale, parse_locales
-from data.phonemize import PhonemeCache, normalize_phones, phonemize_batch
-from data.vocab import load_released_vocab
+from phonetune.data.locales import (
+    DEFAULT_LOCALES,
+    LOCALES,
+    foreign_scripts,
+    get_locale,
+    parse_locales,
+)
+from phonetune.data.phonemize import PhonemeCache, normalize_phones, phonemize_batch
+from phonetune.data.vocab import load_released_vocab
 
 MODEL_CARD_SENTENCE = (
     "mister quilter is the apostle of the middle classes and we are glad to welcome his gospel"

@@ -5,12 +5,13 @@ import json
 import numpy as np
 import pytest
 from datasets import load_from_disk
+from helpers import TEST_CLIPS_PER_LOCALE, TEST_LOCALES
 
-from data.audio import SAMPLE_RATE, count_ctc_frames, count_ctc_minimum, load_audio
-from data.errors import PhonetuneError
-from data.prepare import PrepareOptions, prepare
-from data.vocab import load_released_vocab, load_vocab
-from tests.conftest import TEST_CLIPS_PER_LOCALE, TEST_LOCALES
+from phonetune.data.audio import SAMPLE_RATE, load_audio
+from phonetune.data.ctc import count_frames, count_min_frames
+from phonetune.data.errors import PhonetuneError
+from phonetune.data.prepare import PrepareOptions, prepare
+from phonetune.data.vocab import load_released_vocab, load_vocab
 
 
 def test_prepared_dataset_has_columns_rate_durations_and_counts(prepared_dir, cv_corpus):
@@ -47,7 +48,7 @@ def test_prepared_dataset_has_columns_rate_durations_and_counts(prepared_dir, cv
     row["audio"] = train.data.column("audio")[0].values.to_numpy()
     assert row["audio"].dtype == np.int16
     assert abs(len(row["audio"]) / SAMPLE_RATE - row["duration"]) < 1e-4
-    assert row["num_frames"] == count_ctc_frames(len(row["audio"]))
+    assert row["num_frames"] == count_frames(len(row["audio"]))
     assert row["num_phones"] == len(str(row["phones"]).split())
     # The stored audio is the decoded MP3 resampled to 16 kHz, nothing else.
     decoded = load_audio(cv_corpus / str(row["path"]))
@@ -67,7 +68,7 @@ def test_vocab_and_phones(prepared_dir):
             tokens = phones.split()
             assert all(token in vocab for token in tokens)
             assert all(token in released for token in tokens), phones
-            assert frames >= count_ctc_minimum(tokens)
+            assert frames >= count_min_frames(tokens)
     inventory = json.loads((prepared_dir / "prep_report.json").read_text())["per_locale"]["zh-CN"]
     assert any(token[-1].isdigit() for token in inventory["phone_inventory"])
 
@@ -91,7 +92,7 @@ def test_rerun_reuses_phoneme_cache_and_decoded_shards(prepared_dir, cv_corpus, 
 
 
 def test_interrupted_run_resumes_from_written_shards(cv_corpus, tmp_path, monkeypatch):
-    import data.prepare as prep
+    import phonetune.data.prepare as prep
 
     real = prep.process_shard
     calls = []
@@ -115,7 +116,7 @@ def test_interrupted_run_resumes_from_written_shards(cv_corpus, tmp_path, monkey
 
 
 def test_phonemization_jobs_hold_one_language_and_each_sentence_once():
-    from data.prepare import PHONEMIZE_JOB_SENTENCES, ClipTask, plan_phonemization
+    from phonetune.data.prepare import PHONEMIZE_JOB_SENTENCES, ClipTask, plan_phonemization
 
     def task(locale, sentence, phones=None):
         return ClipTask(locale, "train", "a.mp3", "/a.mp3", sentence, "spk", phones)

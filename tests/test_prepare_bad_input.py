@@ -9,9 +9,9 @@ import pytest
 import soundfile as sf
 import soxr
 
-from data.errors import PhonetuneError
-from data.espeak import Synthesizer, synthesis_voice
-from data.prepare import PrepareOptions, prepare
+from phonetune.data.errors import PhonetuneError
+from phonetune.data.espeak import Synthesizer, synthesis_voice
+from phonetune.data.prepare import PrepareOptions, prepare
 
 HEADER = "client_id\tpath\tsentence\tup_votes\tdown_votes\tage\tgender\taccents\tlocale\tsegment"
 MATRIX_TEXT = "we like warm bread"
@@ -273,7 +273,7 @@ def test_sentences_keep_quotes_and_lose_control_characters(bad_report):
 
 
 def test_silent_clips_could_not_make_nan_in_training_either():
-    from train.batching import normalize_audio
+    from phonetune.data.audio import normalize_audio
 
     for samples in (np.zeros(16_000, dtype=np.int16), np.full(16_000, 9830, dtype=np.int16)):
         normalized = normalize_audio(samples)
@@ -304,7 +304,7 @@ def test_missing_cv_root_is_a_clear_error(tmp_path):
 
 
 def test_cli_reports_user_errors_without_traceback(tmp_path, capsys):
-    from train.cli import main
+    from phonetune.cli import main
 
     assert (
         main(
@@ -340,7 +340,7 @@ def test_cli_reports_user_errors_without_traceback(tmp_path, capsys):
 
 
 def test_released_vocab_rejects_or_maps_outside_phones(bad_corpus, tmp_path):
-    from data.vocab import RELEASED_VOCAB_PATH
+    from phonetune.data.vocab import RELEASED_VOCAB_PATH
 
     vocab_file = tmp_path / "vocab.json"
     vocab_file.write_text(json.dumps({"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3, "ð": 4, "ə": 5}))

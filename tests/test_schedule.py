@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from train.schedule import cosine, linear, lr_multiplier, tri_stage
+from phonetune.train.schedule import cosine, linear, lr_multiplier, tri_stage
 
 TOTAL = 1000
 ARGS = dict(total_steps=TOTAL, warmup_ratio=0.1, hold_ratio=0.4, init_scale=0.01, final_scale=0.05)

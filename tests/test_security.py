@@ -17,12 +17,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import MICRO, config
 
-from data.commonvoice import resolve_clip_path
-from data.errors import PhonetuneError
-from tests.test_train import MICRO, config
-from train import checkpoint as ckpt
-from train.loop import train
+from phonetune.data.commonvoice import resolve_clip_path
+from phonetune.data.errors import PhonetuneError
+from phonetune.train import checkpoint as ckpt
+from phonetune.train.loop import train
 
 ROOT = Path(__file__).parents[1]
 SOURCE_DIRS = ("data", "train", "configs", "scripts")
@@ -83,7 +83,7 @@ def test_pickle_planted_in_a_checkpoint_is_refused_on_resume(
 def test_planted_pickle_through_the_cli_exits_2_without_traceback(
     trained_run, prepared_dir, tmp_path, capsys
 ):
-    from train.cli import main
+    from phonetune.cli import main
 
     run, step = copy_run(trained_run, tmp_path)
     marker = tmp_path / "ran"
@@ -100,8 +100,8 @@ def test_planted_pickle_through_the_cli_exits_2_without_traceback(
 def test_pytorch_model_bin_planted_in_a_checkpoint_is_never_read(
     trained_run, prepared_dir, tmp_path
 ):
-    from train.evaluate import load_model
-    from train.export import export_model
+    from phonetune.infer.export import export_model
+    from phonetune.infer.recognize import load_model
 
     run, step = copy_run(trained_run, tmp_path)
     marker = tmp_path / "ran"
@@ -120,9 +120,9 @@ def test_pytorch_model_bin_planted_in_a_checkpoint_is_never_read(
 
 
 def test_pytorch_model_bin_planted_as_a_pretrained_model_is_refused(trained_run, tmp_path):
-    from train.config import ModelConfig
-    from train.evaluate import load_model
-    from train.model import build_model
+    from phonetune.infer.recognize import load_model
+    from phonetune.train.config import ModelConfig
+    from phonetune.train.model import build_model
 
     step = trained_run / "checkpoints" / "step_2"
     folder = tmp_path / "downloaded"

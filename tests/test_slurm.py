@@ -8,9 +8,9 @@ import sys
 import time
 
 import pytest
+from helpers import FAST, MICRO, ROOT, TINY
 
-from tests.test_train import FAST, MICRO, ROOT, TINY
-from train import checkpoint as ckpt
+from phonetune.train import checkpoint as ckpt
 
 pytestmark = pytest.mark.slow
 
@@ -37,7 +37,6 @@ def fake_slurm(tmp_path):
     return {
         **os.environ,
         "PATH": f"{bin_dir}:{os.path.dirname(sys.executable)}:{os.environ['PATH']}",
-        "PYTHONPATH": str(ROOT),
         "SLURM_JOB_ID": "42",
         "SLURM_JOB_NODELIST": "localhost",
         "SLURM_JOB_NUM_NODES": "1",

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import soundfile
 
-from data.errors import PhonetuneError
-from data.locales import DEFAULT_LOCALES, LOCALES, foreign_scripts
-from data.synth import (
+from phonetune.data.errors import PhonetuneError
+from phonetune.data.locales import DEFAULT_LOCALES, LOCALES, foreign_scripts
+from phonetune.data.synth import (
     VOICE_VARIANTS,
     configure_parser,
     draw_sentences,
@@ -178,7 +178,7 @@ def test_every_default_locale_has_enough_distinct_sentences():
 def test_voice_variants_exist_in_espeak_data():
     from pathlib import Path
 
-    from data.espeak import locate_espeak
+    from phonetune.data.espeak import locate_espeak
 
     folder = Path(locate_espeak().data_path) / "voices" / "!v"
     assert [name for name in VOICE_VARIANTS if not (folder / name).is_file()] == []
@@ -195,7 +195,7 @@ def test_unknown_or_unspoken_locale_is_refused(tmp_path):
 
 
 def test_cli_reports_bad_locale_without_traceback(tmp_path, capsys):
-    from train.cli import main
+    from phonetune.cli import main
 
     code = main(["synth", "--out", str(tmp_path / "out"), "--locales", "en,klingon"])
     assert code == 2

@@ -8,14 +8,14 @@ import pytest
 import soundfile
 import soxr
 import torch
-from test_export import SAMPLE_RATE, synthesizer, write_checkpoint
+from helpers import SAMPLE_RATE, synthesizer, write_checkpoint
 from transformers import Wav2Vec2ForCTC, Wav2Vec2Processor
 
-from data.espeak import synthesis_voice
-from train.cli import main
-from train.export import export_model
-from train.per import SPECIAL_TOKENS
-from train.transcribe import split_into_chunks, transcribe_files
+from phonetune.cli import main
+from phonetune.data.espeak import synthesis_voice
+from phonetune.data.vocab import SPECIAL_TOKENS
+from phonetune.infer.export import export_model
+from phonetune.infer.transcribe import split_into_chunks, transcribe_files
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,5 @@
-"""From a prepared split to padded batches: the duration-bucketed sampler and the collate function.
+"""What the model is fed: the clips that train, the duration-bucketed sampler, the collate function,
+and the stream of each step's batches.
 
 The training step only slices memory-mapped int16 arrays and pads a batch of similar lengths:
 - durations for batching come from the prepared `duration` column (nothing is decoded to measure);
@@ -12,91 +13,29 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
-from data.errors import PhonetuneError
+from phonetune.data.audio import SAMPLE_RATE, pad_waves
+from phonetune.data.ctc import count_frames, count_min_frames
+from phonetune.data.errors import PhonetuneError
+from phonetune.data.prepared import (
+    PreparedSplit,
+    batches_longest_first,
+    open_prepared,
+    pack_batches,
+    read_report,
+    read_vocab,
+)
 
-SAMPLE_RATE = 16_000
+if TYPE_CHECKING:
+    from phonetune.train.config import Config
+    from phonetune.train.resume import TrainState
+
 IGNORE_INDEX = -100  # label padding: ignored by the CTC loss, never mistaken for the blank (id 0)
-
-
-# --- audio normalisation --------------------------------------------------------------------------
-def normalize_audio(samples: np.ndarray) -> np.ndarray:
-    """One utterance -> float32 with zero mean and unit variance over its samples.
-
-    The same computation as `Wav2Vec2FeatureExtractor(do_normalize=True)` (what the released model's
-    processor applies at inference): float32, `(x - mean) / sqrt(var + 1e-7)`. int16 PCM is first
-    scaled to [-1, 1) as the feature extractor would receive it from an audio decoder. This is the one
-    place training normalises audio; export and inference must match it.
-    """
-    audio = np.asarray(samples, dtype=np.float32)
-    if samples.dtype == np.int16:
-        audio = audio / np.float32(32768.0)
-    return (audio - audio.mean()) / np.sqrt(audio.var() + np.float32(1e-7))
-
-
-# --- reading a prepared split ---------------------------------------------------------------------
-class PreparedSplit:
-    """One split of a prepared dataset, read column by column from its memory-mapped Arrow table.
-
-    `rows` everywhere are row numbers of the split as saved by `phonetune prepare`.
-    """
-
-    def __init__(self, dataset) -> None:  # noqa: ANN001 - datasets.Dataset
-        if dataset._indices is not None:  # a selected/filtered view: make rows contiguous again
-            dataset = dataset.flatten_indices()
-        self.dataset = dataset
-        table = dataset.data.table
-        self.durations = table.column("duration").to_numpy().astype(np.float64)
-        self.locales = np.asarray(table.column("locale").to_pylist(), dtype=object)
-        self._audio_chunks: list[tuple[np.ndarray, np.ndarray]] | None = None
-        self._chunk_starts: np.ndarray | None = None
-
-    def __len__(self) -> int:
-        return len(self.durations)
-
-    def __getstate__(self) -> dict:
-        # DataLoader workers started by spawn/forkserver re-open the memory map instead of copying it.
-        state = self.__dict__.copy()
-        state["_audio_chunks"] = state["_chunk_starts"] = None
-        return state
-
-    def _chunks(self) -> tuple[list[tuple[np.ndarray, np.ndarray]], np.ndarray]:
-        if self._audio_chunks is None:
-            chunks = []
-            for chunk in self.dataset.data.table.column("audio").chunks:
-                # offsets index into `values`, which spans the whole chunk buffer (zero copy, mmap).
-                chunks.append(
-                    (chunk.offsets.to_numpy(), chunk.values.to_numpy(zero_copy_only=True))
-                )
-            self._audio_chunks = chunks
-            self._chunk_starts = np.cumsum([0] + [len(offsets) - 1 for offsets, _ in chunks])
-        return self._audio_chunks, self._chunk_starts
-
-    def num_samples(self) -> np.ndarray:
-        """Exact length in samples of every row, from the Arrow offsets (nothing is decoded)."""
-        chunks, _ = self._chunks()
-        if not chunks:
-            return np.zeros(0, dtype=np.int64)
-        return np.concatenate([np.diff(offsets).astype(np.int64) for offsets, _ in chunks])
-
-    def audio(self, rows: Sequence[int]) -> list[np.ndarray]:
-        """int16 views into the memory-mapped audio of `rows` (no copy)."""
-        chunks, starts = self._chunks()
-        out = []
-        for row in rows:
-            index = int(np.searchsorted(starts, row, side="right")) - 1
-            offsets, values = chunks[index]
-            local = int(row) - int(starts[index])
-            out.append(values[offsets[local] : offsets[local + 1]])
-        return out
-
-    def column(self, name: str, rows: Sequence[int]) -> list:
-        return (
-            self.dataset.data.table.column(name).take(np.asarray(rows, dtype=np.int64)).to_pylist()
-        )
 
 
 def encode_phones(phones: str, vocab: Mapping[str, int]) -> list[int]:
@@ -106,6 +45,111 @@ def encode_phones(phones: str, vocab: Mapping[str, int]) -> list[int]:
 
 def unknown_phones(phones: Sequence[str], vocab: Mapping[str, int]) -> set[str]:
     return {phone for text in phones for phone in text.split() if phone not in vocab}
+
+
+# --- the clips that train -------------------------------------------------------------------------
+@dataclass
+class TrainingData:
+    """The prepared vocabulary and splits, with the rows (clips) that train and evaluate."""
+
+    vocab: dict[str, int]
+    train: PreparedSplit
+    train_rows: np.ndarray
+    eval: PreparedSplit | None
+    eval_rows: np.ndarray
+    versions: dict[str, Any]
+    skipped: dict[str, int] = field(default_factory=dict)  # reason -> training clips left out
+
+
+def read_versions(prepared_dir: Path) -> dict[str, Any]:
+    """espeak-ng / phonemizer versions of the prepared data, and the libraries training runs with."""
+    import transformers
+
+    from phonetune import __version__
+
+    prepared = read_report(prepared_dir).get("versions") or {}
+    return {
+        "espeak_ng": prepared.get("espeak_ng"),
+        "phonemizer": prepared.get("phonemizer"),
+        "phonetune_prepare": prepared.get("phonetune"),
+        "transformers": transformers.__version__,
+        "torch": torch.__version__,
+        "phonetune": __version__,
+    }
+
+
+def load_training_data(config: Config) -> TrainingData:
+    """The prepared vocabulary and splits, with the training clips filtered by locale and duration."""
+    prepared = Path(config.data.prepared_dir)
+    splits = open_prepared(prepared, "data.prepared_dir")
+    vocab = read_vocab(prepared)
+    if config.data.train_split not in splits:
+        raise PhonetuneError(
+            f"{prepared} has no {config.data.train_split!r} split (it has: {', '.join(splits)}); "
+            "set data.train_split"
+        )
+    train_split = PreparedSplit(splits[config.data.train_split])
+    wanted = set(config.data.locales) if config.data.locales else None
+    rows = np.arange(len(train_split))
+    skipped: dict[str, int] = {}
+    if wanted is not None:
+        missing = wanted - set(train_split.locales)
+        if missing:
+            raise PhonetuneError(
+                f"data.locales: {', '.join(sorted(missing))} not in the {config.data.train_split} split of "
+                f"{prepared} (it has: {', '.join(sorted(set(train_split.locales)))})"
+            )
+        rows = rows[np.isin(train_split.locales[rows], list(wanted))]
+    too_long = train_split.durations[rows] > config.data.max_duration
+    skipped["longer_than_max_duration"] = int(too_long.sum())
+    rows = rows[~too_long]
+    unknown = unknown_phones(train_split.column("phones", rows), vocab)
+    if unknown:
+        raise PhonetuneError(
+            f"phones of the {config.data.train_split} split are missing from {prepared}/vocab.json: "
+            f"{' '.join(sorted(unknown))}. The prepared directory is inconsistent; prepare it again."
+        )
+
+    eval_split, eval_rows = None, np.zeros(0, dtype=np.int64)
+    if config.data.eval_split in splits:
+        eval_split = PreparedSplit(splits[config.data.eval_split])
+        eval_rows = np.arange(len(eval_split))
+        if wanted is not None:
+            eval_rows = eval_rows[np.isin(eval_split.locales[eval_rows], list(wanted))]
+        limit = config.data.eval_max_utterances
+        if limit is not None and len(eval_rows) > limit:
+            # an evenly spaced subset: every locale and length stays represented, the same every time
+            eval_rows = eval_rows[
+                np.unique(np.linspace(0, len(eval_rows) - 1, limit).round().astype(int))
+            ]
+    return TrainingData(
+        vocab, train_split, rows, eval_split, eval_rows, read_versions(prepared), skipped
+    )
+
+
+def drop_unalignable(
+    data: TrainingData, conv_layers: Sequence[tuple[int, int]], config: Config
+) -> None:
+    """Skip training clips with fewer CTC frames than phones (+1 per repeated phone), and clips
+    shorter than one SpecAugment time mask.
+
+    The CTC loss of the first is infinite: with ctc_zero_infinity it is zeroed (a wasted clip),
+    without it the whole step is lost. `phonetune prepare` already rejects them for the standard
+    feature encoder; this catches models with another stride (`conv_layers`, the model's feature
+    encoder). A time mask needs a clip at least `mask_time_length` frames long.
+    """
+    frames = count_frames(data.train.num_samples()[data.train_rows], conv_layers)
+    needed = np.array(
+        [count_min_frames(text.split()) for text in data.train.column("phones", data.train_rows)],
+        dtype=np.int64,
+    )
+    ok = (frames >= needed) & (needed > 0)
+    data.skipped["fewer_frames_than_phones_or_no_phones"] = int((~ok).sum())
+    if config.model.mask_time_prob > 0:
+        maskable = frames >= config.model.mask_time_length
+        data.skipped["shorter_than_mask_time_length"] = int((ok & ~maskable).sum())
+        ok &= maskable
+    data.train_rows = data.train_rows[ok]
 
 
 # --- collate --------------------------------------------------------------------------------------
@@ -158,14 +202,8 @@ def collate(
     """Slice, normalise and pad the audio of `rows` (to the longest clip, rounded up to a multiple
     of `pad_to_multiple_of` samples); encode and pad their phones if `vocab` is given."""
     rows = [int(row) for row in rows]
-    waves = split.audio(rows)
-    lengths = np.array([len(wave) for wave in waves], dtype=np.int64)
-    width = -(-int(lengths.max(initial=1)) // pad_to_multiple_of) * pad_to_multiple_of
-    input_values = np.zeros((len(rows), width), dtype=np.float32)
-    attention_mask = np.zeros(input_values.shape, dtype=np.int64)
-    for i, wave in enumerate(waves):
-        input_values[i, : len(wave)] = normalize_audio(wave)
-        attention_mask[i, : len(wave)] = 1
+    input_values, lengths = pad_waves(split.audio(rows), pad_to_multiple_of)
+    attention_mask = (np.arange(input_values.shape[1]) < lengths[:, None]).astype(np.int64)
     phones = split.column("phones", rows)
     labels = label_lengths = None
     if vocab is not None:
@@ -188,25 +226,6 @@ def collate(
 
 
 # --- planning batches -----------------------------------------------------------------------------
-def pack_batches(
-    order: np.ndarray, durations: np.ndarray, batch_seconds: float
-) -> list[np.ndarray]:
-    """Cut `order` (positions into `durations`) greedily into batches whose padded size
-    (clips × longest clip) stays within `batch_seconds`. A clip longer than the budget gets a batch alone."""
-    batches: list[np.ndarray] = []
-    start, longest = 0, 0.0
-    for i, position in enumerate(order):
-        duration = durations[position]
-        longest_if_added = max(longest, duration)
-        if i > start and (i - start + 1) * longest_if_added > batch_seconds:
-            batches.append(order[start:i])
-            start, longest_if_added = i, duration
-        longest = longest_if_added
-    if start < len(order):
-        batches.append(order[start:])
-    return batches
-
-
 def plan_epoch(
     durations: np.ndarray,
     batch_seconds: float,
@@ -249,9 +268,7 @@ def plan_eval(
     durations: np.ndarray, batch_seconds: float, num_replicas: int = 1, rank: int = 0
 ) -> list[np.ndarray]:
     """Evaluation batches of this process: longest first, each clip in exactly one process's batches."""
-    order = np.argsort(-durations, kind="stable")
-    batches = pack_batches(order, durations, batch_seconds)
-    return batches[rank::num_replicas]
+    return batches_longest_first(durations, batch_seconds)[rank::num_replicas]
 
 
 def padding_fraction(durations: np.ndarray, batches: Sequence[np.ndarray]) -> float:
@@ -388,3 +405,39 @@ def make_loader(
         # resumed run (which creates one at a different moment) would mask and drop out differently.
         generator=torch.Generator(),
     )
+
+
+class BatchStream:
+    """This process's shares of the global batches, `grad_accum` at a time, across epochs, from a
+    resumable position; with each, whether it is a zero-weight copy (`DurationBatchSampler.is_ghost`)."""
+
+    def __init__(
+        self,
+        data: TrainingData,
+        sampler: DurationBatchSampler,
+        config: Config,
+        pin_memory: bool,
+    ) -> None:
+        self.data, self.sampler, self.config, self.pin_memory = data, sampler, config, pin_memory
+        self.iterator = None
+
+    def next_step(self, state: TrainState) -> tuple[list[Batch], list[bool]]:
+        accum = self.config.train.grad_accum
+        if state.position >= self.sampler.batches_per_epoch():
+            state.epoch, state.position = state.epoch + 1, 0
+            self.iterator = None
+        if self.iterator is None:
+            self.sampler.set_epoch(state.epoch, state.position)
+            loader = make_loader(
+                self.data.train,
+                self.sampler,
+                self.data.vocab,
+                self.config.data.num_workers,
+                self.pin_memory,
+                self.config.train.pad_to_multiple_of,
+            )
+            self.iterator = iter(loader)
+        batches = [next(self.iterator) for _ in range(accum)]
+        ghosts = [self.sampler.is_ghost(state.position + i) for i in range(accum)]
+        state.position += accum
+        return batches, ghosts

@@ -1,7 +1,11 @@
-"""Checkpoints on disk: atomic writes, finding the latest complete one, keep-last, best, loading.
+"""A run directory and its checkpoints on disk: the layout, atomic writes, and the one way to
+choose and read a checkpoint (training's `resume`, `export`, `evaluate` and `transcribe` all choose
+by the same words: latest, best, step N, or a checkpoint's path).
 
-Layout (the export stage relies on it):
+Layout (the export and inference stages rely on it):
 
+    RUN_DIR/config.yaml       the resolved training config
+    RUN_DIR/metrics.jsonl     one JSON object per logged step and per evaluation
     RUN_DIR/checkpoints/step_<n>/
         model/            Wav2Vec2ForCTC.save_pretrained (config.json + model.safetensors)
         vocab.json        token -> id the model was trained with
@@ -14,7 +18,8 @@ Layout (the export stage relies on it):
 A checkpoint is written into `step_<n>.tmp/`, every file is fsynced, and the directory is renamed to
 `step_<n>/` only then: a directory named `step_<n>` that holds `state.json` is complete; anything else
 (`.tmp` directories, a directory without state.json) is ignored. `.pt` files hold tensors and plain
-containers only and are always read with `torch.load(..., weights_only=True)`.
+containers only and are always read with `torch.load(..., weights_only=True)`; weights are read from
+safetensors only.
 
 Killed at any moment (kill -9, power loss after the fsyncs), a run leaves complete checkpoints and
 at most some `*.tmp` leftovers, which `clean_interrupted_saves` removes at the next start: a
@@ -35,20 +40,22 @@ import random
 import re
 import shutil
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from data.errors import PhonetuneError
+from phonetune.data.errors import PhonetuneError
+from phonetune.data.vocab import VOCAB_FILE, load_vocab
 
+CONFIG_FILE = "config.yaml"  # in the run directory and in each checkpoint
+METRICS_FILE = "metrics.jsonl"
 CHECKPOINTS_DIR = "checkpoints"
 BEST_FILE = "best.json"
 STATE_FILE = "state.json"
 MODEL_DIR = "model"
-VOCAB_FILE = "vocab.json"
-CONFIG_FILE = "config.yaml"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 _REPLACED = ".replaced.tmp"  # suffix of a checkpoint being replaced by a new save of its step
 
@@ -90,35 +97,169 @@ def find_latest_checkpoint(run_dir: str | Path) -> Path | None:
 def find_best_checkpoint(run_dir: str | Path) -> Path | None:
     """The checkpoint with the lowest eval PER (from best.json), or None if there is none."""
     best = checkpoints_dir(run_dir) / BEST_FILE
-    if not best.is_file():
+    try:
+        path = checkpoints_dir(run_dir) / json.loads(best.read_text(encoding="utf-8"))["path"]
+    except (
+        OSError,
+        ValueError,
+        KeyError,
+        TypeError,
+    ):  # none yet, or damaged: derived again at the next save
         return None
-    path = checkpoints_dir(run_dir) / json.loads(best.read_text(encoding="utf-8"))["path"]
     return path if is_complete(path) else None
 
 
-def resolve_checkpoint(run_dir: str | Path, which: str) -> Path | None:
-    """`which` = "latest", "best" or a path -> a complete checkpoint directory (None if none exists)."""
-    if which == "latest":
-        return find_latest_checkpoint(run_dir)
-    if which == "best":
-        return find_best_checkpoint(run_dir)
-    path = Path(which)
+# --- choosing and reading -------------------------------------------------------------------------
+SELECTIONS = "latest, best, step N (or step_N), or the path of a checkpoints/step_<n> folder"
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """One complete `checkpoints/step_<n>/` folder written by `phonetune train`."""
+
+    path: Path
+    step: int
+    state: dict
+
+    @property
+    def model_dir(self) -> Path:
+        return self.path / MODEL_DIR
+
+    @property
+    def vocab_path(self) -> Path:
+        return self.path / VOCAB_FILE
+
+    @property
+    def run_dir(self) -> Path | None:
+        """The run folder holding `checkpoints/` (None for a step folder copied elsewhere)."""
+        parent = self.path.parent
+        return parent.parent if parent.name == CHECKPOINTS_DIR else None
+
+    def read_vocab(self) -> dict[str, int]:
+        return load_vocab(self.vocab_path)
+
+    def prepared_dir(self) -> Path | None:
+        """The prepared dataset the checkpoint was trained on, if it is still where the config says
+        (as written, or relative to the run folder)."""
+        from phonetune.data.prepared import is_prepared
+
+        data = self.training_config().get("data") or {}
+        configured = data.get("prepared_dir") if isinstance(data, dict) else None
+        if not isinstance(configured, str) or not configured:
+            return None
+        candidates = [Path(configured)]
+        if self.run_dir is not None and not Path(configured).is_absolute():
+            candidates.append(self.run_dir / configured)
+        return next((c for c in candidates if is_prepared(c)), None)
+
+    def training_config(self) -> dict:
+        """The resolved training config (the checkpoint's, else the run's), {} if neither is readable."""
+        import yaml
+
+        for folder in (self.path, self.run_dir):
+            path = None if folder is None else folder / CONFIG_FILE
+            if path is not None and path.is_file():
+                try:
+                    loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+                except (OSError, yaml.YAMLError):
+                    continue
+                if isinstance(loaded, dict):
+                    return loaded
+        return {}
+
+
+def parse_selection(which: str | int) -> str | int:
+    """ "latest", "best", a step number (from "step N", "step_N", "N" or an int), or else a path."""
+    if isinstance(which, int):
+        return which
+    text = which.strip()
+    if text in ("latest", "best"):
+        return text
+    match = re.fullmatch(r"(?:step[ _])?(\d+)", text)
+    return int(match.group(1)) if match else text
+
+
+def select_checkpoint(source: str | Path, which: str | int = "latest") -> Checkpoint:
+    """One complete checkpoint: of the run folder `source`, the one `which` names (latest, best,
+    step N), or `source` itself when it is a checkpoint folder. A clear error names what exists."""
+    source = Path(source)
+    selection = parse_selection(which)
+    if not isinstance(selection, int) and selection not in ("latest", "best"):
+        raise PhonetuneError(f"cannot choose a checkpoint by {which!r}: say {SELECTIONS}")
+    if not source.exists():
+        raise PhonetuneError(f"{source} does not exist: give a run folder or a checkpoint folder")
+    if source.name.startswith("step_") or (source / STATE_FILE).exists():
+        if selection != "latest":
+            raise PhonetuneError(
+                f"{source} is one checkpoint; best and step N choose among a run's checkpoints: "
+                f"give the run folder ({source.parent.parent}) instead"
+            )
+        return read_checkpoint(source)
+    run_dir = source.parent if source.name == CHECKPOINTS_DIR else source
+    available = dict(list_checkpoints(run_dir))
+    if not available:
+        root = checkpoints_dir(run_dir)
+        incomplete = sorted(p.name for p in root.glob("step_*")) if root.is_dir() else []
+        hint = f" (only interrupted saves: {', '.join(incomplete)})" if incomplete else ""
+        raise PhonetuneError(
+            f"no complete checkpoint in {source}{hint}: expected {root}/step_<n>/ folders "
+            "written by `phonetune train`"
+        )
+    steps = ", ".join(str(s) for s in sorted(available))
+    if isinstance(selection, int):
+        if selection not in available:
+            raise PhonetuneError(
+                f"{run_dir} has no complete checkpoint for step {selection}; available steps: {steps}"
+            )
+        return read_checkpoint(available[selection])
+    if selection == "best":
+        chosen = find_best_checkpoint(run_dir)
+        if chosen is None:
+            best_file = checkpoints_dir(run_dir) / BEST_FILE
+            reason = (
+                f"{best_file} names no complete checkpoint"
+                if best_file.is_file()
+                else f"{best_file} does not exist (the run never evaluated on a dev set)"
+            )
+            raise PhonetuneError(
+                f"best: {reason}; available steps: {steps} (choose one with --step N, or "
+                "resume=step_N when training)"
+            )
+        return read_checkpoint(chosen)
+    return read_checkpoint(available[max(available)])
+
+
+def read_checkpoint(path: str | Path) -> Checkpoint:
+    """A complete checkpoint folder with its state; a clear error for anything else."""
+    path = Path(path)
     if not is_complete(path):
         raise PhonetuneError(
-            f"{path} is not a complete checkpoint (a directory step_<n> holding {STATE_FILE}); "
-            f"complete checkpoints of this run: {', '.join(p.name for _, p in list_checkpoints(run_dir)) or 'none'}"
+            f"{path} is not a complete checkpoint: a save that finished is a folder named "
+            f"step_<n> holding {STATE_FILE} (an interrupted one is step_<n>.tmp or lacks it)"
         )
-    return path
+    for needed in (path / VOCAB_FILE, path / MODEL_DIR / "config.json"):
+        if not needed.is_file():
+            raise PhonetuneError(f"checkpoint {path} has no {needed.relative_to(path)}")
+    state = read_state(path)
+    step = state.get("step")
+    if not isinstance(step, int):
+        raise PhonetuneError(f"{path / STATE_FILE} has no integer step: the file is damaged")
+    return Checkpoint(path=path, step=step, state=state)
 
 
-# --- reading ----------------------------------------------------------------------------------
 def read_state(checkpoint: str | Path) -> dict[str, Any]:
-    return json.loads((Path(checkpoint) / STATE_FILE).read_text(encoding="utf-8"))
+    """state.json of a checkpoint; a damaged one is a clear error naming it."""
+    path = Path(checkpoint) / STATE_FILE
+    try:
+        state = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        raise PhonetuneError(f"cannot read {path}: {error}. The checkpoint is damaged.") from None
+    if not isinstance(state, dict):
+        raise PhonetuneError(f"{path} is not a JSON object: the checkpoint is damaged")
+    return state
 
 
 def read_checkpoint_vocab(checkpoint: str | Path) -> dict[str, int]:
-    from data.vocab import load_vocab
-
     return load_vocab(Path(checkpoint) / VOCAB_FILE)
 
 
@@ -140,6 +281,52 @@ def load_tensors(checkpoint: str | Path, name: str) -> Any:
             f"{path} holds {kind}, not the tensors phonetune saves there, so it was not loaded. "
             "Resume from another checkpoint (resume=PATH) or start a new run."
         ) from None
+
+
+def load_pretrained(source: str | Path, **kwargs: Any) -> Any:
+    """Wav2Vec2ForCTC.from_pretrained (its return value), weights that cannot be read a PhonetuneError.
+
+    model.safetensors is preferred; a pytorch_model.bin is read with `weights_only=True`, so a
+    pickle that would run code is refused, never executed.
+    """
+    from safetensors import SafetensorError
+    from transformers import Wav2Vec2ForCTC
+
+    try:
+        return Wav2Vec2ForCTC.from_pretrained(source, weights_only=True, **kwargs)
+    except pickle.UnpicklingError:
+        # torch's own message suggests weights_only=False: exactly what must not be done here.
+        problem = (
+            "its pytorch_model.bin holds objects other than tensors "
+            "(refused: loading them could run code)"
+        )
+    except (OSError, ValueError, SafetensorError) as error:
+        problem = (str(error).strip().splitlines() or [repr(error)])[0].rstrip(".")
+    raise PhonetuneError(
+        f"cannot load the model weights of {source}: {problem}. A model folder needs config.json "
+        "and model.safetensors (or a pytorch_model.bin holding tensors only)."
+    )
+
+
+def load_model_folder(folder: str | Path, *, safetensors_only: bool = False) -> Any:
+    """A Wav2Vec2ForCTC in float32 and eval mode, failing on any weight that was not in the files.
+
+    `safetensors_only` for folders phonetune wrote (checkpoints): any other weights file there
+    is foreign and never read. Elsewhere a pytorch_model.bin is read with weights_only=True.
+    """
+    model, info = load_pretrained(
+        str(folder),
+        dtype=torch.float32,
+        output_loading_info=True,
+        use_safetensors=True if safetensors_only else None,
+    )
+    missing = list(info.get("missing_keys", []))
+    if missing:
+        raise PhonetuneError(
+            f"{folder}: weights missing from the saved model (they would be random): "
+            f"{', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}"
+        )
+    return model.eval()
 
 
 # --- RNG state ----------------------------------------------------------------------------------
@@ -367,8 +554,11 @@ def update_best(run_dir: str | Path) -> dict[str, Any] | None:
     """
     candidates = []
     for step, path in list_checkpoints(run_dir):
-        eval_per = read_state(path).get("eval_per")
-        if eval_per is not None:
+        try:
+            eval_per = read_state(path).get("eval_per")
+        except PhonetuneError:  # a damaged state.json: that checkpoint cannot be the best
+            continue
+        if isinstance(eval_per, int | float):
             candidates.append((eval_per, step, path))
     best_file = checkpoints_dir(run_dir) / BEST_FILE
     if not candidates:

@@ -22,7 +22,7 @@ from typing import Any, Literal
 
 import yaml
 
-from data.errors import PhonetuneError
+from phonetune.data.errors import PhonetuneError
 
 LR_SCHEDULES = ("tri_stage", "linear", "cosine")
 MIXED_PRECISION = ("no", "bf16", "fp16")
@@ -416,15 +416,28 @@ def _describe(hint: Any) -> str:
 # --- contradictions -----------------------------------------------------------------------------
 def find_contradictions(config: Config) -> list[str]:
     """Values that are each well-typed but cannot work (together); every problem, not the first."""
+    return [
+        *_data_and_run_problems(config),
+        *_model_problems(config.model),
+        *_train_problems(config.train, config.data),
+        *_log_problems(config.log),
+    ]
+
+
+def _data_and_run_problems(config: Config) -> list[str]:
     errors: list[str] = []
-    data, model, train, log = config.data, config.model, config.train, config.log
+    data = config.data
 
     if not data.prepared_dir:
         errors.append("data.prepared_dir is required (the output folder of `phonetune prepare`)")
     if not config.run.output_dir:
         errors.append("run.output_dir is required (where checkpoints and metrics.jsonl go)")
-    elif Path(config.run.output_dir).exists() and not Path(config.run.output_dir).is_dir():
-        errors.append(f"run.output_dir={config.run.output_dir} is a file: give a folder")
+    else:
+        from phonetune.train.run_dir import run_dir_problem
+
+        problem = run_dir_problem(Path(config.run.output_dir).resolve())
+        if problem:
+            errors.append(problem)
     if data.max_duration <= 0:
         errors.append(f"data.max_duration must be positive, not {data.max_duration}")
     if data.eval_max_utterances is not None and data.eval_max_utterances < 1:
@@ -434,6 +447,11 @@ def find_contradictions(config: Config) -> list[str]:
     if data.locales is not None and not data.locales:
         errors.append("data.locales is an empty list: give locales or null for all")
 
+    return errors
+
+
+def _model_problems(model: ModelConfig) -> list[str]:
+    errors: list[str] = []
     if (model.name_or_path is None) == (model.config is None):
         errors.append(
             "set exactly one of model.name_or_path (a pretrained checkpoint) and model.config "
@@ -484,6 +502,11 @@ def find_contradictions(config: Config) -> list[str]:
             f"model.ctc_loss_reduction must be one of {', '.join(CTC_REDUCTIONS)}, not {model.ctc_loss_reduction!r}"
         )
 
+    return errors
+
+
+def _train_problems(train: TrainConfig, data: DataConfig) -> list[str]:
+    errors: list[str] = []
     for key in (
         "max_steps",
         "grad_accum",
@@ -543,6 +566,11 @@ def find_contradictions(config: Config) -> list[str]:
             f"train.mixed_precision must be one of {', '.join(MIXED_PRECISION)}, not {train.mixed_precision!r}"
         )
 
+    return errors
+
+
+def _log_problems(log: LogConfig) -> list[str]:
+    errors: list[str] = []
     if log.every_steps < 1:
         errors.append("log.every_steps must be at least 1")
     for reporter in log.report_to:

@@ -24,9 +24,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from data.errors import PhonetuneError
-from data.vocab import BLANK_ID, BLANK_TOKEN
-from train.config import HF_TRAINING_SETTINGS, ModelConfig
+from phonetune.data import ctc
+from phonetune.data.audio import SAMPLE_RATE
+from phonetune.data.errors import PhonetuneError
+from phonetune.data.vocab import BLANK_ID, BLANK_TOKEN, VOCAB_FILE
+from phonetune.train.checkpoint import load_pretrained
+from phonetune.train.config import HF_TRAINING_SETTINGS, ModelConfig
 
 # Wav2Vec2Config fields that decide the shapes of the weights: two configs that differ here describe
 # different models, whatever their dropout or masking settings.
@@ -89,7 +92,7 @@ def read_model_vocab(name_or_path: str) -> dict[str, int] | None:
     """The vocab.json next to a (local or hub) model, or None if it has none."""
     local = Path(name_or_path)
     if local.is_dir():
-        path = local / "vocab.json"
+        path = local / VOCAB_FILE
         if not path.is_file():
             return None
     else:
@@ -97,7 +100,7 @@ def read_model_vocab(name_or_path: str) -> dict[str, int] | None:
 
         try:
             found = cached_file(
-                name_or_path, "vocab.json", _raise_exceptions_for_missing_entries=False
+                name_or_path, VOCAB_FILE, _raise_exceptions_for_missing_entries=False
             )
         except OSError:
             return None
@@ -110,7 +113,7 @@ def read_model_vocab(name_or_path: str) -> dict[str, int] | None:
             f"{name_or_path}/vocab.json holds one vocabulary per language; phonetune needs a single "
             "token -> id mapping. Pass model.reset_head=true to start a new output layer."
         )
-    from data.vocab import load_vocab
+    from phonetune.data.vocab import load_vocab
 
     return load_vocab(path)
 
@@ -222,34 +225,7 @@ def build_model(model_cfg: ModelConfig, vocab: Mapping[str, int]) -> tuple[nn.Mo
     return model, origin
 
 
-def load_pretrained(source: str | Path, **kwargs: Any) -> Any:
-    """Wav2Vec2ForCTC.from_pretrained (its return value), weights that cannot be read a PhonetuneError.
-
-    model.safetensors is preferred; a pytorch_model.bin is read with `weights_only=True`, so a
-    pickle that would run code is refused, never executed.
-    """
-    import pickle
-
-    from safetensors import SafetensorError
-    from transformers import Wav2Vec2ForCTC
-
-    try:
-        return Wav2Vec2ForCTC.from_pretrained(source, weights_only=True, **kwargs)
-    except pickle.UnpicklingError:
-        # torch's own message suggests weights_only=False: exactly what must not be done here.
-        problem = (
-            "its pytorch_model.bin holds objects other than tensors "
-            "(refused: loading them could run code)"
-        )
-    except (OSError, ValueError, SafetensorError) as error:
-        problem = (str(error).strip().splitlines() or [repr(error)])[0].rstrip(".")
-    raise PhonetuneError(
-        f"cannot load the model weights of {source}: {problem}. A model folder needs config.json "
-        "and model.safetensors (or a pytorch_model.bin holding tensors only)."
-    )
-
-
-def init_filterbank_encoder(model: nn.Module, sample_rate: int = 16_000) -> None:
+def init_filterbank_encoder(model: nn.Module, sample_rate: int = SAMPLE_RATE) -> None:
     """Set a one-convolution feature encoder to a bank of mel-spaced band-pass filters.
 
     Each frequency gets four filters (Hann-windowed cosine and sine, each with both signs): after
@@ -285,7 +261,7 @@ def load_checkpoint_model(
     dropout, attention kernel) are applied, as when resuming; without, the saved config is used as is
     (export, evaluation). The model is returned in eval mode when `model_cfg` is None.
     """
-    from train.checkpoint import MODEL_DIR, read_checkpoint_vocab
+    from phonetune.train.checkpoint import MODEL_DIR, read_checkpoint_vocab
 
     checkpoint = Path(checkpoint)
     vocab = read_checkpoint_vocab(checkpoint)
@@ -437,6 +413,10 @@ class CTCModel(nn.Module):
             hidden = self.model.wav2vec2(input_values, attention_mask=mask).last_hidden_state
         return self.model.lm_head(self.model.dropout(hidden))
 
+    @property
+    def conv_layers(self) -> tuple[tuple[int, int], ...]:
+        return ctc.conv_layers(self.model.config)
+
     def output_lengths(self, input_lengths: torch.Tensor) -> torch.Tensor:
         """CTC frames the encoder produces for inputs of `input_lengths` samples."""
-        return self.model._get_feat_extract_output_lengths(input_lengths).to(torch.long)
+        return ctc.count_frames(input_lengths, self.conv_layers).to(torch.long)

@@ -12,13 +12,11 @@ insertions and deletions cost 1, micro-averaged the same way. As every substitut
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from rapidfuzz.distance import Levenshtein
-
-SPECIAL_TOKENS = frozenset({"<pad>", "<s>", "</s>", "<unk>"})
 
 
 @dataclass
@@ -143,21 +141,17 @@ def score_feature_errors(
     }
 
 
-def greedy_decode(ids: Iterable[int], id_to_token: Mapping[int, str], blank_id: int = 0) -> str:
-    """Best-path CTC decoding: collapse repeated ids, drop blanks and special tokens.
-
-    Phones are joined with single spaces and there is no word delimiter, as in the released model.
-    """
-    phones: list[str] = []
-    previous = None
-    for token_id in ids:
-        token_id = int(token_id)
-        if token_id != previous and token_id != blank_id:
-            token = id_to_token.get(token_id, "<unk>")
-            if token not in SPECIAL_TOKENS:
-                phones.append(token)
-        previous = token_id
-    return " ".join(phones)
+def first_per_locale(
+    locales: Sequence[str], examples: Sequence[dict[str, str]], count: int
+) -> dict[str, list[dict[str, str]]]:
+    """The first `count` examples (e.g. reference / prediction pairs) of each locale, locales sorted:
+    PER alone does not show what goes wrong."""
+    chosen: dict[str, list[dict[str, str]]] = {}
+    for locale, example in zip(locales, examples, strict=True):
+        kept = chosen.setdefault(locale, [])
+        if len(kept) < count:
+            kept.append(example)
+    return dict(sorted(chosen.items()))
 
 
 METRIC_DIR = Path(__file__).parent / "metrics" / "phone_error_rate"

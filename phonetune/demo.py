@@ -15,8 +15,8 @@ import time
 from importlib import resources
 from pathlib import Path
 
-from data.errors import PhonetuneError
-from data.locales import DEFAULT_LOCALES, parse_locales
+from phonetune.data.errors import PhonetuneError
+from phonetune.data.locales import DEFAULT_LOCALES, parse_locales
 
 DEMO_CONFIG = "tiny_cpu.yaml"
 # Sized so that the whole demo finishes within about 15 minutes on 2 CPU cores.
@@ -27,7 +27,7 @@ TRANSCRIBE_CLIPS = 3
 
 def shipped_config(name: str) -> Path:
     """A config shipped in the `configs` package (works from a checkout and from a wheel)."""
-    path = Path(str(resources.files("configs") / name))
+    path = Path(str(resources.files("phonetune.configs") / name))
     if not path.is_file():
         raise PhonetuneError(f"shipped config {name} is missing from {path.parent}")
     return path
@@ -39,7 +39,7 @@ def stage(title: str) -> float:
 
 
 def synthesize_stage(out: Path, locales: list[str], clips: int, seed: int, workers: int) -> Path:
-    from data.synth import synthesize_corpus
+    from phonetune.data.synth import synthesize_corpus
 
     corpus = out / "corpus"
     manifest = corpus / "phonetune_synth.json"
@@ -54,7 +54,7 @@ def synthesize_stage(out: Path, locales: list[str], clips: int, seed: int, worke
 
 
 def prepare_stage(corpus: Path, out: Path, locales: list[str], workers: int) -> Path:
-    from data.prepare import PrepareOptions, prepare, print_summary
+    from phonetune.data.prepare import PrepareOptions, prepare, print_summary
 
     prepared = out / "prepared"
     report = prepare(
@@ -65,8 +65,8 @@ def prepare_stage(corpus: Path, out: Path, locales: list[str], workers: int) -> 
 
 
 def train_stage(prepared: Path, out: Path, max_steps: int | None, overrides: list[str]) -> Path:
-    from train.config import load_config
-    from train.loop import train
+    from phonetune.train.config import load_config
+    from phonetune.train.loop import train
 
     run_dir = out / "run"
     settings = [f"data.prepared_dir={prepared}", f"run.output_dir={run_dir}", "resume=auto"]
@@ -78,13 +78,13 @@ def train_stage(prepared: Path, out: Path, max_steps: int | None, overrides: lis
 
 
 def export_stage(run_dir: Path, out: Path, onnx: bool) -> Path:
-    from train.export import export_model
+    from phonetune.infer.export import export_model
 
     return export_model(run_dir, out / "export", onnx=onnx, overwrite=True)
 
 
 def evaluate_stage(export_dir: Path, prepared: Path, out: Path) -> dict:
-    from train.evaluate import evaluate_model
+    from phonetune.infer.evaluate import evaluate_model
 
     return evaluate_model(export_dir, prepared, split="test", out=out / "test_metrics.json")
 
@@ -92,7 +92,7 @@ def evaluate_stage(export_dir: Path, prepared: Path, out: Path) -> dict:
 def transcribe_stage(export_dir: Path, prepared: Path, corpus: Path) -> None:
     from datasets import load_from_disk
 
-    from train.transcribe import transcribe_files
+    from phonetune.infer.transcribe import transcribe_files
 
     test = load_from_disk(str(prepared))["test"]
     picks = sorted({locale: i for i, locale in enumerate(test["locale"])}.values())

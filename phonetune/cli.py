@@ -1,4 +1,4 @@
-"""The `phonetune` command. Each subcommand lives in the module of its stage.
+"""The `phonetune` command, over every stage. Each subcommand lives in the module of its stage.
 
 A subcommand module exposes `configure_parser(parser)` and `run(args) -> int`. Modules are imported
 only when their subcommand runs, so `phonetune --help` is instant (no torch import).
@@ -10,18 +10,24 @@ import argparse
 import importlib
 import sys
 
-from data.errors import PhonetuneError
+from phonetune.data.errors import PhonetuneError
 
 # name -> (module, one-line help). The order is the order of a whole job.
 COMMANDS: dict[str, tuple[str, str]] = {
-    "synth": ("data.synth", "write a synthetic Common Voice release spoken by espeak-ng"),
-    "prepare": ("data.prepare", "Common Voice release -> espeak phones + 16 kHz audio dataset"),
-    "merge": ("data.merge", "merge prepared datasets of disjoint locales into one"),
-    "train": ("train.loop", "fine-tune a wav2vec 2.0 encoder with CTC on a prepared dataset"),
-    "export": ("train.export", "write a transformers-loadable model folder (and ONNX)"),
-    "evaluate": ("train.evaluate", "phone error rate of a model on a prepared split"),
-    "transcribe": ("train.transcribe", "print the phones of audio files"),
-    "demo": ("train.demo", "synth -> prepare -> train -> export -> evaluate, end to end"),
+    "synth": ("phonetune.data.synth", "write a synthetic Common Voice release spoken by espeak-ng"),
+    "prepare": (
+        "phonetune.data.prepare",
+        "Common Voice release -> espeak phones + 16 kHz audio dataset",
+    ),
+    "merge": ("phonetune.data.merge", "merge prepared datasets of disjoint locales into one"),
+    "train": (
+        "phonetune.train.loop",
+        "fine-tune a wav2vec 2.0 encoder with CTC on a prepared dataset",
+    ),
+    "export": ("phonetune.infer.export", "write a transformers-loadable model folder (and ONNX)"),
+    "evaluate": ("phonetune.infer.evaluate", "phone error rate of a model on a prepared split"),
+    "transcribe": ("phonetune.infer.transcribe", "print the phones of audio files"),
+    "demo": ("phonetune.demo", "synth -> prepare -> train -> export -> evaluate, end to end"),
 }
 
 
@@ -51,14 +57,16 @@ def _find_command(argv: list[str]) -> str | None:
     return next((arg for arg in argv if not arg.startswith("-")), None)
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, hooks: object = None) -> int:
+    """Run a subcommand; `hooks` (train.loop.Hooks) reach `train` only: tests and benchmarks
+    launching training processes of their own."""
     argv = list(sys.argv[1:] if argv is None else argv)
     command = _find_command(argv)
     parser = build_parser(command if command in COMMANDS else None)
     args = parser.parse_args(argv)
     module = importlib.import_module(COMMANDS[args.command][0])
     try:
-        return int(module.run(args) or 0)
+        return int((module.run(args, hooks) if hooks is not None else module.run(args)) or 0)
     except PhonetuneError as error:
         if args.debug:
             raise

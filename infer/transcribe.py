@@ -16,18 +16,18 @@ from pathlib import Path
 
 import numpy as np
 
-from data.audio import load_audio
-from data.errors import PhonetuneError
-from train.evaluate import (
+from phonetune.data.audio import SAMPLE_RATE, load_audio
+from phonetune.data.errors import PhonetuneError
+from phonetune.data.prepared import batches_longest_first
+from phonetune.infer.recognize import (
     DEFAULT_BATCH_SECONDS,
     LoadedModel,
     add_batch_seconds_option,
     add_model_argument,
-    batch_by_seconds,
+    chosen_checkpoint,
     load_model,
     recognize,
 )
-from train.export import SAMPLE_RATE
 
 DEFAULT_CHUNK_SECONDS = 20.0
 MIN_CHUNK_SECONDS = 0.5
@@ -86,9 +86,9 @@ def transcribe_files(
             owners.append(index)
 
     phones = [""] * len(chunks)
-    for indices in batch_by_seconds([len(c) / SAMPLE_RATE for c in chunks], batch_seconds):
+    for indices in batches_longest_first([len(c) / SAMPLE_RATE for c in chunks], batch_seconds):
         for chunk_index, text in zip(
-            indices, recognize(loaded, [chunks[i] for i in indices]), strict=True
+            indices.tolist(), recognize(loaded, [chunks[i] for i in indices]), strict=True
         ):
             phones[chunk_index] = text
     pieces: dict[int, list[str]] = {}
@@ -127,7 +127,8 @@ def run(args: argparse.Namespace) -> int:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
-    transcripts = transcribe_files(args.model, args.audio, args.chunk_seconds, args.batch_seconds)
+    loaded = load_model(args.model, chosen_checkpoint(args))
+    transcripts = transcribe_files(loaded, args.audio, args.chunk_seconds, args.batch_seconds)
     if args.json:
         payload = [{k: v for k, v in asdict(t).items() if v is not None} for t in transcripts]
         print(json.dumps(payload, indent=2, ensure_ascii=False))

@@ -1,13 +1,13 @@
 """`evaluate` metric module: phone error rate over space-separated phone tokens.
 
-Load it offline with `train.per.load_metric()` (or `evaluate.load(<this folder>)`). The arithmetic is
-`train.per.score_predictions`, the same code training and `phonetune evaluate` use.
+Load it offline with `phonetune.data.per.load_metric()` (or `evaluate.load(<this folder>)`). The arithmetic is
+`phonetune.data.per.score_predictions`, the same code training and `phonetune evaluate` use.
 """
 
 import datasets
 import evaluate
 
-from train.per import score_predictions
+from phonetune.data.per import score_predictions
 
 _DESCRIPTION = """Phone error rate (PER): (substitutions + deletions + insertions) / reference phones,
 computed on phone tokens separated by single spaces, micro-averaged over all utterances."""

@@ -3,10 +3,7 @@
 With `--zero-shot`, also the paper's cross-lingual evaluation: the model's phones are mapped onto
 each evaluated locale's phone inventory by articulatory features (data.articulatory), and PER and
 the phone feature error rate (PFER) are reported with and without that mapping (docs/zero_shot.md).
-
-Also the inference core shared with `phonetune transcribe` and the export checks: loading a model
-from an export folder or a checkpoint, normalising audio exactly as training did, batching by
-seconds of audio, and greedy CTC decoding (train.per.greedy_decode, the one decoder training uses).
+Recognition is infer/recognize.py's; PER is data/per.py's, the code training's evaluation uses.
 """
 
 from __future__ import annotations
@@ -20,144 +17,35 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
-from data.errors import PhonetuneError
-from train.batching import normalize_audio
-from train.export import find_checkpoint, load_ctc_model, read_vocab
-from train.per import SPECIAL_TOKENS, greedy_decode, score_feature_errors, score_predictions
+from phonetune.data.errors import PhonetuneError
+from phonetune.data.per import first_per_locale, score_feature_errors, score_predictions
+from phonetune.data.prepared import batches_longest_first, open_prepared
+from phonetune.data.vocab import SPECIAL_TOKENS
+from phonetune.infer.recognize import (
+    DEFAULT_BATCH_SECONDS,
+    LoadedModel,
+    add_batch_seconds_option,
+    add_model_argument,
+    chosen_checkpoint,
+    is_export_dir,
+    load_model,
+    recognize,
+)
+from phonetune.train.checkpoint import select_checkpoint
 
 if TYPE_CHECKING:
     from collections import Counter
 
     import datasets
-    from transformers import Wav2Vec2ForCTC
 
-DEFAULT_BATCH_SECONDS = 60.0
 EXAMPLES_PER_LOCALE = 3
-
-
-# --- audio in, phones out ---------------------------------------------------------------------
-def normalize_batch(
-    waves: Sequence[np.ndarray], uses_attention_mask: bool
-) -> dict[str, torch.Tensor]:
-    """Pad a batch as the training collate and Wav2Vec2FeatureExtractor(do_normalize=True) do.
-
-    Each utterance is scaled to zero mean and unit variance over its own samples (training's own
-    `normalize_audio`; int16 PCM is scaled to [-1, 1) first), then padded with 0. The attention
-    mask is returned only for models whose feature encoder is layer-normalised: the others were
-    trained without one (padding then reaches their group norm, in training as here, so batch
-    such models by similar lengths, as batch_by_seconds does).
-    """
-    longest = max(len(wave) for wave in waves)
-    input_values = np.zeros((len(waves), longest), dtype=np.float32)
-    attention_mask = np.zeros((len(waves), longest), dtype=np.int64)
-    for row, wave in enumerate(waves):
-        input_values[row, : len(wave)] = normalize_audio(np.asarray(wave))
-        attention_mask[row, : len(wave)] = 1
-    batch = {"input_values": torch.from_numpy(input_values)}
-    if uses_attention_mask:
-        batch["attention_mask"] = torch.from_numpy(attention_mask)
-    return batch
-
-
-def count_output_frames(model: Wav2Vec2ForCTC, num_samples: int) -> int:
-    """CTC frames the model's feature encoder produces for `num_samples` samples (about 50 per second)."""
-    length = num_samples
-    for kernel, stride in zip(model.config.conv_kernel, model.config.conv_stride, strict=True):
-        length = max(0, (length - kernel) // stride + 1)
-    return length
-
-
-@dataclass
-class LoadedModel:
-    """A model ready for inference, wherever it came from."""
-
-    model: Wav2Vec2ForCTC
-    id_to_token: dict[int, str]
-    uses_attention_mask: bool
-    source: str
-
-    @property
-    def min_samples(self) -> int:
-        """Shortest input that yields one output frame (the feature encoder's receptive field)."""
-        samples = 1
-        for kernel, stride in reversed(
-            list(zip(self.model.config.conv_kernel, self.model.config.conv_stride, strict=True))
-        ):
-            samples = (samples - 1) * stride + kernel
-        return samples
-
-
-def is_export_dir(path: Path) -> bool:
-    return (path / "config.json").is_file() and (path / "vocab.json").is_file()
-
-
-def load_model(path: Path) -> LoadedModel:
-    """Load an export folder, a run folder (newest checkpoint) or a checkpoint step folder."""
-    path = Path(path)
-    if is_export_dir(path):
-        model_dir, vocab_path, source = path, path / "vocab.json", str(path)
-    else:
-        checkpoint = find_checkpoint(path)
-        model_dir, vocab_path = checkpoint.model_dir, checkpoint.vocab_path
-        source = f"{checkpoint.path} (step {checkpoint.step})"
-    vocab = read_vocab(vocab_path)
-    model = load_ctc_model(model_dir)
-    if model.config.vocab_size != len(vocab):
-        raise PhonetuneError(
-            f"{path}: the model has {model.config.vocab_size} outputs but vocab.json {len(vocab)} tokens"
-        )
-    return LoadedModel(
-        model=model,
-        id_to_token={i: token for token, i in vocab.items()},
-        uses_attention_mask=model.config.feat_extract_norm == "layer",
-        source=source,
-    )
-
-
-def batch_by_seconds(durations: Sequence[float], budget_seconds: float) -> list[list[int]]:
-    """Group indices by duration, longest first, so each batch's padded audio fits the budget.
-
-    Sorting keeps padding small; starting with the longest batch makes an out-of-memory error
-    happen at once rather than at the end. A clip longer than the budget gets a batch of its own.
-    """
-    order = sorted(range(len(durations)), key=lambda i: durations[i], reverse=True)
-    batches: list[list[int]] = []
-    for index in order:
-        # Sorted longest first, so the batch's first clip sets its padded length.
-        if batches and durations[batches[-1][0]] * (len(batches[-1]) + 1) <= budget_seconds:
-            batches[-1].append(index)
-        else:
-            batches.append([index])
-    return batches
-
-
-def recognize(loaded: LoadedModel, waves: Sequence[np.ndarray]) -> list[str]:
-    """Greedy CTC transcription of one batch of 16 kHz waveforms."""
-    batch = normalize_batch(waves, loaded.uses_attention_mask)
-    with torch.inference_mode():
-        ids = loaded.model(**batch).logits.argmax(dim=-1)
-    return [
-        # Frames past a clip's own length come from padding: decode only the clip's frames.
-        greedy_decode(
-            ids[row, : count_output_frames(loaded.model, len(wave))].tolist(), loaded.id_to_token
-        )
-        for row, wave in enumerate(waves)
-    ]
 
 
 # --- evaluation -------------------------------------------------------------------------------
 def load_split(prepared_dir: Path, split: str, locales: Sequence[str] | None) -> datasets.Dataset:
-    import datasets
-
     prepared_dir = Path(prepared_dir)
-    if not (prepared_dir / "dataset_dict.json").is_file():
-        raise PhonetuneError(
-            f"--data {prepared_dir} is not a prepared dataset (no dataset_dict.json): "
-            "give the folder `phonetune prepare --out` wrote"
-        )
-    dataset = datasets.load_from_disk(str(prepared_dir))
+    dataset = open_prepared(prepared_dir, "--data")
     if split not in dataset:
         raise PhonetuneError(
             f"{prepared_dir} has no {split!r} split (it has {', '.join(dataset)}): "
@@ -221,12 +109,13 @@ def evaluate_model(
     predictions = [""] * len(rows)
 
     started = time.perf_counter()
-    batches = batch_by_seconds(durations, batch_seconds)
+    batches = batches_longest_first(durations, batch_seconds)
     for number, indices in enumerate(batches, 1):
         waves = [
-            np.asarray(samples, dtype=np.float32) / 32768.0 for samples in audio[indices]["audio"]
+            np.asarray(samples, dtype=np.float32) / 32768.0
+            for samples in audio[indices.tolist()]["audio"]
         ]
-        for index, phones in zip(indices, recognize(loaded, waves), strict=True):
+        for index, phones in zip(indices.tolist(), recognize(loaded, waves), strict=True):
             predictions[index] = phones
         if verbose and number % 20 == 0:
             print(f"  batch {number}/{len(batches)}", flush=True)
@@ -242,7 +131,14 @@ def evaluate_model(
             "audio_seconds": round(audio_seconds, 2),
             "eval_seconds": round(elapsed, 2),
             "audio_seconds_per_second": round(audio_seconds / elapsed, 2) if elapsed > 0 else None,
-            "examples": collect_examples(predictions, references, row_locales),
+            "examples": first_per_locale(
+                row_locales,
+                [
+                    {"reference": r, "prediction": p}
+                    for r, p in zip(references, predictions, strict=True)
+                ],
+                EXAMPLES_PER_LOCALE,
+            ),
         }
     )
     if inventories is not None:
@@ -283,7 +179,7 @@ def target_inventories(
     phones in its train split transcripts: espeak-ng's phonemization of target-language text, the
     knowledge the paper assumes; no audio of the locale is used.
     """
-    from data.articulatory import inventory_from_text, read_inventory
+    from phonetune.data.articulatory import inventory_from_text, read_inventory
 
     if inventory is not None and inventory_text is not None:
         raise PhonetuneError("give --inventory or --inventory-text, not both")
@@ -306,11 +202,9 @@ def target_inventories(
 
 
 def train_split_inventory(prepared_dir: Path, locale: str) -> TargetInventory:
-    import datasets
+    from phonetune.data.articulatory import inventory_from_transcripts
 
-    from data.articulatory import inventory_from_transcripts
-
-    dataset = datasets.load_from_disk(str(prepared_dir))
+    dataset = open_prepared(prepared_dir, "--data")
     phones = None
     if "train" in dataset:
         rows = dataset["train"].select_columns(["locale", "phones"])
@@ -341,7 +235,7 @@ def zero_shot_results(
     phone by its nearest inventory phone (data.articulatory.map_phones). Returns
     `{"overall": {"without_mapping", "with_mapping"}, "per_locale": {locale: {...}}, "examples"}`.
     """
-    from data.articulatory import feature_substitution_cost, map_phones
+    from phonetune.data.articulatory import feature_substitution_cost, map_phones
 
     model_phones = [t for t in loaded.id_to_token.values() if t not in SPECIAL_TOKENS]
     mappings = {loc: map_phones(model_phones, inv.phones) for loc, inv in inventories.items()}
@@ -382,17 +276,14 @@ def zero_shot_results(
             "predicted_phones": predicted[loc][0],
             "predicted_outside_inventory": predicted[loc][1],
         }
-    examples: dict[str, list[dict[str, str]]] = {}
-    for prediction, reference, loc, after in zip(
-        predictions, references, locales, mapped, strict=True
-    ):
-        chosen = examples.setdefault(loc, [])
-        if len(chosen) < EXAMPLES_PER_LOCALE:
-            chosen.append({"reference": reference, "prediction": prediction, "mapped": after})
+    examples = [
+        {"reference": reference, "prediction": prediction, "mapped": after}
+        for prediction, reference, after in zip(predictions, references, mapped, strict=True)
+    ]
     return {
         "overall": {name: scores[name]["overall"] for name in scores},
         "per_locale": dict(sorted(per_locale.items())),
-        "examples": dict(sorted(examples.items())),
+        "examples": first_per_locale(locales, examples, EXAMPLES_PER_LOCALE),
     }
 
 
@@ -429,18 +320,6 @@ def print_zero_shot(zero_shot: dict) -> None:
             print(f"  model phones with no features, left as they are: {' '.join(m['unmappable'])}")
 
 
-def collect_examples(
-    predictions: Sequence[str], references: Sequence[str], locales: Sequence[str]
-) -> dict:
-    """The first few reference / prediction pairs per locale: PER alone does not show what goes wrong."""
-    examples: dict[str, list[dict[str, str]]] = {}
-    for prediction, reference, locale in zip(predictions, references, locales, strict=True):
-        chosen = examples.setdefault(locale, [])
-        if len(chosen) < EXAMPLES_PER_LOCALE:
-            chosen.append({"reference": reference, "prediction": prediction})
-    return dict(sorted(examples.items()))
-
-
 def print_table(results: dict) -> None:
     header = f"{'locale':<10} {'utts':>6} {'ref phones':>10} {'sub':>7} {'del':>7} {'ins':>7} {'PER %':>7}"
     print(f"\n{results['model']} on {results['split']}:")
@@ -462,26 +341,6 @@ def print_table(results: dict) -> None:
 
 
 # --- command line -----------------------------------------------------------------------------
-def add_batch_seconds_option(parser: argparse.ArgumentParser) -> None:
-    """`--batch-seconds`, shared by `evaluate` and `transcribe`."""
-    parser.add_argument(
-        "--batch-seconds",
-        type=float,
-        default=DEFAULT_BATCH_SECONDS,
-        help=f"seconds of padded audio per batch (default {DEFAULT_BATCH_SECONDS:g})",
-    )
-
-
-def add_model_argument(parser: argparse.ArgumentParser) -> None:
-    """MODEL, as evaluate and transcribe both take it."""
-    parser.add_argument(
-        "model",
-        type=Path,
-        metavar="MODEL",
-        help="an export folder, a run folder (its newest checkpoint) or a checkpoints/step_<n> folder",
-    )
-
-
 def configure_parser(parser: argparse.ArgumentParser) -> None:
     add_model_argument(parser)
     parser.add_argument(
@@ -538,12 +397,13 @@ def run(args: argparse.Namespace) -> int:
     locales = (
         [loc for item in args.locales for loc in item.split(",") if loc] if args.locales else None
     )
+    which = chosen_checkpoint(args)
     out = args.out
     if out is None and not is_export_dir(args.model):
         # Next to the checkpoint, where `phonetune export` looks for it.
-        out = find_checkpoint(args.model).path / f"eval_{args.split}.json"
+        out = select_checkpoint(args.model, which).path / f"eval_{args.split}.json"
     evaluate_model(
-        args.model,
+        load_model(args.model, which),
         args.data,
         split=args.split,
         locales=locales,

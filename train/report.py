@@ -1,0 +1,292 @@
+"""What a run tells its user: metrics.jsonl (always), wandb and TensorBoard (when asked, never
+fatal), and the console: the start-up summary, the progress bar, evaluations, the final summary.
+
+Only the main process reports.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import secrets
+import time
+import warnings
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from phonetune.data.errors import PhonetuneError
+from phonetune.train.checkpoint import METRICS_FILE
+from phonetune.train.config import Config, config_to_dict
+
+if TYPE_CHECKING:
+    from phonetune.train.batching import TrainingData
+    from phonetune.train.parallel import Parallel
+    from phonetune.train.resume import TrainState
+
+Say = Callable[[str], None]  # prints on the main process only
+
+
+# --- metrics.jsonl, wandb, TensorBoard ------------------------------------------------------------
+@contextlib.contextmanager
+def explain_write_failure(path: Path) -> Iterator[None]:
+    """A full disk or a permission error on a run file: a clear error, not a traceback."""
+    try:
+        yield
+    except OSError as error:
+        raise PhonetuneError(
+            f"cannot write {path}: {error.strerror or error}. Free disk space or fix the "
+            "permissions, then continue with resume=auto (checkpoints already written are intact)."
+        ) from error
+
+
+class MetricsLogger:
+    """metrics.jsonl always (main process); wandb and TensorBoard when asked, never fatal."""
+
+    def __init__(
+        self, run_dir: Path, config: Config, enabled: bool, resume_step: int | None
+    ) -> None:
+        self.path = run_dir / METRICS_FILE
+        self.enabled = enabled
+        self.wandb = self.tensorboard = None
+        if not enabled:
+            return
+        keep_through = -1 if resume_step is None else resume_step
+        if self.path.is_file():
+            # Lines after the resumed checkpoint belong to the interrupted run's lost steps; the
+            # resumed run writes them again, so drop them to keep one line per step.
+            lines = [
+                line
+                for line in self.path.read_text(encoding="utf-8").splitlines()
+                if _step_of(line) <= keep_through
+            ]
+            # Replaced atomically: a kill during the rewrite must not lose the history.
+            partial = self.path.with_name(self.path.name + ".tmp")
+            partial.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+            os.replace(partial, self.path)
+        self.file = open(self.path, "a", encoding="utf-8")  # closed in close()
+        if "wandb" in config.log.report_to:
+            self.wandb = _start_wandb(config, run_dir)
+        if "tensorboard" in config.log.report_to:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tensorboard = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+            except Exception as error:  # a reporter must never stop training
+                warnings.warn(f"TensorBoard logging disabled: {error}", stacklevel=2)
+
+    def log(self, record: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        with explain_write_failure(self.path):
+            self.file.write(json.dumps(_finite(record), ensure_ascii=False, allow_nan=False) + "\n")
+            self.file.flush()
+        scalars = _flatten_scalars(record)
+        step = record["step"]
+        if self.wandb is not None:
+            try:
+                self.wandb.log(scalars, step=step)
+            except Exception as error:
+                warnings.warn(f"wandb logging failed, disabling it: {error}", stacklevel=2)
+                self.wandb = None
+        if self.tensorboard is not None:
+            try:
+                for key, value in scalars.items():
+                    self.tensorboard.add_scalar(key, value, step)
+            except Exception as error:
+                warnings.warn(f"TensorBoard logging failed, disabling it: {error}", stacklevel=2)
+                self.tensorboard = None
+
+    def close(self) -> None:
+        if not self.enabled:
+            return
+        # Every record was flushed when logged; what a failed write left in the buffer was
+        # reported then (explain_write_failure) and would only fail again here.
+        with contextlib.suppress(OSError):
+            self.file.close()
+        for reporter, finish in ((self.wandb, "finish"), (self.tensorboard, "close")):
+            if reporter is not None:
+                with contextlib.suppress(Exception):
+                    getattr(reporter, finish)()
+
+
+def _finite(value: Any) -> Any:
+    """NaN/inf -> None, recursively: metrics.jsonl stays strict JSON."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: _finite(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_finite(item) for item in value]
+    return value
+
+
+def _step_of(line: str) -> float:
+    """The step of a metrics line; a line cut short by a kill counts as after every step."""
+    try:
+        return json.loads(line).get("step", math.inf)
+    except json.JSONDecodeError:
+        return math.inf
+
+
+def _flatten_scalars(record: dict[str, Any], prefix: str = "") -> dict[str, float]:
+    out = {}
+    for key, value in record.items():
+        if key == "step":
+            continue
+        if isinstance(value, dict):
+            out.update(_flatten_scalars(value, f"{prefix}{key}/"))
+        elif isinstance(value, int | float) and not isinstance(value, bool) and value is not None:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def _start_wandb(config: Config, run_dir: Path):  # -> a wandb run or None
+    """wandb in offline mode unless the user chose a mode or has a key; failures only warn."""
+    try:
+        if "WANDB_MODE" not in os.environ and not _wandb_key_available():
+            os.environ["WANDB_MODE"] = "offline"
+        import wandb
+
+        id_file = run_dir / "wandb_run_id"  # the same wandb run across resumes
+        run_id = id_file.read_text().strip() if id_file.is_file() else secrets.token_hex(4)
+        id_file.write_text(run_id + "\n")
+        return wandb.init(
+            project=config.log.wandb_project,
+            name=config.run.name or run_dir.name,
+            id=run_id,
+            resume="allow",
+            dir=str(run_dir),
+            config=config_to_dict(config),
+            settings=wandb.Settings(init_timeout=60, silent=True),
+        )
+    except Exception as error:  # logging must never stop training
+        warnings.warn(f"wandb disabled: {error}", stacklevel=2)
+        return None
+
+
+def _wandb_key_available() -> bool:
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    try:
+        import netrc
+
+        return netrc.netrc().authenticators("api.wandb.ai") is not None
+    except Exception:  # no or unreadable ~/.netrc
+        return False
+
+
+def progress_bar(config: Config, main_process: bool, initial: int) -> Any:  # tqdm or None
+    if not (main_process and config.log.progress_bar):
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(
+        total=config.train.max_steps, initial=initial, desc="train", unit="step", dynamic_ncols=True
+    )
+
+
+def show_progress(progress: Any, clock: dict[str, float], result: Any, lr: float) -> None:
+    """One step on the bar: its loss, the learning rate it used, this session's throughput."""
+    if progress is None:
+        return
+    progress.update(1)
+    progress.set_postfix(
+        loss=f"{result.loss:.3f}",
+        lr=f"{lr:.2e}",
+        refresh=False,
+        audio_s_per_s=f"{clock['session_audio'] / max(time.time() - clock['started'], 1e-9):.1f}",
+    )
+
+
+def print_eval(progress: Any, step: int, result: dict[str, Any]) -> None:
+    write = progress.write if progress is not None else print
+    per_locale = "  ".join(f"{loc} {per:.3f}" for loc, per in result["eval_per_locale"].items())
+    write(
+        f"step {step}: dev PER {result['eval_per']:.4f} ({result['eval_utterances']} clips; "
+        f"blank frames {result['eval_blank_fraction']:.0%})  {per_locale}"
+    )
+    for example in result["eval_examples"]:
+        write(
+            f"  [{example['locale']}] ref: {example['reference']}\n  {' ' * (len(example['locale']) + 2)} hyp: "
+            f"{example['prediction']}"
+        )
+
+
+def print_summary(
+    say: Say,
+    config: Config,
+    data: TrainingData,
+    origin: str,
+    parameters: tuple[int, int],
+    parallel: Parallel,
+    steps_per_epoch: int,
+    run_dir: Path,
+    resume_from: Path | None,
+    state: TrainState,
+) -> None:
+    """The derived numbers a run starts with: data, model, processes, batch, schedule, resume."""
+    trainable, total = parameters
+    t = config.train
+    train_seconds = float(data.train.durations[data.train_rows].sum())
+    locales = sorted(set(data.train.locales[data.train_rows]))
+    skipped = ", ".join(
+        f"{count} {reason.replace('_', ' ')}" for reason, count in data.skipped.items() if count
+    )
+    processes = parallel.num_processes
+    effective = t.batch_seconds * processes * t.grad_accum
+    say(
+        "phonetune train\n"
+        f"  run directory:   {run_dir} (config.yaml, {METRICS_FILE}, checkpoints/)\n"
+        f"  data:            {config.data.prepared_dir}: {config.data.train_split} {len(data.train_rows)} clips, "
+        f"{train_seconds / 3600:.2f} h, {len(locales)} locale(s) ({', '.join(locales)})"
+        + (f"; skipped {skipped}" if skipped else "")
+        + (
+            f"\n                   {config.data.eval_split}: {len(data.eval_rows)} clips"
+            if data.eval is not None
+            else f"\n                   no {config.data.eval_split!r} split: no evaluation"
+        )
+        + f"\n  vocabulary:      {len(data.vocab)} tokens (blank <pad> = 0)\n"
+        f"  model:           {origin}\n"
+        f"  parameters:      {trainable / 1e6:.2f}M trainable / {total / 1e6:.2f}M total "
+        f"(feature encoder frozen"
+        + (
+            f"; transformer frozen for the first {t.freeze_finetune_updates} steps"
+            if t.freeze_finetune_updates
+            else ""
+        )
+        + ")\n"
+        f"  processes:       {parallel.describe()}, mixed precision {t.mixed_precision}\n"
+        f"  batch:           ≤{t.batch_seconds:g} s audio per process × {processes} process(es) × "
+        f"{t.grad_accum} accumulation = ≤{effective:g} s per optimizer step\n"
+        f"  steps per epoch: {steps_per_epoch} ({t.max_steps} steps ≈ {t.max_steps / steps_per_epoch:.1f} epochs)\n"
+        f"  schedule:        {t.lr_schedule}, peak lr {t.lr:g}, warm-up {t.warmup_ratio:g} / hold {t.hold_ratio:g} "
+        f"of the steps\n"
+        + (
+            f"  resumed from:    {resume_from} (step {state.step}, epoch {state.epoch})\n"
+            if resume_from
+            else ""
+        )
+    )
+
+
+def print_done(
+    say: Say, state: TrainState, seconds: float, run_dir: Path, last_saved: Path | None
+) -> None:
+    """Where everything is, once the run reached train.max_steps."""
+    from phonetune.train import checkpoint as ckpt
+
+    best = ckpt.find_best_checkpoint(run_dir)
+    say(
+        f"done: {state.step} steps in {seconds:.0f} s"
+        + (f", {state.skipped_steps} skipped (non-finite)" if state.skipped_steps else "")
+        + f"\n  run directory: {run_dir}\n  metrics:       {run_dir / METRICS_FILE}"
+        + f"\n  last checkpoint: {last_saved or ckpt.find_latest_checkpoint(run_dir)}"
+        + (
+            f"\n  best checkpoint: {best} (dev PER {ckpt.read_state(best)['eval_per']:.4f})"
+            if best
+            else ""
+        )
+    )
