@@ -81,3 +81,10 @@ def greedy_decode(
                 phones.append(token)
         previous = token_id
     return " ".join(phones)
+
+
+def count_min_frames_padded(labels: Any, pad: int) -> Any:
+    """`count_min_frames` of each row of a padded label tensor (padding `pad`), on its device."""
+    real = labels != pad
+    repeats = (labels[:, 1:] == labels[:, :-1]) & real[:, 1:]
+    return real.sum(dim=1) + repeats.sum(dim=1)

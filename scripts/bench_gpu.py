@@ -1,7 +1,8 @@
 """XLSR-53 on one GPU in bf16: throughput, model FLOPs utilisation, peak memory, largest batch.
 
     python scripts/bench_gpu.py --out runs/bench_gpu            # on a CUDA machine: the whole run
-    python scripts/bench_gpu.py --write-section runs/bench_gpu/bench_gpu.json   # into BENCHMARKS.md
+    python scripts/bench_gpu.py --write-section before=old/bench_gpu.json after=runs/bench_gpu/bench_gpu.json
+                                                    # one table of several runs into BENCHMARKS.md
 
 What it runs, all with phonetune's own code (config loading, model building, sampler, loader,
 `phonetune.train.loop.train_step`) and the recipe `configs/xlsr53_espeak_cv.yaml` (bf16 autocast, SpecAugment,
@@ -70,7 +71,10 @@ def write_synthetic_prepared(
 
     vocab = load_released_vocab()
     phones = np.array([token for token in vocab if token not in SPECIAL_TOKENS])
-    rng = np.random.default_rng(seed)
+    # A stream of its own: numpy's default_rng([s, 0]) is default_rng(s), the sampler's draws for
+    # epoch 0 of seed s, which would otherwise sort each duration bucket by length (too little
+    # padding to be true of real data).
+    rng = np.random.default_rng(np.random.SeedSequence(seed).spawn(1)[0])
     splits = {}
     for split, count in (("train", clips), ("dev", max(4, clips // 100))):
         samples = np.round(rng.uniform(min_seconds, max_seconds, count) * SAMPLE_RATE).astype(
@@ -147,7 +151,7 @@ class Bench:
         self.data = load_training_data(config)
         seed_everything(config.train.seed)
         model, _ = build_model(config.model, self.data.vocab)
-        module = CTCModel(model)
+        module = CTCModel.for_training(model, config.train.compile)
         drop_unalignable(self.data, module.conv_layers, config)
         self.trainable, self.total = count_parameters(module)
         optimizer = make_optimizer(module, config)
@@ -156,46 +160,32 @@ class Bench:
         self.module, self.optimizer = self.parallel.prepare(module, optimizer)
         self.module.train()
         self.cuda = self.parallel.device.type == "cuda"
+        self.shapes_seen: set[tuple[int, ...]] = set()
 
-    def sampler(self, budget: float):  # -> DurationBatchSampler
-        from phonetune.train.batching import DurationBatchSampler
+    def batches(self, budget: float):  # -> an endless iterator of StepBatches
+        """Steps of one process with `budget` seconds per batch, as the training loop takes them."""
+        import dataclasses
 
-        t, data = self.config.train, self.data
-        return DurationBatchSampler(
-            data.train_rows,
-            data.train.durations[data.train_rows],
-            budget,
-            t.seed,
-            bucket_width=t.bucket_width,
-            longest_first=t.longest_first,
+        from phonetune.train.batching import BatchStream, make_sampler
+        from phonetune.train.resume import TrainState
+
+        config = dataclasses.replace(
+            self.config, train=dataclasses.replace(self.config.train, batch_seconds=budget)
         )
-
-    def batches(self, budget: float):  # -> an endless iterator of Batch
-        from phonetune.train.batching import make_loader
-
-        sampler, epoch = self.sampler(budget), 0
+        stream = BatchStream(self.data, make_sampler(self.data, config), config, self.cuda)
+        state = TrainState()
         while True:
-            sampler.set_epoch(epoch)
-            loader = make_loader(
-                self.data.train,
-                sampler,
-                self.data.vocab,
-                self.config.data.num_workers,
-                pin_memory=self.cuda,
-                pad_to_multiple_of=self.config.train.pad_to_multiple_of,
-            )
-            yield from loader
-            epoch += 1
+            yield stream.next_step(state)
 
-    def step(self, batch):  # noqa: ANN001, ANN201 - Batch -> StepResult
+    def step(self, step):  # noqa: ANN001, ANN201 - StepBatches -> StepResult
         from phonetune.train.loop import train_step
 
+        self.shapes_seen.update(tuple(batch.input_values.shape) for batch in step.batches)
         return train_step(
             self.module,
             self.optimizer,
             self.scheduler,
-            [batch],
-            [False],
+            step,
             self.parallel,
             self.config,
             freeze_transformer=False,
@@ -243,12 +233,14 @@ class Bench:
         self.synchronize()
         wall = time.perf_counter() - started
         memory = self.peak_memory_gib()
-        flops = counted_audio = 0.0
+        flops = counted_audio = counted_padded = 0.0
         for _ in range(flop_steps):
             with FlopCounterMode(display=False) as counter:
                 result = self.step(next(stream))
+                self.synchronize()
             flops += counter.get_total_flops()
             counted_audio += result.audio_seconds
+            counted_padded += result.padded_seconds
         return {
             "batch_seconds": budget,
             "steps": steps,
@@ -258,28 +250,61 @@ class Bench:
             "step_s": round(wall / steps, 4),
             "padding_fraction": round(1 - audio / padded, 4) if padded else 0.0,
             "model_flop_per_audio_s": flops / counted_audio if counted_audio else None,
+            "model_flop_per_padded_s": flops / counted_padded if counted_padded else None,
+            "batch_shapes_seen": len(self.shapes_seen),
             **memory,
         }
 
-    def profile(self, budget: float, warmup: int, steps: int, path: Path) -> None:
-        """torch.profiler over `steps` steps: operators by self CPU time and by device time."""
+    def profile(self, budget: float, warmup: int, steps: int, path: Path) -> dict:
+        """torch.profiler over `steps` steps: operators by self CPU time and by device time
+        (written to `path`), and per step: host time, device kernel time, kernel launches, host
+        synchronisations (calls that wait for the device), and the attention kernels that ran."""
         from torch.profiler import ProfilerActivity, profile
 
         stream = self.batches(budget)
         for _ in range(warmup):
             self.step(next(stream))
+        self.synchronize()
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.cuda else [])
+        started = time.perf_counter()
         with profile(activities=activities) as profiler:
             for _ in range(steps):
                 self.step(next(stream))
             self.synchronize()
+        wall = time.perf_counter() - started
         averages = profiler.key_averages()
         tables = [f"# {steps} steps at a {budget:g} s budget, after {warmup} untimed ones"]
         for key in ("self_cpu_time_total", "self_device_time_total" if self.cuda else None):
             if key:
-                tables += [f"## by {key}", averages.table(sort_by=key, row_limit=30)]
+                tables += [f"## by {key}", averages.table(sort_by=key, row_limit=40)]
         path.write_text("\n".join(tables), encoding="utf-8")
-        print("\n".join(tables[:3]), flush=True)
+        syncs = ("Synchronize", "cudaMemcpy ", "cudaMemcpy\t")
+        launches = ("LaunchKernel", "cuLaunch", "cudaGraphLaunch")
+        summary = {
+            "budget": budget,
+            "steps": steps,
+            "wall_s_per_step": round(wall / steps, 4),
+            "host_syncs_per_step": sum(
+                e.count for e in averages if any(n in e.key + " " for n in syncs)
+            )
+            / steps,
+            "sync_calls": {e.key: e.count for e in averages if "Synchronize" in e.key},
+            "kernel_launches_per_step": sum(
+                e.count for e in averages if any(n in e.key for n in launches)
+            )
+            / steps,
+        }
+        if self.cuda:
+            kernels = [e for e in averages if e.device_type.name == "CUDA"]
+            summary["device_kernel_s_per_step"] = round(
+                sum(e.self_device_time_total for e in kernels) / 1e6 / steps, 4
+            )
+            attention = ("fmha", "flash", "attention", "sdpa", "mha", "efficient")
+            summary["attention_kernels"] = sorted(
+                {e.key for e in kernels if any(n in e.key.lower() for n in attention)}
+            )[:8]
+        print(json.dumps(summary), flush=True)
+        return summary
 
     def fits(self, budget: float) -> tuple[bool, dict]:
         """Whether one step on the worst batch of this budget runs without running out of memory:
@@ -287,7 +312,7 @@ class Bench:
         import torch
 
         from phonetune.data.prepared import pack_batches
-        from phonetune.train.batching import collate
+        from phonetune.train.batching import StepBatches, collate
 
         t = self.config.train
         durations = self.data.train.durations[self.data.train_rows]
@@ -298,7 +323,8 @@ class Bench:
         self.reset_memory()
         try:
             batch = collate(self.data.train, rows, self.data.vocab, t.pad_to_multiple_of)
-            self.step(batch)
+            tokens, samples = int(batch.label_lengths.sum()), batch.input_values.numel()
+            self.step(StepBatches([batch], float(tokens), 0.0, samples / SAMPLE_RATE))
             self.synchronize()
         except torch.OutOfMemoryError:
             self.reset_memory()
@@ -403,6 +429,7 @@ def run(args: argparse.Namespace) -> dict:
         "config": str(args.config),
         "overrides": overrides,
         "harness_budget": args.harness_budget,
+        "label": args.label,
         "command": " ".join(["python", "scripts/bench_gpu.py", *args.argv]),
     }
 
@@ -430,6 +457,9 @@ def run(args: argparse.Namespace) -> dict:
     result["budgets"] = []
     for budget in args.budgets:
         record = bench.time_budget(budget, args.warmup, args.steps, args.flop_steps)
+        if record["model_flop_per_audio_s"] is None and args.model_flop_per_audio_s:
+            # FlopCounterMode does not see inside compiled blocks: the eager count of the same model
+            record["model_flop_per_audio_s"] = args.model_flop_per_audio_s
         for name in ("matmul_bf16_flop_per_s", "datasheet_bf16_flop_per_s"):
             rate = result.get(name)
             if rate and record["model_flop_per_audio_s"]:
@@ -441,7 +471,9 @@ def run(args: argparse.Namespace) -> dict:
         save()
         print(json.dumps(record), flush=True)
     if args.profile_budget:
-        bench.profile(args.profile_budget, args.warmup, 4, args.out / "profile.txt")
+        profiled = bench.profile(args.profile_budget, args.warmup, 4, args.out / "profile.txt")
+        result["profile"] = profiled
+        save()
     if bench.cuda and args.search_start > 0:
         total_seconds = float(bench.data.train.durations[bench.data.train_rows].sum())
         print("largest batch budget:", flush=True)
@@ -461,42 +493,73 @@ def run(args: argparse.Namespace) -> dict:
 
 
 # --- BENCHMARKS.md ---------------------------------------------------------------------------------
-def markdown_section(result: dict) -> str:
-    m = result["machine"]
+def markdown_section(results: list[dict]) -> str:
+    """The GPU section of BENCHMARKS.md: one table over every run given (e.g. before and after a
+    change, or eager and compiled), each row labelled with its run."""
+    first = results[0]
+    m = first["machine"]
     lines = [
         BENCHMARKS_HEADING,
         "",
         f"Card: **{m.get('gpu', 'no GPU')}** ({m.get('gpu_memory_gib')} GiB, "
         f"{m.get('multiprocessors')} SMs, CUDA {m.get('cuda')}), {m['cpu_count']} CPU cores; "
         f"torch {m['torch']}, transformers {m['transformers']}. Model: XLSR-53 architecture "
-        f"({result['parameters']['total'] / 1e6:.1f} M parameters, "
-        f"{result['parameters']['trainable'] / 1e6:.1f} M trained: the feature encoder is frozen), "
-        f"random init, `{Path(result['config']).name}` with {', '.join(f'`{o}`' for o in result['overrides'] if 'model.config' not in o)}; "
-        f"mixed precision {result['mixed_precision']}. Synthetic corpus (noise clips of 2-8 s, "
-        "random phones at 12/s; see the script's docstring).",
+        f"({first['parameters']['total'] / 1e6:.1f} M parameters, "
+        f"{first['parameters']['trainable'] / 1e6:.1f} M trained: the feature encoder is frozen), "
+        f"random init, `{Path(first['config']).name}`; mixed precision {first['mixed_precision']}. "
+        "Synthetic corpus (noise clips of 2-8 s, random phones at 12/s; see the script's "
+        "docstring).",
         "",
     ]
-    if result.get("matmul_bf16_flop_per_s"):
-        sheet = result.get("datasheet_bf16_flop_per_s")
+    if first.get("matmul_bf16_flop_per_s"):
+        sheet = first.get("datasheet_bf16_flop_per_s")
         lines += [
             f"bf16 matrix product (8192^3) measured on this card: "
-            f"{result['matmul_bf16_flop_per_s'] / 1e12:.0f} TFLOP/s"
+            f"{first['matmul_bf16_flop_per_s'] / 1e12:.0f} TFLOP/s"
             + (f"; datasheet dense bf16: {sheet / 1e12:.0f} TFLOP/s." if sheet else "."),
             "",
         ]
     lines += [
-        "| batch budget (s) | step (s) | audio s/s | padding | model TFLOP per audio s | MFU (datasheet) | MFU (measured matmul) | peak allocated (GiB) | peak reserved (GiB) |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| run | batch budget (s) | step (s) | audio s/s | padding | model TFLOP per audio s | MFU (datasheet) | MFU (measured matmul) | peak allocated (GiB) | peak reserved (GiB) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    for r in result["budgets"]:
-        flops = r.get("model_flop_per_audio_s")
-        lines.append(
-            f"| {r['batch_seconds']:g} | {r['step_s']:.3f} | {r['audio_s_per_s']:.0f} | "
-            f"{100 * r['padding_fraction']:.1f}% | {flops / 1e12 if flops else float('nan'):.3f} | "
-            f"{100 * r.get('mfu_vs_datasheet', float('nan')):.1f}% | "
-            f"{100 * r.get('mfu_vs_matmul', float('nan')):.1f}% | "
-            f"{r.get('peak_allocated_gib', '-')} | {r.get('peak_reserved_gib', '-')} |"
-        )
+    for result in results:
+        for r in result["budgets"]:
+            flops = r.get("model_flop_per_audio_s")
+            lines.append(
+                f"| {result.get('label') or '-'} | {r['batch_seconds']:g} | {r['step_s']:.3f} | "
+                f"{r['audio_s_per_s']:.0f} | {100 * r['padding_fraction']:.1f}% | "
+                f"{flops / 1e12 if flops else float('nan'):.3f} | "
+                f"{100 * r.get('mfu_vs_datasheet', float('nan')):.1f}% | "
+                f"{100 * r.get('mfu_vs_matmul', float('nan')):.1f}% | "
+                f"{r.get('peak_allocated_gib', '-')} | {r.get('peak_reserved_gib', '-')} |"
+            )
+    for result in results:
+        lines += section_notes(result)
+    lines += ["", "Commands:", ""]
+    lines += [
+        f"- {r.get('label') or '-'}: `{r.get('command', 'python scripts/bench_gpu.py')}`"
+        for r in results
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def section_notes(result: dict) -> list[str]:
+    """A run's profile, largest batch and harness, where it measured them."""
+    label, lines = result.get("label") or "-", []
+    profiled = result.get("profile")
+    if profiled:
+        kernels = profiled.get("device_kernel_s_per_step")
+        lines += [
+            "",
+            f"{label}, profile of {profiled['steps']} steps at {profiled['budget']:g} s "
+            f"(torch.profiler): {profiled['wall_s_per_step']:.3f} s per step, "
+            + (f"{kernels:.3f} s of device kernels, " if kernels is not None else "")
+            + f"{profiled['kernel_launches_per_step']:.0f} kernel launches and "
+            f"{profiled['host_syncs_per_step']:.1f} host synchronisations per step "
+            f"({', '.join(f'{k} x{v}' for k, v in profiled.get('sync_calls', {}).items()) or 'none'}); "
+            f"attention kernels: {', '.join(f'`{k}`' for k in profiled.get('attention_kernels', [])) or 'none seen'}.",
+        ]
     largest = result.get("largest")
     if largest:
         fitting = [t for t in largest["trials"] if t["fits"]]
@@ -504,9 +567,9 @@ def markdown_section(result: dict) -> str:
         checkpointing = result.get("gradient_checkpointing", False)
         lines += [
             "",
-            f"Largest batch budget that trains (one step on a batch of the corpus's longest clips "
-            f"filling the budget, gradient checkpointing {'on' if checkpointing else 'off'}): "
-            f"**{largest['largest_fitting_batch_seconds']} s** "
+            f"{label}, largest batch budget that trains (one step on a batch of the corpus's "
+            f"longest clips filling the budget, gradient checkpointing "
+            f"{'on' if checkpointing else 'off'}): **{largest['largest_fitting_batch_seconds']} s** "
             f"(peak allocated {peak.get('peak_allocated_gib')} GiB); "
             + (
                 f"{largest['smallest_failing_batch_seconds']} s ran out of memory."
@@ -518,7 +581,7 @@ def markdown_section(result: dict) -> str:
     if harness and "error" not in harness:
         lines += [
             "",
-            f"`scripts/bench_train.py` at this size ({harness.get('rounds')} rounds x "
+            f"{label}, `scripts/bench_train.py` at this size ({harness.get('rounds')} rounds x "
             f"{harness.get('steps_per_round')} steps, batch budget {result.get('harness_budget')} s): phonetune "
             f"{harness['phonetune_audio_s_per_s']:.0f} audio s/s, the Hugging Face Trainer recipe "
             f"{harness['reference_audio_s_per_s']:.0f}, the compute limit {harness['limit_audio_s_per_s']:.0f}; "
@@ -527,9 +590,8 @@ def markdown_section(result: dict) -> str:
             f"padding {100 * harness['padding_fraction']:.1f}%.",
         ]
     elif harness:
-        lines += ["", f"The `bench_train.py` harness failed: {harness['error']}."]
-    lines += ["", f"Command: `{result.get('command', 'python scripts/bench_gpu.py')}`", ""]
-    return "\n".join(lines)
+        lines += ["", f"{label}: the `bench_train.py` harness failed: {harness['error']}."]
+    return lines
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -565,7 +627,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--harness-warmup", type=int, default=3)
     parser.add_argument("--harness-clips", type=int, default=600)
     parser.add_argument("--harness-budget", type=float, default=80.0)
-    parser.add_argument("--write-section", type=Path, metavar="RESULT_JSON")
+    parser.add_argument(
+        "--write-section",
+        nargs="+",
+        metavar="[LABEL=]RESULT_JSON",
+        help="rewrite BENCHMARKS.md's GPU section from these runs' JSON, one table",
+    )
+    parser.add_argument("--label", default="", help="the run's name in the table")
+    parser.add_argument(
+        "--model-flop-per-audio-s",
+        type=float,
+        default=None,
+        help="model FLOPs per audio second to use when --flop-steps 0 (compiled blocks hide "
+        "their operations from the FLOP counter)",
+    )
     parser.add_argument("--benchmarks-md", type=Path, default=REPO / "BENCHMARKS.md")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
     args = parser.parse_args(argv)
@@ -577,12 +652,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.write_section:
-        result = json.loads(args.write_section.read_text(encoding="utf-8"))
-        write_benchmarks(args.benchmarks_md, markdown_section(result), BENCHMARKS_HEADING, None)
+        results = []
+        for item in args.write_section:
+            label, _, path = item.rpartition("=")
+            result = json.loads(Path(path).read_text(encoding="utf-8"))
+            result["label"] = label or result.get("label", "")
+            results.append(result)
+        write_benchmarks(args.benchmarks_md, markdown_section(results), BENCHMARKS_HEADING, None)
         print(f"wrote the GPU section of {args.benchmarks_md}")
         return 0
     result = run(args)
-    print(markdown_section(result))
+    print(markdown_section([result]))
     print(json.dumps(result))
     return 0
 

@@ -267,13 +267,13 @@ def limit_worker(spec: dict) -> None:
 
     from phonetune.train.batching import (
         Batch,
-        DurationBatchSampler,
         collate,
         drop_unalignable,
         load_training_data,
+        make_sampler,
     )
     from phonetune.train.config import load_config
-    from phonetune.train.loop import ctc_loss
+    from phonetune.train.loop import ctc_losses
     from phonetune.train.model import CTCModel, build_model
     from phonetune.train.resume import seed_everything
     from phonetune.train.schedule import make_optimizer
@@ -296,16 +296,8 @@ def limit_worker(spec: dict) -> None:
     module.to(device).train()
     optimizer = fastest_adamw(make_optimizer(module, config))
     parameters = [p for p in module.parameters() if p.requires_grad]
-    sampler = DurationBatchSampler(
-        data.train_rows,
-        data.train.durations[data.train_rows],
-        t.batch_seconds,
-        t.seed,
-        grad_accum=t.grad_accum,
-        bucket_width=t.bucket_width,
-        longest_first=t.longest_first,
-    )
-    plan = []  # phonetune's batches (dataset rows), epoch after epoch, as its loop takes them
+    sampler = make_sampler(data, config)
+    plan = []  # phonetune's batches (shares of rows), epoch after epoch, as its loop takes them
     while len(plan) < spec["max_steps"]:
         sampler.set_epoch(sampler.epoch + 1 if plan else 0)
         plan += list(sampler)
@@ -313,14 +305,10 @@ def limit_worker(spec: dict) -> None:
     per_utterance = m.ctc_loss_reduction == "mean"
 
     def loss_of(logits, input_lengths, labels, label_lengths):  # noqa: ANN001, ANN202
-        return ctc_loss(
-            logits,
-            module.output_lengths(input_lengths),
-            labels,
-            label_lengths,
-            m.ctc_loss_reduction,
-            m.ctc_zero_infinity,
+        losses = ctc_losses(
+            logits, module.output_lengths(input_lengths), labels, label_lengths, m.ctc_zero_infinity
         )
+        return losses / label_lengths.clamp(min=1) if per_utterance else losses
 
     def update() -> None:
         torch.nn.utils.clip_grad_norm_(parameters, t.max_grad_norm)
@@ -334,10 +322,14 @@ def limit_worker(spec: dict) -> None:
         return torch.autocast(device.type, dtype=precision, enabled=precision is not None)
 
     def padded_step(batch: Batch) -> None:
-        count = len(batch.rows) if per_utterance else int(batch.label_lengths.sum())
+        real = (
+            batch.weights > 0
+        )  # zero-weight filler rows (phonetune's same-shape padding) count for nothing
+        count = len(batch.rows) if per_utterance else int(batch.label_lengths[real].sum())
         with autocast():
-            logits = module(batch.input_values, batch.attention_mask)
-        (loss_of(logits, batch.input_lengths, batch.labels, batch.label_lengths) / count).backward()
+            logits = module(batch.input_values, batch.input_lengths)
+        losses = loss_of(logits, batch.input_lengths, batch.labels, batch.label_lengths)
+        ((losses * batch.weights).sum() / count).backward()
         update()
 
     def exact_step(utterances: list[Batch]) -> None:
@@ -346,7 +338,7 @@ def limit_worker(spec: dict) -> None:
             # One utterance at its own length: no padding, so no attention mask to apply either.
             with autocast():
                 logits = model.lm_head(model.wav2vec2(u.input_values).last_hidden_state)
-            (loss_of(logits, u.input_lengths, u.labels, u.label_lengths) / count).backward()
+            (loss_of(logits, u.input_lengths, u.labels, u.label_lengths).sum() / count).backward()
         update()
 
     def prebuild(batches: list, variant: str) -> list:
@@ -356,7 +348,8 @@ def limit_worker(spec: dict) -> None:
                 for rows in batches
             ]
         return [
-            [collate(data.train, [row], data.vocab).to(device) for row in rows] for rows in batches
+            [collate(data.train, [row], data.vocab).to(device) for row in share.rows]
+            for share in batches
         ]
 
     step = {"padded": padded_step, "exact": exact_step}
@@ -382,10 +375,10 @@ def limit_worker(spec: dict) -> None:
         for batch in built:
             step[command["variant"]](batch)
         chunk.steps = last - first
-        for rows in plan[first:last]:
-            chunk.rows += [int(row) for row in rows]
-            chunk.audio += float(samples[rows].sum()) / SAMPLE_RATE
-            chunk.padded += float(samples[rows].max()) * len(rows) / SAMPLE_RATE
+        for share in plan[first:last]:
+            chunk.rows += [int(row) for row in share.rows]
+            chunk.audio += float(samples[share.rows].sum()) / SAMPLE_RATE
+            chunk.padded += (len(share.rows) + share.fillers) * share.width / SAMPLE_RATE
         reply(chunk.result())
 
 

@@ -9,6 +9,7 @@ from phonetune.data.prepared import PreparedSplit, pack_batches
 from phonetune.train.batching import (
     IGNORE_INDEX,
     DurationBatchSampler,
+    Share,
     collate,
     make_loader,
     padding_fraction,
@@ -85,20 +86,60 @@ def test_processes_split_the_global_batches_one_process_with_their_total_budget_
     assert len(seen) >= 301 - max(len(b) for b in pack_batches(np.argsort(d), d, 60.0))
 
 
-def test_a_process_with_an_empty_share_gets_a_zero_weight_copy():
+def test_a_process_with_an_empty_share_gets_zero_weight_copies():
     d = np.array([12.0, 11.0, 1.0, 1.2, 1.1, 0.9])  # the long clips fill a 2 x 10 s budget alone
     samplers = [DurationBatchSampler(np.arange(6) + 100, d, 10.0, 0, 2, r) for r in range(2)]
     per_rank = [list(sampler) for sampler in samplers]
     assert len(per_rank[0]) == len(per_rank[1])  # both processes step together
-    ghosts = [[s.is_ghost(i) for i in range(s.batches_per_epoch())] for s in samplers]
-    assert not any(ghosts[0]) and any(ghosts[1])
-    for position, ghost in enumerate(ghosts[1]):
-        if ghost:  # a copy of a clip the other process trains on, so it costs no extra padding
-            assert np.array_equal(per_rank[1][position], per_rank[0][position][:1])
-    real = [
-        b for rank in range(2) for b, g in zip(per_rank[rank], ghosts[rank], strict=True) if not g
-    ]
+    empty = [len(share.rows) == 0 for share in per_rank[1]]
+    assert not any(len(share.rows) == 0 for share in per_rank[0]) and any(empty)
+    for mine, other in zip(per_rank[1], per_rank[0], strict=True):
+        # the same shape on both processes; an empty share is made of copies of a clip the other
+        # process trains on, weighed by zero
+        assert len(mine.rows) + mine.fillers == len(other.rows) + other.fillers
+        assert mine.width == other.width
+        if len(mine.rows) == 0:
+            assert mine.fillers >= 1 and mine.filler_row == other.rows[0]
+    real = [share.rows for rank in range(2) for share in per_rank[rank]]
     assert sorted(np.concatenate(real).tolist()) == list(range(100, 106))
+
+
+def test_every_process_pads_to_the_global_batch_and_shapes_are_bounded():
+    d = durations(400)
+    samples = np.round(d * 16_000).astype(np.int64)
+    grid = 1600
+    widths = set()
+    for fill in (False, True):
+        samplers = [
+            DurationBatchSampler(
+                np.arange(400),
+                d,
+                20.0,
+                0,
+                3,
+                rank,
+                num_samples=samples,
+                pad_to_multiple_of=grid,
+                pad_clips_to_budget=fill,
+            )  # fmt: skip
+            for rank in range(3)
+        ]
+        shares = [list(sampler) for sampler in samplers]
+        for position, together in enumerate(zip(*shares, strict=True)):
+            shapes = {(len(s.rows) + s.fillers, s.width) for s in together}
+            assert len(shapes) == 1  # no process waits for another's wider or longer batch
+            ((rows, width),) = shapes
+            everyone = np.concatenate([s.rows for s in together])
+            assert width % grid == 0 and width - grid < samples[everyone].max() <= width
+            if fill:  # as many rows as the budget holds at this width, padding included
+                assert rows == max(int(20.0 * 3 * 16_000) // width // 3, -(-len(everyone) // 3))
+            totals = samplers[0].step_totals(range(position, position + 1), None)
+            assert totals["padded_seconds"] == pytest.approx(3 * rows * width / 16_000)
+            assert totals["audio_seconds"] == pytest.approx(samples[everyone].sum() / 16_000)
+            widths.add(width)
+        if fill:  # one shape per width
+            assert len(samplers[0].shapes()) == len({w for _, w in samplers[0].shapes()})
+    assert max(len(s.shapes()) for s in samplers) <= len(widths)
 
 
 def test_sampler_resumes_mid_epoch_without_reading_the_skipped_batches():
@@ -110,7 +151,7 @@ def test_sampler_resumes_mid_epoch_without_reading_the_skipped_batches():
     resumed.load_state_dict({"epoch": 1, "position": 5})
     rest = list(resumed)
     assert len(rest) == len(full) - 5
-    assert all(np.array_equal(a, b) for a, b in zip(full[5:], rest, strict=True))
+    assert all(np.array_equal(a.rows, b.rows) for a, b in zip(full[5:], rest, strict=True))
     assert resumed.state_dict() == {"epoch": 1, "position": 5}
 
 
@@ -158,7 +199,7 @@ def test_collate_slices_normalises_and_pads(tiny_split):
     batch = collate(split, [2, 1, 3], vocab)
     assert batch.input_values.shape == (3, 24_000) and batch.input_values.dtype == torch.float32
     assert batch.input_lengths.tolist() == [24_000, 8_000, 12_345]
-    assert batch.attention_mask.sum(dim=1).tolist() == [24_000, 8_000, 12_345]
+    assert batch.weights.tolist() == [1.0, 1.0, 1.0]
     np.testing.assert_allclose(
         batch.input_values[1, :8000].numpy(), normalize_audio(rows["audio"][1]), rtol=1e-6
     )
@@ -171,9 +212,16 @@ def test_collate_slices_normalises_and_pads(tiny_split):
     assert batch.label_lengths.tolist() == [4, 1, 1]
     assert batch.locales == ["en", "fr", "de"] and batch.phones == ["a a b c", "b", "c"]
     assert batch.rows == [2, 1, 3]
-    assert batch.padded_seconds == pytest.approx(3 * 24_000 / 16_000)
     evaluation = collate(split, [0], None)
     assert evaluation.labels is None and evaluation.phones == ["a b"]
+    # a share: its clips, then zero-weight copies of another, all padded to the global width
+    shared = collate(split, Share(np.array([1]), fillers=2, filler_row=3, width=30_000), vocab)
+    assert shared.input_values.shape == (3, 30_000) and shared.weights.tolist() == [1.0, 0.0, 0.0]
+    assert shared.input_lengths.tolist() == [8_000, 12_345, 12_345]
+    assert (
+        shared.rows == [1] and shared.phones == ["b"] and shared.label_lengths.tolist() == [1, 1, 1]
+    )
+    assert torch.equal(shared.input_values[1], shared.input_values[2])
 
 
 def test_loader_with_workers_gives_the_same_batches(tiny_split):
@@ -199,10 +247,8 @@ def test_padding_to_a_multiple_rounds_only_the_batch_width(tiny_split):
     assert plain.input_values.shape == (2, 12_345) and rounded.input_values.shape == (2, 12_800)
     assert torch.equal(rounded.input_values[:, :12_345], plain.input_values)
     assert torch.all(rounded.input_values[:, 12_345:] == 0)
-    assert rounded.attention_mask.sum(dim=1).tolist() == [8_000, 12_345]
+    assert rounded.input_lengths.tolist() == [8_000, 12_345]
     assert torch.equal(rounded.labels, plain.labels)
-    assert rounded.audio_seconds == plain.audio_seconds
-    assert rounded.padded_seconds == pytest.approx(2 * 12_800 / 16_000)
     # an exact multiple stays as it is; the loader (and its workers) pass the setting on
     assert collate(split, [2], vocab, pad_to_multiple_of=1600).input_values.shape == (1, 24_000)
     loaded = next(iter(make_loader(split, [np.array([1, 3])], vocab, 1, pad_to_multiple_of=1600)))

@@ -70,7 +70,8 @@ def test_kill_9_anywhere_then_resume_auto_equals_an_uninterrupted_run(prepared_d
         torch.set_num_threads(threads)
     rng = random.Random(0)
     plans = [
-        harness.after_new_checkpoints(2, rng.uniform(0.0, 0.5)),  # mid-training
+        # mid-training: within a step or so of the second checkpoint (a 10-step run is over in ~1 s)
+        harness.after_new_checkpoints(2, rng.uniform(0.0, 0.05)),
         harness.during_a_save(),  # as soon as a checkpoint write has begun
         harness.after_seconds(rng.uniform(0.5, 3.0)),  # anywhere, start-up included
     ]

@@ -290,9 +290,16 @@ def test_transformer_frozen_for_the_first_updates_then_trained(prepared_dir, tmp
 
 
 def test_loss_is_normalised_by_the_tokens_of_the_whole_step(prepared_dir):
-    """Two accumulated batches give the update of one batch holding both (CTC summed / all tokens)."""
+    """Two accumulated batches give the update of one batch holding both (CTC summed / all tokens).
+
+    In float64: the two ways sum the same terms in another order, which float32 would blur by up to
+    ~1e-6 of a gradient's scale (more on wider SIMD units); float64's rounding (1.1e-16 per
+    operation, over sums of at most ~1e4 terms here) stays below 1e-11 of the terms summed, so a
+    tolerance of 1e-9 of the largest update entry holds on any CPU (an entry whose true value is
+    ~0 carries only that noise), while any error in the normalisation moves updates by percent.
+    """
     from phonetune.data.prepared import PreparedSplit
-    from phonetune.train.batching import collate, load_training_data
+    from phonetune.train.batching import StepBatches, collate, load_training_data
     from phonetune.train.loop import train_step
     from phonetune.train.model import CTCModel, build_model
     from phonetune.train.parallel import make_parallel
@@ -301,6 +308,7 @@ def test_loss_is_normalised_by_the_tokens_of_the_whole_step(prepared_dir):
     data = load_training_data(cfg)
     split = PreparedSplit(data.train.dataset)
     first, second = [int(r) for r in data.train_rows[:3]], [int(r) for r in data.train_rows[3:5]]
+    tokens = sum(len(text.split()) for text in split.column("phones", first + second))
     updates = []
     for batches in (
         [collate(split, first, data.vocab), collate(split, second, data.vocab)],
@@ -308,24 +316,20 @@ def test_loss_is_normalised_by_the_tokens_of_the_whole_step(prepared_dir):
     ):
         torch.manual_seed(0)
         model, _ = build_model(cfg.model, data.vocab)
-        module = CTCModel(model)
+        module = CTCModel(model.double())
         before = {n: p.detach().clone() for n, p in module.named_parameters() if p.requires_grad}
-        optimizer = torch.optim.SGD([p for p in module.parameters() if p.requires_grad], lr=1.0)
+        trained = [p for p in module.parameters() if p.requires_grad]
+        optimizer = torch.optim.SGD(trained, lr=1.0, fused=True)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
-        result = train_step(
-            module, optimizer, scheduler, batches, [False] * len(batches), make_parallel(cfg),
-            cfg, False,
-        )  # fmt: skip
-        updates.append(
-            (
-                result.loss,
-                {n: before[n] - p.detach() for n, p in module.named_parameters() if n in before},
-            )
-        )
-    (loss_a, grads_a), (loss_b, grads_b) = updates
-    assert loss_a == pytest.approx(loss_b, rel=1e-5)
-    for name in grads_a:
-        torch.testing.assert_close(grads_a[name], grads_b[name], rtol=1e-4, atol=1e-6)
+        step = StepBatches(batches, float(tokens), 0.0, 0.0)
+        result = train_step(module, optimizer, scheduler, step, make_parallel(cfg), cfg, False)
+        update = {n: before[n] - p.detach() for n, p in module.named_parameters() if n in before}
+        updates.append((float(result.loss_share), update))
+    (loss_a, update_a), (loss_b, update_b) = updates
+    assert loss_a == pytest.approx(loss_b, rel=1e-9)
+    scale = max(float(update.abs().max()) for update in update_b.values())
+    for name in update_a:
+        torch.testing.assert_close(update_a[name], update_b[name], rtol=0, atol=1e-9 * scale)
 
 
 def test_wandb_is_offline_without_a_key_and_never_fatal(prepared_dir, tmp_path, monkeypatch):
@@ -414,3 +418,75 @@ def test_a_full_disk_while_logging_is_a_clear_error(prepared_dir, tmp_path):
     (run / "metrics.jsonl").symlink_to("/dev/full")  # every write: ENOSPC, as on a full disk
     with pytest.raises(PhonetuneError, match="cannot write .*metrics.jsonl: No space left"):
         train(config(prepared_dir, run, *MICRO, "train.max_steps=2"))
+
+
+def test_steps_read_nothing_back_between_logging_steps(prepared_dir, tmp_path):
+    """The training step keeps its values on the device: no tensor is read on the host
+    (`item`, `tolist`, `bool`, `float`, `int`, `cpu`, `numpy`) in steps that neither log nor save,
+    with masking, dropout and LayerDrop on. On a GPU each such read would stall the host until the
+    device caught up. (One read is not the step's: a new epoch's DataLoader iterator draws its
+    workers' base seed from the loader's own CPU generator, a host tensor.)"""
+    import sys
+
+    from torch.overrides import TorchFunctionMode
+
+    def in_data_loader() -> bool:
+        frame = sys._getframe(2)
+        while frame is not None:
+            if "torch/utils/data/" in frame.f_code.co_filename.replace("\\", "/"):
+                return True
+            frame = frame.f_back
+        return False
+
+    reads = ("item", "tolist", "__bool__", "__float__", "__int__", "__index__", "cpu", "numpy")
+    seen: dict[int, list[str]] = {}
+    current = {"step": 0}
+
+    class CountReads(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            name = getattr(func, "__name__", "")
+            if name in reads and not in_data_loader():
+                seen.setdefault(current["step"], []).append(name)
+            return func(*args, **(kwargs or {}))
+
+    def before_step(run, step):
+        current["step"] = step
+
+    steps = [
+        "train.max_steps=8",
+        "log.every_steps=4",
+        "train.eval_steps=100",
+        "train.save_steps=100",
+    ]
+    settings = config(prepared_dir, tmp_path / "run", *MICRO, *RANDOM, *steps)
+    with CountReads():
+        train(settings, Hooks(before_step=before_step))
+    assert seen.get(1) is None, seen  # a step that neither logs nor saves
+    assert sorted(step for step in seen if step > 0) == [4, 8], seen  # logging steps (8 also saves)
+    losses, _ = read_metrics(tmp_path / "run")
+    assert [r["step"] for r in losses] == [4, 8] and all(r["loss"] > 0 for r in losses)
+
+
+@pytest.mark.slow  # compiles (once per process; later runs reuse the compiled blocks)
+def test_compiled_training_resumes_exactly_and_exports_as_transformers_weights(
+    prepared_dir, tmp_path
+):
+    from transformers import Wav2Vec2ForCTC
+
+    common = [*MICRO, "train.compile=true", "train.max_steps=4", "train.save_steps=2"]
+    train(config(prepared_dir, tmp_path / "straight", *common))
+
+    def killed_in_step_4(run, step):
+        if step == 4:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(
+            config(prepared_dir, tmp_path / "stopped", *common), Hooks(before_step=killed_in_step_4)
+        )
+    train(config(prepared_dir, tmp_path / "stopped", *common, "resume=auto"))
+    straight, resumed = (read_metrics(tmp_path / run)[0] for run in ("straight", "stopped"))
+    assert [r["loss"] for r in resumed] == [r["loss"] for r in straight]  # bit for bit
+    final = ckpt.find_latest_checkpoint(tmp_path / "stopped") / "model"
+    model = Wav2Vec2ForCTC.from_pretrained(final)  # transformers' own names: no compile prefixes
+    assert model.config.vocab_size == len(json.loads((prepared_dir / "vocab.json").read_text()))

@@ -11,7 +11,7 @@ The training step only slices memory-mapped int16 arrays and pads a batch of sim
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -155,55 +155,73 @@ def drop_unalignable(
 # --- collate --------------------------------------------------------------------------------------
 @dataclass
 class Batch:
-    """A padded batch. Audio is normalised per utterance, padded with 0; labels padded with -100."""
+    """A padded batch. Audio is normalised per utterance, padded with 0; labels padded with -100.
+
+    The tensors hold the real clips first, then any zero-weight filler rows (copies of a clip that
+    make every process's batch the same shape); `rows`, `locales` and `phones` describe the real
+    clips only.
+    """
 
     input_values: torch.Tensor  # (batch, samples) float32
-    attention_mask: torch.Tensor  # (batch, samples) int64: 1 for real samples, 0 for padding
     input_lengths: torch.Tensor  # (batch,) int64 real samples per utterance
-    labels: (
-        torch.Tensor | None
-    )  # (batch, max phones) int64, IGNORE_INDEX-padded; None for evaluation
+    weights: torch.Tensor  # (batch,) float32: 1 for a real clip, 0 for a filler row
+    labels: torch.Tensor | None  # (batch, max phones) int64, IGNORE_INDEX-padded; None to evaluate
     label_lengths: torch.Tensor | None  # (batch,) int64
     rows: list[int] = field(default_factory=list)
     locales: list[str] = field(default_factory=list)
     phones: list[str] = field(default_factory=list)
 
-    @property
-    def audio_seconds(self) -> float:
-        return float(self.input_lengths.sum()) / SAMPLE_RATE
-
-    @property
-    def padded_seconds(self) -> float:
-        return self.input_values.numel() / SAMPLE_RATE
-
     def to(self, device: torch.device | str, dtype: torch.dtype = torch.float32) -> Batch:
-        """On `device`, the audio in `dtype` (the other tensors keep theirs)."""
-        move = {"non_blocking": True}
+        """On `device`, the audio in `dtype` (the other tensors keep theirs). Asynchronous from
+        pinned memory (`pin_memory`), as the DataLoader gives it on a GPU."""
+        return self._apply(
+            lambda t, audio: t.to(device, dtype if audio else None, non_blocking=True)
+        )
+
+    def pin_memory(self) -> Batch:
+        """Called by the DataLoader's pinning thread (pin_memory=True)."""
+        return self._apply(lambda t, audio: t.pin_memory())
+
+    def _apply(self, function: Callable[[torch.Tensor, bool], torch.Tensor]) -> Batch:
         return Batch(
-            input_values=self.input_values.to(device, dtype, **move),
-            attention_mask=self.attention_mask.to(device, **move),
-            input_lengths=self.input_lengths.to(device, **move),
-            labels=None if self.labels is None else self.labels.to(device, **move),
+            input_values=function(self.input_values, True),
+            input_lengths=function(self.input_lengths, False),
+            weights=function(self.weights, False),
+            labels=None if self.labels is None else function(self.labels, False),
             label_lengths=None
             if self.label_lengths is None
-            else self.label_lengths.to(device, **move),
+            else function(self.label_lengths, False),
             rows=self.rows,
             locales=self.locales,
             phones=self.phones,
         )
 
 
+@dataclass(frozen=True)
+class Share:
+    """One process's part of a global batch: its real clips, then `fillers` zero-weight copies of
+    `filler_row`, all padded to `width` samples (the same shape on every process)."""
+
+    rows: np.ndarray
+    fillers: int = 0
+    filler_row: int = -1
+    width: int | None = None
+
+
 def collate(
     split: PreparedSplit,
-    rows: Sequence[int],
+    share: Share | Sequence[int],
     vocab: Mapping[str, int] | None = None,
     pad_to_multiple_of: int = 1,
 ) -> Batch:
-    """Slice, normalise and pad the audio of `rows` (to the longest clip, rounded up to a multiple
-    of `pad_to_multiple_of` samples); encode and pad their phones if `vocab` is given."""
-    rows = [int(row) for row in rows]
-    input_values, lengths = pad_waves(split.audio(rows), pad_to_multiple_of)
-    attention_mask = (np.arange(input_values.shape[1]) < lengths[:, None]).astype(np.int64)
+    """Slice, normalise and pad the audio of a share (or plain rows: no fillers, the longest clip
+    rounded up to a multiple of `pad_to_multiple_of` samples); encode and pad their phones if
+    `vocab` is given."""
+    if not isinstance(share, Share):
+        share = Share(np.asarray(share, dtype=np.int64))
+    real = [int(row) for row in share.rows]
+    rows = real + [int(share.filler_row)] * share.fillers
+    input_values, lengths = pad_waves(split.audio(rows), pad_to_multiple_of, share.width)
     phones = split.column("phones", rows)
     labels = label_lengths = None
     if vocab is not None:
@@ -213,15 +231,17 @@ def collate(
         labels = torch.full((len(rows), longest), IGNORE_INDEX, dtype=torch.long)
         for i, ids in enumerate(encoded):
             labels[i, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+    weights = torch.zeros(len(rows), dtype=torch.float32)
+    weights[: len(real)] = 1.0
     return Batch(
         input_values=torch.from_numpy(input_values),
-        attention_mask=torch.from_numpy(attention_mask),
         input_lengths=torch.from_numpy(lengths),
+        weights=weights,
         labels=labels,
         label_lengths=label_lengths,
-        rows=rows,
-        locales=[str(locale) for locale in split.locales[rows]] if rows else [],
-        phones=phones,
+        rows=real,
+        locales=[str(locale) for locale in split.locales[real]] if real else [],
+        phones=phones[: len(real)],
     )
 
 
@@ -279,8 +299,17 @@ def padding_fraction(durations: np.ndarray, batches: Sequence[np.ndarray]) -> fl
 
 
 class DurationBatchSampler:
-    """Yields this process's share (dataset rows) of each global batch of `plan_epoch`, from a
-    resumable position.
+    """Yields this process's `Share` of each global batch of `plan_epoch`, from a resumable
+    position.
+
+    Every process's share of a global batch has the same shape: padded to the width of the
+    batch's longest clip (rounded up to a multiple of `pad_to_multiple_of` samples) and to the same
+    number of rows, filled with zero-weight copies of a clip where a share has fewer clips. A step
+    therefore costs every process the same (none waits for another's longer batch), and an empty
+    share (fewer clips than processes) still joins the gradient reduction. With
+    `pad_clips_to_budget`, every batch also holds as many rows as the budget fits at its width, so
+    the number of distinct batch shapes is at most the number of widths (`shapes`): on a GPU each
+    new shape costs new kernel plans and allocations.
 
     `position` is where iteration starts: the global batches of the epoch already consumed (the same
     number on every process). The consumer counts what it consumed (DataLoader workers read
@@ -298,9 +327,21 @@ class DurationBatchSampler:
         grad_accum: int = 1,
         bucket_width: float = 0.5,
         longest_first: bool = True,
+        num_samples: np.ndarray | None = None,
+        pad_to_multiple_of: int = 1,
+        pad_clips_to_budget: bool = False,
     ) -> None:
         self.rows = np.asarray(rows, dtype=np.int64)
         self.durations = np.asarray(durations, dtype=np.float64)
+        if num_samples is None:
+            num_samples = np.round(self.durations * SAMPLE_RATE)
+        self.samples = np.asarray(num_samples, dtype=np.int64)
+        self.multiple = pad_to_multiple_of
+        self.widths = -(-self.samples // pad_to_multiple_of) * pad_to_multiple_of
+        # Batches are cut by padded seconds: on a width grid, by the rounded-up widths.
+        self.packing_seconds = (
+            self.durations if pad_to_multiple_of == 1 else self.widths / SAMPLE_RATE
+        )
         self.batch_seconds = batch_seconds
         self.seed = seed
         self.num_replicas = num_replicas
@@ -308,6 +349,7 @@ class DurationBatchSampler:
         self.grad_accum = grad_accum
         self.bucket_width = bucket_width
         self.longest_first = longest_first
+        self.pad_clips_to_budget = pad_clips_to_budget
         self.epoch = 0
         self.position = 0
         self._plan: list[list[np.ndarray]] = []
@@ -317,7 +359,7 @@ class DurationBatchSampler:
         """This epoch's global batches split into shares (positions into `rows`), planned once."""
         if self._planned_epoch != self.epoch:
             self._plan = plan_epoch(
-                self.durations,
+                self.packing_seconds,
                 self.batch_seconds,
                 self.seed,
                 self.epoch,
@@ -341,17 +383,50 @@ class DurationBatchSampler:
                 f"{self.batches_per_epoch()} global batches"
             )
 
-    def __iter__(self) -> Iterator[np.ndarray]:
-        for shares in self.plan()[self.position :]:
-            # An empty share still needs a forward/backward pass, or the other processes would
-            # wait for this one's gradients: it gets a copy of the batch's first clip, which the
-            # training step weighs by zero (`is_ghost`).
-            share = shares[self.rank]
-            yield self.rows[share if len(share) else shares[0][:1]]
+    def shape(self, shares: list[np.ndarray]) -> tuple[int, int]:
+        """(rows, samples) of every process's share of the global batch `shares`."""
+        width = int(self.widths[np.concatenate(shares)].max())
+        rows = max(len(share) for share in shares)
+        if self.pad_clips_to_budget:
+            capacity = int(self.batch_seconds * self.num_replicas * SAMPLE_RATE) // width
+            rows = max(rows, capacity // self.num_replicas)
+        return rows, width
 
-    def is_ghost(self, position: int) -> bool:
-        """Whether this process's batch at `position` of the epoch is a zero-weight copy."""
-        return len(self.plan()[position][self.rank]) == 0
+    def share(self, position: int) -> Share:
+        """This process's share of the global batch at `position` of the epoch."""
+        shares = self.plan()[position]
+        rows, width = self.shape(shares)
+        mine = shares[self.rank]
+        first = next(share[0] for share in shares if len(share))
+        return Share(self.rows[mine], rows - len(mine), int(self.rows[first]), width)
+
+    def step_totals(self, positions: range, tokens: np.ndarray | None) -> dict[str, float]:
+        """What the global batches at `positions` hold, over every process: real audio, padded
+        audio (filler rows count as padding), utterances and (with `tokens`, the label count of each
+        of `rows`) label tokens. Known to every process without communication."""
+        audio = padded = utterances = labels = 0
+        for position in positions:
+            shares = self.plan()[position]
+            rows, width = self.shape(shares)
+            everyone = np.concatenate(shares)
+            audio += int(self.samples[everyone].sum())
+            padded += rows * width * self.num_replicas
+            utterances += len(everyone)
+            labels += int(tokens[everyone].sum()) if tokens is not None else 0
+        return {
+            "audio_seconds": audio / SAMPLE_RATE,
+            "padded_seconds": padded / SAMPLE_RATE,
+            "utterances": utterances,
+            "tokens": labels,
+        }
+
+    def shapes(self) -> set[tuple[int, int]]:
+        """The distinct (rows, samples) batch shapes of this epoch."""
+        return {self.shape(shares) for shares in self.plan()}
+
+    def __iter__(self) -> Iterator[Share]:
+        for position in range(self.position, self.batches_per_epoch()):
+            yield self.share(position)
 
     def __len__(self) -> int:
         return self.batches_per_epoch() - self.position
@@ -363,9 +438,30 @@ class DurationBatchSampler:
         self.set_epoch(int(state["epoch"]), int(state["position"]))
 
 
+def make_sampler(
+    data: TrainingData, config: Config, num_replicas: int = 1, rank: int = 0
+) -> DurationBatchSampler:
+    """The sampler of `config.train`'s batches over the training clips, for process `rank`."""
+    t = config.train
+    return DurationBatchSampler(
+        data.train_rows,
+        data.train.durations[data.train_rows],
+        t.batch_seconds,
+        t.seed,
+        num_replicas,
+        rank,
+        t.grad_accum,
+        t.bucket_width,
+        t.longest_first,
+        num_samples=data.train.num_samples()[data.train_rows],
+        pad_to_multiple_of=t.pad_to_multiple_of,
+        pad_clips_to_budget=t.pad_clips_to_budget,
+    )
+
+
 # --- DataLoader plumbing ----------------------------------------------------------------------
 class BatchReader(torch.utils.data.Dataset):
-    """A map-style dataset whose keys are whole batches of rows (the sampler's output)."""
+    """A map-style dataset whose keys are whole batches (the sampler's shares, or rows)."""
 
     def __init__(
         self, split: PreparedSplit, vocab: Mapping[str, int] | None, pad_to_multiple_of: int = 1
@@ -377,8 +473,8 @@ class BatchReader(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.split)
 
-    def __getitem__(self, rows: np.ndarray) -> Batch:
-        return collate(self.split, rows, self.vocab, self.pad_to_multiple_of)
+    def __getitem__(self, share: Share | np.ndarray) -> Batch:
+        return collate(self.split, share, self.vocab, self.pad_to_multiple_of)
 
 
 def _as_is(batch: Batch) -> Batch:
@@ -407,9 +503,20 @@ def make_loader(
     )
 
 
+@dataclass
+class StepBatches:
+    """One optimizer step's batches of this process, and what the whole step holds over every
+    process (from the plan: the same numbers everywhere, no communication)."""
+
+    batches: list[Batch]
+    normaliser: float  # label tokens of the step (or utterances, with ctc_loss_reduction "mean")
+    audio_seconds: float
+    padded_seconds: float
+
+
 class BatchStream:
     """This process's shares of the global batches, `grad_accum` at a time, across epochs, from a
-    resumable position; with each, whether it is a zero-weight copy (`DurationBatchSampler.is_ghost`)."""
+    resumable position."""
 
     def __init__(
         self,
@@ -420,8 +527,11 @@ class BatchStream:
     ) -> None:
         self.data, self.sampler, self.config, self.pin_memory = data, sampler, config, pin_memory
         self.iterator = None
+        # Label tokens per sampler position, for the step's loss normaliser.
+        phones = data.train.column("num_phones", data.train_rows)
+        self.tokens = np.asarray(phones, dtype=np.int64)
 
-    def next_step(self, state: TrainState) -> tuple[list[Batch], list[bool]]:
+    def next_step(self, state: TrainState) -> StepBatches:
         accum = self.config.train.grad_accum
         if state.position >= self.sampler.batches_per_epoch():
             state.epoch, state.position = state.epoch + 1, 0
@@ -438,6 +548,14 @@ class BatchStream:
             )
             self.iterator = iter(loader)
         batches = [next(self.iterator) for _ in range(accum)]
-        ghosts = [self.sampler.is_ghost(state.position + i) for i in range(accum)]
+        totals = self.sampler.step_totals(
+            range(state.position, state.position + accum), self.tokens
+        )
         state.position += accum
-        return batches, ghosts
+        per_utterance = self.config.model.ctc_loss_reduction == "mean"
+        return StepBatches(
+            batches,
+            float(totals["utterances"] if per_utterance else totals["tokens"]),
+            totals["audio_seconds"],
+            totals["padded_seconds"],
+        )

@@ -386,8 +386,13 @@ def write_json(path: Path, payload: Any) -> None:
     path.write_text(json.dumps(payload, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
-def write_rng_state(tmp: Path, rank: int) -> None:
-    torch.save(capture_rng_state(), tmp / f"rng_state_{rank}.pt")
+def write_rng_state(tmp: Path, rank: int, model: Mapping[str, Any] | None = None) -> None:
+    """This process's generators: Python, NumPy, torch, and the model's own (`model`: masks and
+    LayerDrop, see train/model.py's CTCModel.random_state)."""
+    state = capture_rng_state()
+    if model is not None:
+        state["model"] = dict(model)
+    torch.save(state, tmp / f"rng_state_{rank}.pt")
 
 
 def write_checkpoint_files(

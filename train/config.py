@@ -26,6 +26,7 @@ from phonetune.data.errors import PhonetuneError
 
 LR_SCHEDULES = ("tri_stage", "linear", "cosine")
 MIXED_PRECISION = ("no", "bf16", "fp16")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 REPORTERS = ("wandb", "tensorboard")
 CTC_REDUCTIONS = ("sum", "mean")
 
@@ -126,6 +127,11 @@ class TrainConfig:
     """Pad each training batch to its longest clip rounded up to a multiple of this many samples
     (1 = no rounding). On a GPU, fewer distinct batch shapes let cuDNN and cuBLAS reuse the plans
     they build per shape: 1600 (0.1 s) costs ~1% padding (BENCHMARKS.md, GPU section)."""
+    pad_clips_to_budget: bool = False
+    """Pad each batch's clip count up to what batch_seconds holds at its width, with zero-weight
+    copies of a clip: every batch of a width then has one shape, so a run has at most as many
+    batch shapes as widths (the run summary says how many). On a GPU each new shape costs new
+    kernel plans and memory; on a CPU the filler rows are only extra work."""
     longest_first: bool = True
     """Put each epoch's longest batch first, so that running out of memory happens in minute one."""
     lr: float = 5e-5
@@ -152,6 +158,11 @@ class TrainConfig:
     freeze_finetune_updates: int = 0
     """Steps during which the whole transformer is frozen and only the CTC output layer trains.
     (The convolutional feature encoder is always frozen.)"""
+    compile: bool | str = False
+    """torch.compile the blocks of the forward pass (feature encoder, projection, positional
+    convolution, each encoder layer, the head): false, true (= "default"), or a torch.compile mode:
+    "reduce-overhead" (CUDA graphs: for bounded batch shapes, see pad_clips_to_budget) or
+    "max-autotune". The first steps of each new shape compile."""
     mixed_precision: str = "no"
     """"no", "bf16" or "fp16" autocast; the CTC loss and its log-softmax always run in fp32."""
     max_consecutive_nonfinite: int = 20
@@ -561,6 +572,11 @@ def _train_problems(train: TrainConfig, data: DataConfig) -> list[str]:
     for key in ("init_lr_scale", "final_lr_scale"):
         if not 0.0 < getattr(train, key) <= 1.0:
             errors.append(f"train.{key} must be in (0, 1], not {getattr(train, key)}")
+    if isinstance(train.compile, str) and train.compile not in COMPILE_MODES:
+        errors.append(
+            f"train.compile must be true, false or one of {', '.join(COMPILE_MODES)}, "
+            f"not {train.compile!r}"
+        )
     if train.mixed_precision not in MIXED_PRECISION:
         errors.append(
             f"train.mixed_precision must be one of {', '.join(MIXED_PRECISION)}, not {train.mixed_precision!r}"

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from phonetune.data.ctc import greedy_decode
+from phonetune.data.ctc import count_min_frames_padded, greedy_decode
 from phonetune.data.errors import PhonetuneError
 from phonetune.data.per import first_per_locale, score_predictions
 from phonetune.data.vocab import BLANK_ID
@@ -36,10 +36,12 @@ from phonetune.train.batching import (
     Batch,
     BatchStream,
     DurationBatchSampler,
+    StepBatches,
     TrainingData,
     drop_unalignable,
     load_training_data,
     make_loader,
+    make_sampler,
     plan_eval,
 )
 from phonetune.train.config import Config, dump_config, load_config, write_config
@@ -113,6 +115,9 @@ class Run:
     resume_from: Path | None
     last_saved: Path | None = None
     last_eval: dict[str, Any] | None = None
+    tally: Tally | None = None
+    last_loss: float | None = None  # of the last logging interval (the progress bar shows it)
+    last_grad_norm: float | None = None
     clock: dict[str, float] = field(default_factory=dict)
 
 
@@ -165,14 +170,14 @@ def set_up(config: Config, parallel: Parallel, run_dir: Path) -> Run:
         origin = f"checkpoint {resume_from}"
     else:
         model, origin = build_model(config.model, data.vocab)
-    module = CTCModel(model)
+    module = CTCModel.for_training(model, config.train.compile)
     parallel.check_model(module)
     drop_unalignable(data, module.conv_layers, config)
     parameters = count_parameters(module)
     optimizer = make_optimizer(module, config)
     scheduler = make_scheduler(optimizer, config)
     module, optimizer = parallel.prepare(module, optimizer)
-    sampler = make_sampler(data, parallel, config)
+    sampler = make_checked_sampler(data, parallel, config)
 
     if parallel.is_main:
         with report.explain_write_failure(run_dir / ckpt.CONFIG_FILE):
@@ -187,8 +192,8 @@ def set_up(config: Config, parallel: Parallel, run_dir: Path) -> Run:
         )
     else:
         state = resume.TrainState()
-        resume.seed_everything(config.train.seed + 1000 * parallel.process_index)
-    steps_per_epoch = sampler.batches_per_epoch() // config.train.grad_accum
+        seed = config.train.seed + 1000 * parallel.process_index
+        resume.seed_everything(seed, parallel.unwrap(module))
     report.print_summary(
         say,
         config,
@@ -196,7 +201,7 @@ def set_up(config: Config, parallel: Parallel, run_dir: Path) -> Run:
         origin,
         parameters,
         parallel,
-        steps_per_epoch,
+        sampler,
         run_dir,
         resume_from,
         state,
@@ -207,20 +212,12 @@ def set_up(config: Config, parallel: Parallel, run_dir: Path) -> Run:
     )  # fmt: skip
 
 
-def make_sampler(data: TrainingData, parallel: Parallel, config: Config) -> DurationBatchSampler:
+def make_checked_sampler(
+    data: TrainingData, parallel: Parallel, config: Config
+) -> DurationBatchSampler:
     """This process's sampler of the global batches; an error if the data fills no step."""
     t = config.train
-    sampler = DurationBatchSampler(
-        data.train_rows,
-        data.train.durations[data.train_rows],
-        t.batch_seconds,
-        t.seed,
-        parallel.num_processes,
-        parallel.process_index,
-        t.grad_accum,
-        t.bucket_width,
-        t.longest_first,
-    )
+    sampler = make_sampler(data, config, parallel.num_processes, parallel.process_index)
     if sampler.batches_per_epoch() // t.grad_accum == 0:
         raise PhonetuneError(
             f"the {config.data.train_split} split ({len(data.train_rows)} usable clips, "
@@ -233,11 +230,13 @@ def make_sampler(data: TrainingData, parallel: Parallel, config: Config) -> Dura
 
 def run_steps(run: Run, hooks: Hooks) -> None:
     """Optimizer steps until train.max_steps, evaluating and saving on schedule; on SIGTERM or
-    SIGINT, a checkpoint at the step boundary and TrainingStopped."""
+    SIGINT, a checkpoint at the step boundary and TrainingStopped. Between logging steps nothing is
+    read back from the device: the host queues step after step."""
     config, state, parallel, t = run.config, run.state, run.parallel, run.config.train
     stream = BatchStream(run.data, run.sampler, config, pin_memory=parallel.device.type == "cuda")
     progress = report.progress_bar(config, parallel.is_main, state.step)
     run.clock.update(started=time.time(), last_log=time.time(), session_audio=0.0)
+    run.tally = Tally(parallel.device, state.consecutive_nonfinite)
     run.module.train()
     # SIGTERM/SIGINT only set a flag: every process stops at the same step boundary, after saving.
     stop = StopRequest(announce=parallel.is_main)
@@ -250,21 +249,21 @@ def run_steps(run: Run, hooks: Hooks) -> None:
                 break
             if hooks.before_step is not None:
                 hooks.before_step(run, state.step + 1)
-            batches, ghosts = stream.next_step(state)
+            step = stream.next_step(state)
             if hooks.on_batches is not None:
-                hooks.on_batches(run, state.step + 1, batches)
+                hooks.on_batches(run, state.step + 1, step.batches)
             frozen = state.step < t.freeze_finetune_updates
             lr = run.optimizer.param_groups[0]["lr"]  # the rate this step uses
             result = train_step(
-                run.module, run.optimizer, run.scheduler, batches, ghosts, parallel, config, frozen
+                run.module, run.optimizer, run.scheduler, step, parallel, config, frozen
             )
             account_step(run, result)
             if hooks.after_step is not None:
                 hooks.after_step(run, state.step, result)
-            report.show_progress(progress, run.clock, result, lr)
-            if state.step % config.log.every_steps == 0 or state.step == t.max_steps:
-                log_interval(run, result, lr, frozen)
+            report.show_progress(progress, run.clock, run.last_loss, lr)
             at_end = state.step == t.max_steps
+            if state.step % config.log.every_steps == 0 or at_end:
+                log_interval(run, lr, frozen)
             if state.step % t.eval_steps == 0 or at_end:
                 evaluate_and_log(run, progress)
             if state.step % t.save_steps == 0 or at_end:
@@ -284,25 +283,30 @@ def run_steps(run: Run, hooks: Hooks) -> None:
 
 
 def account_step(run: Run, result: StepResult) -> None:
-    """Count the step in the run's state; too many non-finite steps in a row stop the run."""
-    state, t = run.state, run.config.train
+    """Count the step: host numbers in the run's state, device values in the tally."""
+    state = run.state
     state.step += 1
     state.audio_seconds += result.audio_seconds
-    state.ctc_infeasible += result.infeasible
     state.interval_audio += result.audio_seconds
     state.interval_padded += result.padded_seconds
     run.clock["session_audio"] += result.audio_seconds
-    if not result.skipped:
-        state.consecutive_nonfinite = 0
-        state.interval_loss += result.loss
-        state.interval_steps += 1
-        return
-    state.skipped_steps += 1
-    state.consecutive_nonfinite += 1
-    if state.consecutive_nonfinite >= t.max_consecutive_nonfinite:
+    run.tally.add(result)
+
+
+def read_tally(run: Run) -> None:
+    """Fold what the steps since the last read left on the device into the run's state (one
+    transfer); too many non-finite steps in a row stop the run."""
+    tally, state, t = run.tally.read(run.parallel), run.state, run.config.train
+    state.interval_loss += tally["loss"]
+    state.interval_steps += int(tally["counted"])
+    state.skipped_steps += int(tally["skipped"])
+    state.consecutive_nonfinite = int(tally["consecutive"])
+    state.ctc_infeasible += int(tally["infeasible"])
+    run.last_grad_norm = tally["grad_norm"] if math.isfinite(tally["grad_norm"]) else None
+    if tally["worst"] >= t.max_consecutive_nonfinite:
         latest = ckpt.find_latest_checkpoint(run.run_dir)
         raise PhonetuneError(
-            f"stopped at step {state.step}: {state.consecutive_nonfinite} steps in a row had a "
+            f"stopped at step {state.step}: {int(tally['worst'])} steps in a row had a "
             f"NaN/inf gradient and were skipped ({state.skipped_steps} in all; "
             f"train.max_consecutive_nonfinite={t.max_consecutive_nonfinite}). Likely causes: "
             "a learning rate too high for the model (lower train.lr or lengthen "
@@ -313,15 +317,17 @@ def account_step(run: Run, result: StepResult) -> None:
         )
 
 
-def log_interval(run: Run, result: StepResult, lr: float, frozen: bool) -> None:
+def log_interval(run: Run, lr: float, frozen: bool) -> None:
     """A training line of metrics.jsonl: the interval's mean loss, throughput and counters."""
+    read_tally(run)
     state, now = run.state, time.time()
+    run.last_loss = state.interval_loss / state.interval_steps if state.interval_steps else None
     run.logger.log(
         {
             "step": state.step,
-            "loss": state.interval_loss / state.interval_steps if state.interval_steps else None,
+            "loss": run.last_loss,
             "lr": lr,
-            "grad_norm": result.grad_norm if math.isfinite(result.grad_norm) else None,
+            "grad_norm": run.last_grad_norm,
             "epoch": state.epoch + state.position / max(run.sampler.batches_per_epoch(), 1),
             "audio_seconds": state.interval_audio,
             "audio_seconds_per_second": state.interval_audio
@@ -346,6 +352,7 @@ def evaluate_and_log(run: Run, progress: Any) -> None:
 
 
 def save(run: Run) -> Path:
+    read_tally(run)  # the state saved holds every step's counts
     return resume.save_checkpoint(
         run.run_dir, run.state, run.module, run.optimizer, run.scheduler, run.sampler,
         run.parallel, run.config, run.data,
@@ -353,135 +360,156 @@ def save(run: Run) -> Path:
 
 
 # --- the training step ------------------------------------------------------------------------------
-def ctc_loss(
+def ctc_losses(
     logits: torch.Tensor,
     output_lengths: torch.Tensor,
     labels: torch.Tensor,
     label_lengths: torch.Tensor,
-    reduction: str,
     zero_infinity: bool,
 ) -> torch.Tensor:
-    """Summed CTC loss of a batch, in fp32 whatever the autocast dtype (half-precision CTC gives NaN).
+    """Each utterance's CTC loss, in fp32 whatever the autocast dtype (half-precision CTC gives NaN).
 
-    reduction "sum": per-utterance losses summed; "mean": each divided by its label length first.
-    The caller divides by the step's global token (or utterance) count.
+    Targets go in padded form (rows of labels), which needs no boolean indexing. PyTorch's CTC
+    reads the lengths on the host: give them as CPU tensors (the batch's own), so that they need
+    not be read back from the device.
     """
     with (
         torch.autocast(device_type=logits.device.type, enabled=False),
         torch.backends.cudnn.flags(enabled=False),
     ):
-        log_probs = F.log_softmax(logits.float(), dim=-1).transpose(0, 1)
-        targets = labels[labels != IGNORE_INDEX]
-        losses = F.ctc_loss(
+        precision = torch.promote_types(logits.dtype, torch.float32)  # fp32, or fp64 in tests
+        log_probs = F.log_softmax(logits.to(precision), dim=-1).transpose(0, 1)
+        return F.ctc_loss(
             log_probs,
-            targets,
+            labels.clamp(min=0),  # label padding (IGNORE_INDEX) lies past each label length: unread
             output_lengths,
             label_lengths,
             blank=BLANK_ID,
             reduction="none",
             zero_infinity=zero_infinity,
         )
-    if reduction == "mean":
-        losses = losses / label_lengths.clamp(min=1)
-    return losses.sum()
-
-
-def count_infeasible(
-    output_lengths: torch.Tensor, labels: torch.Tensor, label_lengths: torch.Tensor
-) -> int:
-    """Utterances whose CTC loss is infinite: fewer frames than phones plus repeated neighbours."""
-    repeats = ((labels[:, 1:] == labels[:, :-1]) & (labels[:, 1:] != IGNORE_INDEX)).sum(dim=1)
-    return int((output_lengths < label_lengths + repeats).sum())
 
 
 @dataclass
 class StepResult:
-    loss: float  # global loss of the step (per token or per utterance), NaN if non-finite
-    grad_norm: float
-    skipped: bool
+    """One optimizer step: device tensors (read back only at logging steps, see `Tally`) and what
+    the step held over every process (host numbers, from the sampler's plan)."""
+
+    loss_share: torch.Tensor  # this process's part of the step's normalised loss
+    grad_norm: torch.Tensor  # of the whole gradient, before clipping
+    skipped: torch.Tensor  # bool: NaN/inf gradient, no update
+    infeasible: torch.Tensor  # this process's clips whose CTC loss was infinite
     audio_seconds: float  # all processes
     padded_seconds: float
-    infeasible: int
 
 
 def train_step(
     module: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
-    batches: list[Batch],
-    ghosts: list[bool],
+    step: StepBatches,
     parallel: Parallel,
     config: Config,
     freeze_transformer: bool,
 ) -> StepResult:
-    """Forward/backward over the step's batches (gradient accumulation), clip, update, schedule.
+    """Forward/backward over the step's batches (gradient accumulation), clip, update, schedule,
+    without reading any value back from the device.
 
-    `ghosts[i]` marks a zero-weight copy standing in for an empty share of a global batch (fewer
-    clips than processes): it runs so that every process joins the gradient reduction, and counts
-    for nothing.
+    The loss is normalised by the number of label tokens of the whole step (`step.normaliser`: all
+    accumulated batches on all processes, or the number of utterances with reduction "mean"), so
+    long and short batches weigh by their content and the result does not depend on the process
+    count. Filler rows (same-shape padding, `Batch.weights` 0) run and count for nothing.
     """
-    device = parallel.device
     unwrapped: CTCModel = parallel.unwrap(module)
     audio_dtype = parallel.input_dtype(module)
-    mean_per_utterance = config.model.ctc_loss_reduction == "mean"
-    real = [b for b, ghost in zip(batches, ghosts, strict=True) if not ghost]
-    # The loss is normalised by the number of label tokens of the whole step: all accumulated batches
-    # on all processes (or by the number of utterances with reduction "mean"). Long and short batches
-    # thus weigh by their content, not equally, and the result does not depend on the process count.
-    local_count = sum(
-        len(b.rows) if mean_per_utterance else int(b.label_lengths.sum()) for b in real
-    )
-    global_count = parallel.sum(torch.tensor(float(local_count), device=device)).clamp(min=1.0)
-    loss_sum = torch.zeros((), device=device)
-    infeasible = 0
-    for index, (batch, ghost) in enumerate(zip(batches, ghosts, strict=True)):
-        batch = batch.to(device, audio_dtype)
-        with parallel.accumulating(module, last=index == len(batches) - 1):
+    loss_sum = torch.zeros((), device=parallel.device)
+    infeasible = torch.zeros((), dtype=torch.long, device=parallel.device)
+    per_utterance = config.model.ctc_loss_reduction == "mean"
+    for index, host in enumerate(step.batches):
+        batch = host.to(parallel.device, audio_dtype)
+        with parallel.accumulating(module, last=index == len(step.batches) - 1):
             logits = module(
-                batch.input_values, batch.attention_mask, freeze_transformer=freeze_transformer
+                batch.input_values, batch.input_lengths, freeze_transformer=freeze_transformer
             )
-            output_lengths = unwrapped.output_lengths(batch.input_lengths)
-            loss = ctc_loss(
+            losses = ctc_losses(
                 logits,
-                output_lengths,
+                unwrapped.output_lengths(host.input_lengths),
                 batch.labels,
-                batch.label_lengths,
-                config.model.ctc_loss_reduction,
+                host.label_lengths,
                 config.model.ctc_zero_infinity,
             )
+            # reduction "mean": each utterance's loss divided by its label length first
+            weights = (
+                batch.weights / batch.label_lengths.clamp(min=1) if per_utterance else batch.weights
+            )
+            loss = (losses * weights).sum()
             # DDP, FSDP and ZeRO average gradients over processes: scaling by the process count
-            # makes that average the gradient of (sum of all losses) / global_count.
-            weight = 0.0 if ghost else parallel.num_processes
-            parallel.backward(module, loss * weight / global_count)
-        if not ghost:
-            loss_sum += loss.detach()
-            infeasible += count_infeasible(output_lengths, batch.labels, batch.label_lengths)
+            # makes that average the gradient of (sum of all losses) / normaliser.
+            parallel.backward(module, loss * parallel.num_processes / step.normaliser)
+        loss_sum += loss.detach()
+        frames = unwrapped.output_lengths(batch.input_lengths)
+        too_few = frames < count_min_frames_padded(batch.labels, IGNORE_INDEX)
+        infeasible += (too_few & (batch.weights > 0)).sum()
 
     grad_norm, skipped = parallel.update(module, optimizer, config.train.max_grad_norm)
-    finite = math.isfinite(grad_norm)
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
-
-    totals = torch.tensor(
-        [
-            float(loss_sum),
-            float(infeasible),
-            sum(b.audio_seconds for b in real),
-            sum(b.padded_seconds for b in real),
-        ],
-        dtype=torch.float64,
-        device=device,
-    )
-    totals = parallel.sum(totals)
-    loss_value = float(totals[0] / global_count.double())
     return StepResult(
-        loss=loss_value if finite and math.isfinite(loss_value) else math.nan,
+        loss_share=loss_sum / step.normaliser,
         grad_norm=grad_norm,
         skipped=skipped,
-        audio_seconds=float(totals[2]),
-        padded_seconds=float(totals[3]),
-        infeasible=int(totals[1]),
+        infeasible=infeasible,
+        audio_seconds=step.audio_seconds,
+        padded_seconds=step.padded_seconds,
     )
+
+
+class Tally:
+    """What the steps report, kept on the device and read back all at once (`read`): once per
+    logging step (and at checkpoints), so the host never waits on the device between them.
+
+    `consecutive` continues a run of skipped steps across reads (and resumes from the state).
+    """
+
+    # the row of `values`: summed over processes when read / the same on every process
+    LOSS, INFEASIBLE, COUNTED, SKIPPED, CONSECUTIVE, WORST, GRAD_NORM = range(7)
+
+    def __init__(self, device: torch.device, consecutive: int) -> None:
+        self.values = torch.zeros(7, dtype=torch.float64, device=device)
+        self.values[self.CONSECUTIVE] = consecutive
+        self.values[self.WORST] = consecutive
+        self.steps = 0
+
+    def add(self, result: StepResult) -> None:
+        skipped = result.skipped.to(torch.float64)
+        v = self.values
+        consecutive = (v[self.CONSECUTIVE] + 1) * skipped
+        update = torch.stack(
+            [
+                v[self.LOSS] + torch.where(result.skipped, 0.0, result.loss_share.double()),
+                v[self.INFEASIBLE] + result.infeasible,
+                v[self.COUNTED] + 1 - skipped,
+                v[self.SKIPPED] + skipped,
+                consecutive,
+                torch.maximum(v[self.WORST], consecutive),
+                result.grad_norm.double(),
+            ]
+        )
+        self.values = update
+        self.steps += 1
+
+    def read(self, parallel: Parallel) -> dict[str, float]:
+        """The tally since the last read, in one transfer (collective: the loss and infeasible
+        clips are summed over the processes); then it starts again."""
+        summed = parallel.sum(self.values[: self.COUNTED])
+        values = torch.cat([summed, self.values[self.COUNTED :]]).tolist()
+        names = ("loss", "infeasible", "counted", "skipped", "consecutive", "worst", "grad_norm")
+        read = dict(zip(names, values, strict=True))
+        read["grad_norm"] = read["grad_norm"] if self.steps else math.nan
+        self.values = torch.zeros_like(self.values)
+        self.values[self.CONSECUTIVE] = self.values[self.WORST] = read["consecutive"]
+        self.steps = 0
+        return read
 
 
 # --- evaluation on the dev split --------------------------------------------------------------------
@@ -520,9 +548,7 @@ def evaluate_dev(
         for number, batch in enumerate(loader):
             batch = batch.to(parallel.device, audio_dtype)
             with torch.no_grad(), parallel.autocast():
-                logits = unwrapped(
-                    batch.input_values, batch.attention_mask, freeze_transformer=True
-                )
+                logits = unwrapped(batch.input_values, batch.input_lengths, freeze_transformer=True)
             if number >= len(mine) - fillers:
                 continue
             ids = logits.argmax(dim=-1).cpu()

@@ -17,11 +17,14 @@ from __future__ import annotations
 
 import functools
 import json
+import random
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from phonetune.data import ctc
@@ -380,19 +383,66 @@ def _positional_conv_forward(conv: nn.Conv1d, x: torch.Tensor) -> torch.Tensor:
     return fft_conv1d(x, conv.weight, conv.bias, conv.padding[0], conv.groups)
 
 
-class CTCModel(nn.Module):
-    """The Wav2Vec2ForCTC forward pass, with the transformer optionally frozen (fairseq's
-    freeze_finetune_updates).
+def draw_span_mask(
+    lengths: torch.Tensor,
+    width: int,
+    prob: float,
+    span: int,
+    min_spans: int,
+    generator: torch.Generator,
+) -> torch.Tensor:
+    """SpecAugment spans, drawn on the device: a (rows, width) bool mask.
 
-    Freezing runs the encoder under `torch.no_grad()` rather than flipping `requires_grad`, so that the
-    parameters the optimizer and DistributedDataParallel registered at start-up stay the same set for
-    the whole run (DDP ignores parameters that start frozen and never syncs them once unfrozen).
-    Returns logits only; the loss is computed by the training loop (fp32, token-normalised).
+    The distribution of transformers' `_compute_mask_indices` (fairseq's `compute_mask_indices`):
+    row i gets n_i = max(floor(prob * L_i / span + u), min_spans) spans (u ~ U(0, 1), one draw for
+    all rows), at most width // span and L_i - span + 1, whose starts are drawn uniformly without
+    replacement from 0 .. L_i - span; each masks `span` frames from its start (spans may overlap).
+    Drawn with torch from `generator` on the lengths' device, with no value read back to the host.
+    """
+    rows, device = lengths.shape[0], lengths.device
+    noise = torch.rand((), generator=generator, device=device)
+    count = torch.floor(prob * lengths / span + noise).long().clamp(min=min_spans)
+    count = torch.minimum(count.clamp(max=width // span), (lengths - (span - 1)).clamp(min=0))
+    # A random order of the valid starts of each row (invalid ones sorted last); its first n_i.
+    positions = torch.arange(width, device=device)
+    scores = torch.rand((rows, width), generator=generator, device=device)
+    scores = scores.masked_fill(positions > (lengths - span)[:, None], 2.0)
+    chosen = (positions < count[:, None]).to(torch.int32)
+    starts = torch.zeros((rows, width), dtype=torch.int32, device=device)
+    starts.scatter_(1, scores.argsort(dim=1), chosen)
+    # Frame t is masked when a span starts in (t - span, t].
+    started = starts.cumsum(dim=1)
+    return started - F.pad(started, (span, 0))[:, :width] > 0
+
+
+class CTCModel(nn.Module):
+    """The Wav2Vec2ForCTC forward pass for training, with nothing read back to the host.
+
+    The same function as `Wav2Vec2ForCTC` with the same weights (checkpoints and exports are
+    transformers' own model): the feature encoder, projection, SpecAugment, the encoder layers and
+    the CTC head run in transformers' modules, in the order transformers runs them. phonetune's own
+    code is the glue between them, which in transformers waits on the device: SpecAugment draws its
+    masks with torch on the model's device (`draw_span_mask`) instead of in NumPy after reading the
+    clip lengths back, padded frames are zeroed with `torch.where` instead of boolean indexing, the
+    attention mask is built from the lengths, and LayerDrop decides on the host from its own
+    generator. Both generators belong to the run (`seed_random`, `random_state`) and are saved with
+    every checkpoint, so a resumed run masks and drops layers as the uninterrupted one would.
+
+    The transformer can be frozen (fairseq's freeze_finetune_updates): it then runs under
+    `torch.no_grad()` rather than with `requires_grad` flipped, so that the parameters the optimizer
+    and DistributedDataParallel registered at start-up stay the same set for the whole run (DDP
+    ignores parameters that start frozen and never syncs them once unfrozen). Returns logits only;
+    the loss is computed by the training loop (fp32, token-normalised).
     """
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
         self.model = model
+        if getattr(model.config, "add_adapter", False):
+            raise PhonetuneError(
+                "this model has an adapter after its encoder (config add_adapter=true), which "
+                "phonetune does not train; start from a model without one"
+            )
         # Group-norm feature encoders (wav2vec2-base) were trained without attention masks and
         # expect zero-padded input only; layer-norm ones (XLSR) need the mask.
         self.use_attention_mask = model.config.feat_extract_norm == "layer"
@@ -401,17 +451,138 @@ class CTCModel(nn.Module):
         conv = model.wav2vec2.encoder.pos_conv_embed.conv
         if conv.stride == (1,) and conv.dilation == (1,):
             conv.forward = functools.partial(_positional_conv_forward, conv)
+        self.seed_random(0)
 
+    # --- the run's generators ---------------------------------------------------------------------
+    def seed_random(self, seed: int) -> None:
+        """Seed the SpecAugment masks (a torch generator on the model's device, made at first use)
+        and LayerDrop (a host generator)."""
+        self._mask_seed = seed
+        self._mask_generator: torch.Generator | None = None
+        self._pending_mask_state: torch.Tensor | None = None
+        self._layer_rng = random.Random(seed)
+
+    def random_state(self) -> dict[str, Any]:
+        """Both generators' states, as tensors and plain containers (for rng_state_<rank>.pt)."""
+        masks = self._mask_generator
+        return {
+            "mask_seed": self._mask_seed,
+            "masks": masks.get_state() if masks is not None else self._pending_mask_state,
+            "layers": self._layer_rng.getstate(),
+        }
+
+    def set_random_state(self, state: dict[str, Any]) -> None:
+        self.seed_random(int(state["mask_seed"]))
+        self._pending_mask_state = state["masks"]
+        version, internal, gauss = state["layers"]
+        self._layer_rng.setstate((version, tuple(internal), gauss))
+
+    def _generator(self, device: torch.device) -> torch.Generator:
+        generator = self._mask_generator
+        if generator is None or generator.device != device:
+            generator = torch.Generator(device=device)
+            generator.manual_seed(self._mask_seed)
+            if self._pending_mask_state is not None:
+                try:
+                    generator.set_state(self._pending_mask_state)
+                except RuntimeError:  # saved on another kind of device: the masks start afresh
+                    warnings.warn(
+                        "the checkpoint's SpecAugment generator belongs to another kind of device; "
+                        "masking continues from a fresh seed",
+                        stacklevel=2,
+                    )
+                self._pending_mask_state = None
+            self._mask_generator = generator
+        return generator
+
+    # --- the forward pass --------------------------------------------------------------------------
     def forward(
         self,
         input_values: torch.Tensor,
-        attention_mask: torch.Tensor,
+        input_lengths: torch.Tensor,
         freeze_transformer: bool = False,
     ) -> torch.Tensor:
-        mask = attention_mask if self.use_attention_mask else None
+        wav2vec2 = self.model.wav2vec2
+        features = wav2vec2.feature_extractor(input_values).transpose(1, 2)
+        frames = self.output_lengths(input_lengths)
+        valid = None
+        if self.use_attention_mask:
+            valid = torch.arange(features.shape[1], device=frames.device) < frames[:, None]
         with torch.set_grad_enabled(torch.is_grad_enabled() and not freeze_transformer):
-            hidden = self.model.wav2vec2(input_values, attention_mask=mask).last_hidden_state
+            hidden, _ = wav2vec2.feature_projection(features)
+            hidden = self.spec_augment(hidden, frames if valid is not None else None)
+            hidden = self.encode(hidden, valid)
         return self.model.lm_head(self.model.dropout(hidden))
+
+    def spec_augment(self, hidden: torch.Tensor, frames: torch.Tensor | None) -> torch.Tensor:
+        """Time masks (the learned mask embedding over spans of frames), then feature masks (zeros
+        over spans of channels), as transformers' `_mask_hidden_states` applies them."""
+        config = self.model.config
+        if not self.training or not getattr(config, "apply_spec_augment", True):
+            return hidden
+        rows, length, channels = hidden.shape
+        if config.mask_time_prob > 0:
+            if frames is None:  # no attention mask: every row counts as the whole padded length
+                frames = torch.full((rows,), length, device=hidden.device)
+            mask = draw_span_mask(
+                frames,
+                length,
+                config.mask_time_prob,
+                config.mask_time_length,
+                config.mask_time_min_masks,
+                self._generator(hidden.device),
+            )
+            embedding = self.model.wav2vec2.masked_spec_embed.to(hidden.dtype)
+            hidden = torch.where(mask[..., None], embedding, hidden)
+        if config.mask_feature_prob > 0:
+            mask = draw_span_mask(
+                torch.full((rows,), channels, device=hidden.device),
+                channels,
+                config.mask_feature_prob,
+                config.mask_feature_length,
+                config.mask_feature_min_masks,
+                self._generator(hidden.device),
+            )
+            hidden = hidden.masked_fill(mask[:, None, :], 0.0)
+        return hidden
+
+    def encode(self, hidden: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
+        """transformers' Wav2Vec2Encoder (post-norm, wav2vec2-base) or ...StableLayerNorm (pre-norm,
+        XLSR): padded frames zeroed and not attended to, the positional convolution, the layers
+        (each skipped with probability layerdrop while training), the final layer norm."""
+        encoder, config = self.model.wav2vec2.encoder, self.model.config
+        attention_mask = None
+        if valid is not None:
+            hidden = torch.where(valid[..., None], hidden, 0.0)
+            attention_mask = self._attention_mask(valid, hidden.dtype)
+        hidden = hidden + encoder.pos_conv_embed(hidden)
+        stable = config.do_stable_layer_norm
+        if not stable:
+            hidden = encoder.layer_norm(hidden)
+        hidden = encoder.dropout(hidden)
+        for layer in self._layers_to_run(encoder.layers):
+            output = layer(hidden, attention_mask=attention_mask)
+            hidden = (
+                output[0] if isinstance(output, tuple) else output
+            )  # a tuple before transformers 5
+        return encoder.layer_norm(hidden) if stable else hidden
+
+    def _attention_mask(self, valid: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """(rows, 1, 1, frames): which keys each query may attend to. SDPA takes it as booleans;
+        the eager attention adds it to its scores."""
+        mask = valid[:, None, None, :]
+        if self.model.config._attn_implementation == "sdpa":
+            return mask
+        return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(
+            ~mask, torch.finfo(dtype).min
+        )
+
+    def _layers_to_run(self, layers: nn.ModuleList) -> list[nn.Module]:
+        """All layers, or while training each kept with probability 1 - layerdrop (LayerDrop)."""
+        drop = self.model.config.layerdrop
+        if not self.training or drop <= 0:
+            return list(layers)
+        return [layer for layer in layers if self._layer_rng.random() >= drop]
 
     @property
     def conv_layers(self) -> tuple[tuple[int, int], ...]:
@@ -420,3 +591,27 @@ class CTCModel(nn.Module):
     def output_lengths(self, input_lengths: torch.Tensor) -> torch.Tensor:
         """CTC frames the encoder produces for inputs of `input_lengths` samples."""
         return ctc.count_frames(input_lengths, self.conv_layers).to(torch.long)
+
+    @classmethod
+    def for_training(cls, model: nn.Module, compile: bool | str = False) -> CTCModel:
+        """The wrapper, its blocks compiled as `train.compile` says (false, true or a mode)."""
+        module = cls(model)
+        if compile:
+            module.compile_blocks("default" if compile is True else compile)
+        return module
+
+    def compile_blocks(self, mode: str) -> None:
+        """torch.compile each block of the forward pass in place (parameter names unchanged): the
+        feature encoder and projection, the positional convolution, every encoder layer, the head.
+        Regions rather than the whole pass: LayerDrop chooses layers per step, and every encoder
+        layer shares one compiled graph."""
+        wav2vec2 = self.model.wav2vec2
+        blocks = [
+            wav2vec2.feature_extractor,
+            wav2vec2.feature_projection,
+            wav2vec2.encoder.pos_conv_embed,
+            *wav2vec2.encoder.layers,
+            self.model.lm_head,
+        ]
+        for block in blocks:
+            block.compile(mode=None if mode == "default" else mode)

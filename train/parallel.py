@@ -62,6 +62,7 @@ class Parallel:
         self.process_index: int = accelerator.process_index
         self.is_main: bool = accelerator.is_main_process
         self.print = accelerator.print  # on the main process only
+        self._host_group = None  # for agreeing on host values (`max`)
 
     # --- processes -------------------------------------------------------------------------------
     def wait(self) -> None:
@@ -72,11 +73,18 @@ class Parallel:
         return self.max(1 if flag else 0) > 0
 
     def max(self, value: int) -> int:
-        """The largest `value` over the processes (collective; a host read)."""
+        """The largest `value` over the processes (collective). Through a gloo group on the CPUs:
+        agreeing on a host value never waits for the device's queue of work."""
         if self.num_processes == 1:
             return value
-        tensor = torch.tensor([float(value)], device=self.device)
-        return int(self.accelerator.reduce(tensor, "max")[0])
+        import torch.distributed as dist
+
+        if self._host_group is None:
+            gloo = dist.get_backend() == "gloo"
+            self._host_group = dist.group.WORLD if gloo else dist.new_group(backend="gloo")
+        tensor = torch.tensor([value], dtype=torch.int64)
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX, group=self._host_group)
+        return int(tensor[0])
 
     def sum(self, tensor: torch.Tensor) -> torch.Tensor:
         """Elementwise sum over the processes (collective, stays on the device)."""
@@ -148,11 +156,38 @@ class Parallel:
 
     def update(
         self, module: torch.nn.Module, optimizer: torch.optim.Optimizer, max_grad_norm: float
-    ) -> tuple[float, bool]:
-        """Clip to `max_grad_norm` (0: no clipping) and update unless the gradient is NaN/inf; the
-        norm before clipping and whether the update was skipped."""
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Clip to `max_grad_norm` (0: no clipping) and update unless the gradient is NaN/inf;
+        returns the norm before clipping and whether the update was skipped, as device tensors.
+
+        One process and DDP read nothing back: the fused AdamW kernel takes the clipping as its
+        `grad_scale` (it divides every gradient by it) and skips the whole update, step count
+        included, when `found_inf` is 1, as it does for a loss scaler. DDP's gradients are whole on
+        every process, so every process computes the same norm and skips the same steps. FSDP,
+        DeepSpeed and fp16 (a loss scaler) decide on the host, as their libraries do.
+        """
         if self.deepspeed:
-            return _deepspeed_step(module)
+            return self._tensors(*_deepspeed_step(module))
+        if self.fsdp or self.accelerator.scaler is not None:
+            return self._tensors(*self._update_on_host(module, optimizer, max_grad_norm))
+        grads = [p.grad for p in module.parameters() if p.requires_grad and p.grad is not None]
+        norm = torch.nn.utils.get_total_norm(grads, foreach=True)
+        found_inf = (~torch.isfinite(norm)).to(torch.float32)
+        inner = _torch_optimizer(optimizer)
+        inner.found_inf = found_inf
+        if (
+            max_grad_norm > 0
+        ):  # torch's clip_grad_norm_ factor, max_norm / (norm + 1e-6), as a divisor
+            inner.grad_scale = ((norm + 1e-6) / max_grad_norm).clamp(min=1.0)
+        try:
+            inner.step()
+        finally:
+            inner.found_inf = inner.grad_scale = None
+        return norm, found_inf.bool()
+
+    def _update_on_host(
+        self, module: torch.nn.Module, optimizer: torch.optim.Optimizer, max_grad_norm: float
+    ) -> tuple[float, bool]:
         parameters = [p for p in module.parameters() if p.requires_grad]
         max_norm = max_grad_norm if max_grad_norm > 0 else math.inf
         grad_norm = self.accelerator.clip_grad_norm_(parameters, max_norm)
@@ -162,11 +197,16 @@ class Parallel:
             grad_norm = grad_norm.full_tensor()
         finite = bool(torch.isfinite(grad_norm))
         skipped = not finite
-        scaler = self.accelerator.scaler
-        if finite or scaler is not None:
+        if finite or self.accelerator.scaler is not None:
             optimizer.step()  # with fp16 the grad scaler skips an overflowing step and lowers its scale
             skipped = skipped or self.accelerator.optimizer_step_was_skipped
         return float(grad_norm), skipped
+
+    def _tensors(self, norm: float, skipped: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        return (
+            torch.tensor(norm, dtype=torch.float32, device=self.device),
+            torch.tensor(skipped, device=self.device),
+        )
 
     # --- checkpoints -----------------------------------------------------------------------------
     def gather_state(

@@ -22,7 +22,7 @@ from phonetune.train.checkpoint import METRICS_FILE
 from phonetune.train.config import Config, config_to_dict
 
 if TYPE_CHECKING:
-    from phonetune.train.batching import TrainingData
+    from phonetune.train.batching import DurationBatchSampler, TrainingData
     from phonetune.train.parallel import Parallel
     from phonetune.train.resume import TrainState
 
@@ -188,13 +188,14 @@ def progress_bar(config: Config, main_process: bool, initial: int) -> Any:  # tq
     )
 
 
-def show_progress(progress: Any, clock: dict[str, float], result: Any, lr: float) -> None:
-    """One step on the bar: its loss, the learning rate it used, this session's throughput."""
+def show_progress(progress: Any, clock: dict[str, float], loss: float | None, lr: float) -> None:
+    """One step on the bar: the last logged loss (steps are not read back in between), the
+    learning rate, this session's throughput."""
     if progress is None:
         return
     progress.update(1)
     progress.set_postfix(
-        loss=f"{result.loss:.3f}",
+        loss="-" if loss is None else f"{loss:.3f}",
         lr=f"{lr:.2e}",
         refresh=False,
         audio_s_per_s=f"{clock['session_audio'] / max(time.time() - clock['started'], 1e-9):.1f}",
@@ -222,13 +223,15 @@ def print_summary(
     origin: str,
     parameters: tuple[int, int],
     parallel: Parallel,
-    steps_per_epoch: int,
+    sampler: DurationBatchSampler,
     run_dir: Path,
     resume_from: Path | None,
     state: TrainState,
 ) -> None:
     """The derived numbers a run starts with: data, model, processes, batch, schedule, resume."""
     trainable, total = parameters
+    steps_per_epoch = sampler.batches_per_epoch() // config.train.grad_accum
+    shapes = sampler.shapes()
     t = config.train
     train_seconds = float(data.train.durations[data.train_rows].sum())
     locales = sorted(set(data.train.locales[data.train_rows]))
@@ -262,6 +265,14 @@ def print_summary(
         f"  batch:           ≤{t.batch_seconds:g} s audio per process × {processes} process(es) × "
         f"{t.grad_accum} accumulation = ≤{effective:g} s per optimizer step\n"
         f"  steps per epoch: {steps_per_epoch} ({t.max_steps} steps ≈ {t.max_steps / steps_per_epoch:.1f} epochs)\n"
+        f"  batch shapes:    {len(shapes)} distinct (clips × samples) in the first epoch"
+        + (", clip counts filled to the budget" if t.pad_clips_to_budget else "")
+        + (
+            f", widths a multiple of {t.pad_to_multiple_of} samples"
+            if t.pad_to_multiple_of > 1
+            else ""
+        )
+        + "\n"
         f"  schedule:        {t.lr_schedule}, peak lr {t.lr:g}, warm-up {t.warmup_ratio:g} / hold {t.hold_ratio:g} "
         f"of the steps\n"
         + (

@@ -54,10 +54,14 @@ class TrainState:
     interval_padded: float = 0.0
 
 
-def seed_everything(seed: int) -> None:
+def seed_everything(seed: int, module: torch.nn.Module | None = None) -> None:
+    """Python's, NumPy's and torch's generators, and those of the training wrapper `module`
+    (a CTCModel: SpecAugment masks, LayerDrop)."""
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+    if module is not None:
+        module.seed_random(seed)
 
 
 # --- which checkpoint to continue from ---------------------------------------------------------------
@@ -157,7 +161,8 @@ def save_checkpoint(
         error = attempt(ckpt.begin_checkpoint, run_dir, state.step)
     settle_save(parallel, run_dir, state.step, error)
     weights, optimizer_state = parallel.gather_state(module, optimizer)
-    error = attempt(ckpt.write_rng_state, tmp, parallel.process_index)
+    model_rng = parallel.unwrap(module).random_state()
+    error = attempt(ckpt.write_rng_state, tmp, parallel.process_index, model_rng)
     if parallel.is_main and error is None:
         scaler = parallel.accelerator.scaler
         payload = {
@@ -261,9 +266,14 @@ def restore_training_state(
         parallel.print(
             f"warning: {checkpoint} has no RNG state for process {parallel.process_index}; seeding it afresh"
         )
-        seed_everything(config.train.seed + 1000 * parallel.process_index + state.step)
+        seed = config.train.seed + 1000 * parallel.process_index + state.step
+        seed_everything(seed, parallel.unwrap(module))
     else:
         ckpt.restore_rng_state(rng)
+        if "model" in rng:
+            parallel.unwrap(module).set_random_state(rng["model"])
+        else:  # written before masks were drawn on the device: they start from a fresh seed
+            parallel.unwrap(module).seed_random(config.train.seed + 1000 * parallel.process_index)
     return state
 
 
