@@ -114,7 +114,7 @@ class SentenceGrammar:
 
 def sentence_locales() -> list[str]:
     """Locales that have a sentence file, i.e. that `phonetune synth` can speak."""
-    folder = importlib.resources.files("data") / "sentences"
+    folder = importlib.resources.files("phonetune.data") / "sentences"
     return sorted(
         entry.name.removesuffix(".txt") for entry in folder.iterdir() if entry.name.endswith(".txt")
     )
@@ -122,7 +122,7 @@ def sentence_locales() -> list[str]:
 
 def load_grammar(locale: str) -> SentenceGrammar:
     """Read and check `data/sentences/<locale>.txt` (format described at the top of each file)."""
-    resource = importlib.resources.files("data") / "sentences" / f"{locale}.txt"
+    resource = importlib.resources.files("phonetune.data") / "sentences" / f"{locale}.txt"
     if not resource.is_file():
         raise PhonetuneError(
             f"phonetune synth has no sentences for locale {locale!r}. Locales it can speak: "

@@ -53,6 +53,7 @@ from phonetune.data.audio import SAMPLE_RATE  # noqa: E402
 RECIPE = REPO / "configs" / "xlsr53_espeak_cv.yaml"
 ARCHITECTURE = REPO / "configs" / "xlsr53_architecture.json"
 BENCHMARKS_HEADING = "## GPU: `scripts/bench_gpu.py`"
+EARLIER_GPU_HEADING = "\n## GPU, earlier sessions"  # the generated section goes before it
 # Dense bf16 tensor-core rates from NVIDIA's datasheets (FLOP/s, without sparsity).
 DATASHEET_BF16 = {"H100 PCIe": 756e12, "H100": 989.4e12, "H200": 989.4e12, "A100": 312e12}
 
@@ -474,6 +475,15 @@ def run(args: argparse.Namespace) -> dict:
         profiled = bench.profile(args.profile_budget, args.warmup, 4, args.out / "profile.txt")
         result["profile"] = profiled
         save()
+    if config.train.compile:  # graphs, graph breaks, recompilations: did the blocks stay compiled?
+        from torch._dynamo.utils import counters
+
+        result["dynamo_counters"] = {
+            group: {str(k): v for k, v in values.items()}
+            for group, values in counters.items()
+            if group in ("stats", "graph_break", "recompiles", "inductor")
+        }
+        save()
     if bench.cuda and args.search_start > 0:
         total_seconds = float(bench.data.train.durations[bench.data.train_rows].sum())
         print("largest batch budget:", flush=True)
@@ -658,7 +668,9 @@ def main(argv: list[str] | None = None) -> int:
             result = json.loads(Path(path).read_text(encoding="utf-8"))
             result["label"] = label or result.get("label", "")
             results.append(result)
-        write_benchmarks(args.benchmarks_md, markdown_section(results), BENCHMARKS_HEADING, None)
+        write_benchmarks(
+            args.benchmarks_md, markdown_section(results), BENCHMARKS_HEADING, EARLIER_GPU_HEADING
+        )
         print(f"wrote the GPU section of {args.benchmarks_md}")
         return 0
     result = run(args)

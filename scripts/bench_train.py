@@ -620,7 +620,12 @@ def summarise(chunks: dict, peaks: dict, setup: dict, args, machine: dict) -> di
 
 
 CONTENDER_ROWS = (  # label, key of the rate, key of the rounds, process (for its peak memory)
-    ("phonetune (`train.loop.train`)", "phonetune_audio_s_per_s", "phonetune", "phonetune"),
+    (
+        "phonetune (`phonetune.train.loop.train`)",
+        "phonetune_audio_s_per_s",
+        "phonetune",
+        "phonetune",
+    ),
     ("reference (HF `Trainer` recipe)", "reference_audio_s_per_s", "reference", "reference"),
     ("limit, exact lengths", "limit_exact_audio_s_per_s", "exact", "limit"),
     ("limit, padded batches", "limit_padded_audio_s_per_s", "padded", "limit"),
@@ -742,6 +747,7 @@ def write_benchmarks(
     """Replace the section of BENCHMARKS.md that starts with `heading` (by default the training
     one), or add it before the section starting with `before` (at the end if there is none)."""
     text = path.read_text(encoding="utf-8") if path.is_file() else "# Benchmarks\n\n"
+    section = section.rstrip("\n") + "\n\n"  # a blank line before whatever follows
     start = text.find(heading)
     if start >= 0:
         end = text.find("\n## ", start + 1)

@@ -36,8 +36,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 TINY = REPO / "configs" / "tiny_cpu.yaml"
-# A very small model, a checkpoint at every step, every source of randomness on.
-SETTINGS = [
+# A smaller model than tiny_cpu.yaml's (the tests use it too: tests/helpers.py).
+MICRO = [
     "model.config.hidden_size=48",
     "model.config.num_hidden_layers=2",
     "model.config.num_attention_heads=2",
@@ -45,6 +45,10 @@ SETTINGS = [
     "model.config.conv_dim=[32]",
     "model.config.num_conv_pos_embeddings=16",
     "model.config.num_conv_pos_embedding_groups=4",
+]
+# The micro model, a checkpoint at every step, every source of randomness on.
+SETTINGS = [
+    *MICRO,
     "model.mask_time_prob=0.3",
     "model.mask_time_length=4",
     "model.layerdrop=0.2",

@@ -1,9 +1,17 @@
 """Shared fixtures: one small synthetic Common Voice corpus and its prepared dataset per test session."""
 
 import os
+import sys
+from pathlib import Path
 
 import pytest
 from helpers import TEST_CLIPS_PER_LOCALE, TEST_LOCALES
+
+# Tests import phonetune as its users do, through the installed package. `python -m pytest` puts
+# the repository root on sys.path, where the stage folders would also import as top-level `data`
+# and `train` and hide a module that names itself wrongly: take the root off.
+_ROOT = Path(__file__).resolve().parents[1]
+sys.path[:] = [entry for entry in sys.path if Path(entry or ".").resolve() != _ROOT]
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -3,7 +3,9 @@ random draw on), tiny checkpoints in the training stage's layout, speech from es
 prepared datasets. Test modules import these from here, never from each other."""
 
 import functools
+import importlib.util
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -22,16 +24,12 @@ TEST_CLIPS_PER_LOCALE = 30
 ROOT = Path(__file__).parents[1]
 TINY = ROOT / "configs" / "tiny_cpu.yaml"
 
-# A smaller model than tiny_cpu.yaml's, for the tests that check plumbing rather than learning.
-MICRO = [
-    "model.config.hidden_size=48",
-    "model.config.num_hidden_layers=2",
-    "model.config.num_attention_heads=2",
-    "model.config.intermediate_size=96",
-    "model.config.conv_dim=[32]",
-    "model.config.num_conv_pos_embeddings=16",
-    "model.config.num_conv_pos_embedding_groups=4",
-]
+# The kill -9 harness (scripts/kill_trials.py), which test_faults.py runs too; its micro model, smaller
+# than tiny_cpu.yaml's, serves the tests that check plumbing rather than learning.
+_spec = importlib.util.spec_from_file_location("kill_trials", ROOT / "scripts" / "kill_trials.py")
+kill_trials = sys.modules["kill_trials"] = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(kill_trials)
+MICRO = kill_trials.MICRO
 FAST = [
     "train.batch_seconds=12",
     "data.max_duration=12",

@@ -6,7 +6,6 @@ planned kills; the others train the same tiny model in this process.
 
 import contextlib
 import errno
-import importlib.util
 import json
 import os
 import random
@@ -18,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import kill_trials as harness
 from safetensors.torch import load_file, save_file
 
 from phonetune.data.errors import PhonetuneError
@@ -28,9 +28,6 @@ from phonetune.train.loop import Hooks, train
 from phonetune.train.stop import TrainingStopped
 
 ROOT = Path(__file__).parents[1]
-_spec = importlib.util.spec_from_file_location("kill_trials", ROOT / "scripts" / "kill_trials.py")
-harness = sys.modules["kill_trials"] = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(harness)
 
 
 def config(prepared_dir, run_dir, *overrides):

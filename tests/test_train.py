@@ -490,3 +490,42 @@ def test_compiled_training_resumes_exactly_and_exports_as_transformers_weights(
     final = ckpt.find_latest_checkpoint(tmp_path / "stopped") / "model"
     model = Wav2Vec2ForCTC.from_pretrained(final)  # transformers' own names: no compile prefixes
     assert model.config.vocab_size == len(json.loads((prepared_dir / "vocab.json").read_text()))
+
+
+def test_the_update_clips_and_skips_on_the_device_as_torch_does(prepared_dir):
+    """Parallel.update (fused AdamW given the clipping as grad_scale and the skip as found_inf) is
+    torch's clip_grad_norm_ followed by AdamW's step; a NaN gradient leaves weights and optimizer
+    state as they were. In float64, except the clip factor, which the fused kernels take in
+    float32: a relative rounding of at most 2^-24 (6e-8) of the gradient, which Adam's update
+    (nearly invariant to the gradient's scale) passes on at most in full, so the weights may
+    differ by up to lr x 1e-7 per update and not more."""
+    from phonetune.train.parallel import make_parallel
+    from phonetune.train.schedule import make_optimizer
+
+    cfg = config(prepared_dir, "/unused", *MICRO, "train.max_grad_norm=0.5")
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(8, 4).double()
+    twin = torch.nn.Linear(8, 4).double()
+    twin.load_state_dict(layer.state_dict())
+    ours, theirs = make_optimizer(layer, cfg), make_optimizer(twin, cfg)
+    parallel, updates = make_parallel(cfg), 0
+    for step in range(3):
+        grads = [torch.randn_like(p) * 10 for p in layer.parameters()]  # a norm well above 0.5
+        if step == 1:
+            grads[0][0, 0] = float("nan")
+        for module, grad in ((layer, grads), (twin, grads)):
+            for p, g in zip(module.parameters(), grad, strict=True):
+                p.grad = g.clone()
+        before = [p.detach().clone() for p in layer.parameters()]
+        norm, skipped = parallel.update(layer, ours, cfg.train.max_grad_norm)
+        assert bool(skipped) == (step == 1)
+        if step == 1:  # skipped: nothing moved, the step count neither
+            assert all(torch.equal(a, b) for a, b in zip(before, layer.parameters(), strict=True))
+            assert all(float(s["step"]) == 1 for s in ours.state.values())
+            continue
+        total = torch.nn.utils.clip_grad_norm_(list(twin.parameters()), cfg.train.max_grad_norm)
+        theirs.step()
+        updates += 1
+        torch.testing.assert_close(norm, total.to(norm.dtype), rtol=1e-12, atol=0)
+        for a, b in zip(layer.parameters(), twin.parameters(), strict=True):
+            torch.testing.assert_close(a, b, rtol=0, atol=updates * cfg.train.lr * 1e-7)

@@ -167,6 +167,10 @@ class Batch:
     weights: torch.Tensor  # (batch,) float32: 1 for a real clip, 0 for a filler row
     labels: torch.Tensor | None  # (batch, max phones) int64, IGNORE_INDEX-padded; None to evaluate
     label_lengths: torch.Tensor | None  # (batch,) int64
+    # The lengths again as plain numbers, for what reads them on the host (PyTorch's CTC loss):
+    # never read back from the device.
+    samples: list[int] = field(default_factory=list)
+    phone_counts: list[int] = field(default_factory=list)
     rows: list[int] = field(default_factory=list)
     locales: list[str] = field(default_factory=list)
     phones: list[str] = field(default_factory=list)
@@ -191,6 +195,8 @@ class Batch:
             label_lengths=None
             if self.label_lengths is None
             else function(self.label_lengths, False),
+            samples=self.samples,
+            phone_counts=self.phone_counts,
             rows=self.rows,
             locales=self.locales,
             phones=self.phones,
@@ -224,9 +230,11 @@ def collate(
     input_values, lengths = pad_waves(split.audio(rows), pad_to_multiple_of, share.width)
     phones = split.column("phones", rows)
     labels = label_lengths = None
+    phone_counts: list[int] = []
     if vocab is not None:
         encoded = [encode_phones(text, vocab) for text in phones]
-        label_lengths = torch.tensor([len(ids) for ids in encoded], dtype=torch.long)
+        phone_counts = [len(ids) for ids in encoded]
+        label_lengths = torch.tensor(phone_counts, dtype=torch.long)
         longest = max((len(ids) for ids in encoded), default=0)
         labels = torch.full((len(rows), longest), IGNORE_INDEX, dtype=torch.long)
         for i, ids in enumerate(encoded):
@@ -239,6 +247,8 @@ def collate(
         weights=weights,
         labels=labels,
         label_lengths=label_lengths,
+        samples=lengths.tolist(),
+        phone_counts=phone_counts,
         rows=real,
         locales=[str(locale) for locale in split.locales[real]] if real else [],
         phones=phones[: len(real)],

@@ -159,14 +159,15 @@ class TrainConfig:
     """Steps during which the whole transformer is frozen and only the CTC output layer trains.
     (The convolutional feature encoder is always frozen.)"""
     compile: bool | str = False
-    """torch.compile the blocks of the forward pass (feature encoder, projection, positional
-    convolution, each encoder layer, the head): false, true (= "default"), or a torch.compile mode:
+    """torch.compile the blocks of the forward pass (feature encoder, projection, each encoder
+    layer, the head): false, true (= "default"), or a torch.compile mode:
     "reduce-overhead" (CUDA graphs: for bounded batch shapes, see pad_clips_to_budget) or
     "max-autotune". The first steps of each new shape compile."""
     mixed_precision: str = "no"
     """"no", "bf16" or "fp16" autocast; the CTC loss and its log-softmax always run in fp32."""
     max_consecutive_nonfinite: int = 20
-    """Stop training after this many steps in a row with a NaN/inf gradient (each one is skipped)."""
+    """Stop training after this many steps in a row with a NaN/inf gradient (each one is skipped);
+    checked at each logging step (log.every_steps), when the step counts reach the host."""
     eval_steps: int = 1000
     """Evaluate on the eval split every this many steps (and at the end)."""
     eval_batch_seconds: float | None = None

@@ -22,10 +22,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
-from phonetune.data.ctc import count_min_frames_padded, greedy_decode
+from phonetune.data.ctc import count_frames, count_min_frames_padded, greedy_decode
 from phonetune.data.errors import PhonetuneError
 from phonetune.data.per import first_per_locale, score_predictions
 from phonetune.data.vocab import BLANK_ID
@@ -185,31 +186,20 @@ def set_up(config: Config, parallel: Parallel, run_dir: Path) -> Run:
     parallel.wait()
     resume_step = None if resume_from is None else ckpt.read_state(resume_from)["step"]
     logger = report.MetricsLogger(run_dir, config, parallel.is_main, resume_step)
+    run = Run(
+        config, parallel, run_dir, data, module, optimizer, scheduler, sampler,
+        resume.TrainState(), logger, resume_from,
+    )  # fmt: skip
     # Masking and dropout draw from the RNGs: seed each process differently, or restore them.
     if resume_from is not None:
-        state = resume.restore_training_state(
-            resume_from, module, optimizer, scheduler, sampler, parallel, config
-        )
+        run.state = resume.restore_training_state(run, resume_from)
     else:
-        state = resume.TrainState()
         seed = config.train.seed + 1000 * parallel.process_index
         resume.seed_everything(seed, parallel.unwrap(module))
     report.print_summary(
-        say,
-        config,
-        data,
-        origin,
-        parameters,
-        parallel,
-        sampler,
-        run_dir,
-        resume_from,
-        state,
+        say, config, data, origin, parameters, parallel, sampler, run_dir, resume_from, run.state
     )
-    return Run(
-        config, parallel, run_dir, data, module, optimizer, scheduler, sampler, state, logger,
-        resume_from,
-    )  # fmt: skip
+    return run
 
 
 def make_checked_sampler(
@@ -353,25 +343,23 @@ def evaluate_and_log(run: Run, progress: Any) -> None:
 
 def save(run: Run) -> Path:
     read_tally(run)  # the state saved holds every step's counts
-    return resume.save_checkpoint(
-        run.run_dir, run.state, run.module, run.optimizer, run.scheduler, run.sampler,
-        run.parallel, run.config, run.data,
-    )  # fmt: skip
+    return resume.save_checkpoint(run)
 
 
 # --- the training step ------------------------------------------------------------------------------
 def ctc_losses(
     logits: torch.Tensor,
-    output_lengths: torch.Tensor,
+    output_lengths: list[int] | torch.Tensor,
     labels: torch.Tensor,
-    label_lengths: torch.Tensor,
+    label_lengths: list[int] | torch.Tensor,
     zero_infinity: bool,
 ) -> torch.Tensor:
     """Each utterance's CTC loss, in fp32 whatever the autocast dtype (half-precision CTC gives NaN).
 
     Targets go in padded form (rows of labels), which needs no boolean indexing. PyTorch's CTC
-    reads the lengths on the host: give them as CPU tensors (the batch's own), so that they need
-    not be read back from the device.
+    reads the lengths on the host: give them as lists of numbers (the batch's own), so that they
+    are not read back from the device. (On a GPU it still copies them there itself, waiting for
+    the device twice in the forward pass and twice in the backward.)
     """
     with (
         torch.autocast(device_type=logits.device.type, enabled=False),
@@ -433,9 +421,9 @@ def train_step(
             )
             losses = ctc_losses(
                 logits,
-                unwrapped.output_lengths(host.input_lengths),
+                count_frames(np.asarray(host.samples), unwrapped.conv_layers).tolist(),
                 batch.labels,
-                host.label_lengths,
+                host.phone_counts,
                 config.model.ctc_zero_infinity,
             )
             # reduction "mean": each utterance's loss divided by its label length first

@@ -378,7 +378,10 @@ def fft_conv1d(
 def _positional_conv_forward(conv: nn.Conv1d, x: torch.Tensor) -> torch.Tensor:
     """The positional convolution: through FFTs for float32 on a CPU, as the layer itself elsewhere
     (cuDNN is fast on GPUs; bf16/fp16 autocast keeps the layer's own precision rules)."""
-    if x.device.type != "cpu" or x.dtype != torch.float32 or torch.is_autocast_enabled("cpu"):
+    # Compiled (train.compile), the layer itself: the FFT size is a function of the length, which
+    # would make every new length a new graph.
+    eager_fp32_cpu = x.device.type == "cpu" and x.dtype == torch.float32
+    if not eager_fp32_cpu or torch.is_autocast_enabled("cpu") or torch.compiler.is_compiling():
         return conv._conv_forward(x, conv.weight, conv.bias)
     return fft_conv1d(x, conv.weight, conv.bias, conv.padding[0], conv.groups)
 
@@ -451,6 +454,7 @@ class CTCModel(nn.Module):
         conv = model.wav2vec2.encoder.pos_conv_embed.conv
         if conv.stride == (1,) and conv.dilation == (1,):
             conv.forward = functools.partial(_positional_conv_forward, conv)
+        self._cudagraphs = False  # compile_blocks("reduce-overhead")
         self.seed_random(0)
 
     # --- the run's generators ---------------------------------------------------------------------
@@ -503,6 +507,8 @@ class CTCModel(nn.Module):
         freeze_transformer: bool = False,
     ) -> torch.Tensor:
         wav2vec2 = self.model.wav2vec2
+        if self._cudagraphs:  # a new pass: CUDA graph outputs of the last one may be overwritten
+            torch.compiler.cudagraph_mark_step_begin()
         features = wav2vec2.feature_extractor(input_values).transpose(1, 2)
         frames = self.output_lengths(input_lengths)
         valid = None
@@ -602,16 +608,17 @@ class CTCModel(nn.Module):
 
     def compile_blocks(self, mode: str) -> None:
         """torch.compile each block of the forward pass in place (parameter names unchanged): the
-        feature encoder and projection, the positional convolution, every encoder layer, the head.
-        Regions rather than the whole pass: LayerDrop chooses layers per step, and every encoder
-        layer shares one compiled graph."""
+        feature encoder and projection, every encoder layer, the head. Regions rather than the
+        whole pass: LayerDrop chooses layers per step, and every encoder layer shares one compiled
+        graph. The positional convolution stays eager: inductor's backward of a grouped
+        convolution fixes the length, so every new batch width would compile it again."""
         wav2vec2 = self.model.wav2vec2
-        blocks = [
-            wav2vec2.feature_extractor,
-            wav2vec2.feature_projection,
-            wav2vec2.encoder.pos_conv_embed,
-            *wav2vec2.encoder.layers,
-            self.model.lm_head,
-        ]
-        for block in blocks:
-            block.compile(mode=None if mode == "default" else mode)
+        graphed = [wav2vec2.feature_projection, *wav2vec2.encoder.layers, self.model.lm_head]
+        # CUDA graphs ("reduce-overhead") own their outputs until the next replay: the frozen
+        # feature encoder, whose output the projection keeps for its backward, is compiled plain.
+        self._cudagraphs = "reduce-overhead" in mode
+        wav2vec2.feature_extractor.compile(dynamic=True)
+        for block in graphed:
+            # dynamic: one graph for every batch shape, instead of a static one first and a
+            # dynamic one at the second shape (CUDA graphs are still recorded per shape)
+            block.compile(mode=None if mode == "default" else mode, dynamic=True)

@@ -172,13 +172,12 @@ class Parallel:
             return self._tensors(*self._update_on_host(module, optimizer, max_grad_norm))
         grads = [p.grad for p in module.parameters() if p.requires_grad and p.grad is not None]
         norm = torch.nn.utils.get_total_norm(grads, foreach=True)
-        found_inf = (~torch.isfinite(norm)).to(torch.float32)
+        found_inf = (~torch.isfinite(norm)).to(torch.float32)  # the fused kernels take float32
         inner = _torch_optimizer(optimizer)
         inner.found_inf = found_inf
-        if (
-            max_grad_norm > 0
-        ):  # torch's clip_grad_norm_ factor, max_norm / (norm + 1e-6), as a divisor
-            inner.grad_scale = ((norm + 1e-6) / max_grad_norm).clamp(min=1.0)
+        if max_grad_norm > 0:
+            # torch's clip_grad_norm_ factor, max_norm / (norm + 1e-6), as the kernel's divisor
+            inner.grad_scale = ((norm + 1e-6) / max_grad_norm).clamp(min=1.0).float()
         try:
             inner.step()
         finally:

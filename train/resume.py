@@ -28,7 +28,8 @@ from phonetune.train.config import Config, config_differences, config_to_dict, d
 from phonetune.train.model import architecture_differences, expected_architecture
 
 if TYPE_CHECKING:
-    from phonetune.train.batching import DurationBatchSampler, TrainingData
+    from phonetune.train.batching import DurationBatchSampler
+    from phonetune.train.loop import Run
     from phonetune.train.parallel import Parallel
 
 Say = Callable[[str], None]
@@ -142,19 +143,13 @@ def check_resume_compatible(
 
 
 # --- saving --------------------------------------------------------------------------------------------
-def save_checkpoint(
-    run_dir: Path,
-    state: TrainState,
-    module: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LRScheduler,
-    sampler: DurationBatchSampler,
-    parallel: Parallel,
-    config: Config,
-    data: TrainingData,
-) -> Path:
+def save_checkpoint(run: Run) -> Path:
     """Write checkpoints/step_<n>/ atomically (every process adds its RNG state), then update
     best.json and prune. Collective."""
+    run_dir, state, module, parallel, config = (
+        run.run_dir, run.state, run.module, run.parallel, run.config
+    )  # fmt: skip
+    optimizer, scheduler, sampler, data = run.optimizer, run.scheduler, run.sampler, run.data
     tmp = ckpt.checkpoints_dir(run_dir) / (ckpt.step_dir_name(state.step) + ".tmp")
     error = None
     if parallel.is_main:
@@ -235,32 +230,25 @@ def settle_save(
 
 
 # --- resuming ------------------------------------------------------------------------------------------
-def restore_training_state(
-    checkpoint: Path,
-    module: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LRScheduler,
-    sampler: DurationBatchSampler,
-    parallel: Parallel,
-    config: Config,
-) -> TrainState:
+def restore_training_state(run: Run, checkpoint: Path) -> TrainState:
     """Restore optimizer, scheduler, scaler, sampler position and this process's RNG state.
 
     (The weights were loaded with the model.) RNG comes last, so nothing drawn during setup leaks
     into the continued run.
     """
+    module, optimizer, parallel, config = run.module, run.optimizer, run.parallel, run.config
     saved = ckpt.read_state(checkpoint)
     known = {f for f in TrainState.__dataclass_fields__}
     state = TrainState(**{key: value for key, value in saved.items() if key in known})
     parallel.restore_optimizer(
         module, optimizer, ckpt.load_tensors(checkpoint, "optimizer.pt"), checkpoint
     )
-    scheduler.load_state_dict(ckpt.load_tensors(checkpoint, "scheduler.pt"))
+    run.scheduler.load_state_dict(ckpt.load_tensors(checkpoint, "scheduler.pt"))
     scaler_state = ckpt.load_tensors(checkpoint, "scaler.pt")
     scaler = parallel.accelerator.scaler
     if scaler is not None and scaler_state is not None:
         scaler.load_state_dict(scaler_state)
-    continue_sampler(state, saved.get("sampler", {}), sampler, parallel, config)
+    continue_sampler(state, saved.get("sampler", {}), run.sampler, parallel, config)
     rng = ckpt.load_tensors(checkpoint, f"rng_state_{parallel.process_index}.pt")
     if rng is None:
         parallel.print(
