@@ -639,11 +639,11 @@ def spread(values: list[float]) -> str:
 def print_table(result: dict) -> None:
     peaks, rounds = result["peak_memory"], result["per_round_audio_s_per_s"]
     print(
-        f"\n{'contender':<34} {'audio s/s':>9} {'rounds: min / median / max':>27} {'peak RSS':>9}"
+        f"\n{'contender':<40} {'audio s/s':>9} {'rounds: min / median / max':>27} {'peak RSS':>9}"
     )
     for label, key, name, process in CONTENDER_ROWS:
         print(
-            f"{label.replace('`', ''):<34} {result[key]:>9.1f} {spread(rounds[name]):>27} "
+            f"{label.replace('`', ''):<40} {result[key]:>9.1f} {spread(rounds[name]):>27} "
             f"{peaks[process]['peak_rss_mb']:>7.0f}MB"
         )
     print(
