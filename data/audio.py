@@ -3,6 +3,10 @@ resampled to 16 kHz), and normalise and pad waveforms exactly as the model was t
 
 from __future__ import annotations
 
+import contextlib
+import os
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -18,10 +22,11 @@ TRUNCATED_FRACTION = 0.95
 
 
 class AudioError(Exception):
-    """A clip that cannot be used; `reason` is the short code written to prep_report.json."""
+    """A clip that cannot be used; `reason` is the short code written to prep_report.json and
+    `detail` says what is wrong with the file (callers name the file)."""
 
     def __init__(self, reason: str, detail: str) -> None:
-        super().__init__(f"{reason}: {detail}")
+        super().__init__(detail)
         self.reason = reason
         self.detail = detail
 
@@ -29,32 +34,78 @@ class AudioError(Exception):
 def load_audio(path: str | Path, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
     """Return the clip at `path` as float32 mono samples at `sample_rate`.
 
-    Raises AudioError with reason 'unreadable_audio' (cannot be decoded), 'empty_audio' (no
-    samples), 'truncated_audio' (fewer samples than its header announces) or 'non_finite_audio'
-    (NaN or infinite samples, which float WAVs can hold).
+    Raises AudioError with reason 'missing_file' (no such file), 'unreadable_audio' (cannot be
+    decoded; the detail says why), 'empty_audio' (no samples), 'truncated_audio' (fewer samples
+    than its header announces) or 'non_finite_audio' (NaN or infinite samples, which float WAVs
+    can hold).
     """
-    name = Path(path).name
+    path = Path(path)
+    if not path.is_file():
+        raise AudioError("missing_file", "is a folder" if path.is_dir() else "no such file")
     try:
-        with soundfile.SoundFile(str(path)) as handle:
+        with quiet_native_stderr(), soundfile.SoundFile(str(path)) as handle:
             source_rate, announced = handle.samplerate, handle.frames
             samples = handle.read(dtype="float32", always_2d=True)
     except (soundfile.LibsndfileError, RuntimeError, ValueError, OSError) as error:
-        raise AudioError("unreadable_audio", f"{name}: {error}") from None
+        raise AudioError("unreadable_audio", describe_undecodable(path, error)) from None
     if samples.shape[0] == 0:
-        raise AudioError("empty_audio", f"{name} holds no samples")
+        raise AudioError("empty_audio", "holds no samples")
     if _is_truncated(samples.shape[0], announced):
         raise AudioError(
             "truncated_audio",
-            f"{name}: decoded {samples.shape[0] / source_rate:.2f} s of the "
+            f"decoded {samples.shape[0] / source_rate:.2f} s of the "
             f"{announced / source_rate:.2f} s its header announces",
         )
     if not np.isfinite(samples).all():
-        raise AudioError("non_finite_audio", f"{name} holds NaN or infinite samples")
+        raise AudioError("non_finite_audio", "holds NaN or infinite samples")
     mono = samples.mean(axis=1) if samples.shape[1] > 1 else samples[:, 0]
     if source_rate != sample_rate:
         # soxr's "HQ" is a 20-bit-quality band-limited resampler (fast and transparent for speech).
         mono = soxr.resample(mono, source_rate, sample_rate, quality="HQ")
     return np.ascontiguousarray(mono, dtype=np.float32)
+
+
+@contextlib.contextmanager
+def quiet_native_stderr() -> Iterator[None]:
+    """Send what C libraries write to file descriptor 2 to /dev/null for the block: libsndfile's
+    mpg123 prints notes ("Illegal Audio-MPEG-Header", "Trying to resync") for damaged MP3s, and
+    whatever it could not decode is reported as an AudioError instead."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "wb") as devnull:
+            os.dup2(devnull.fileno(), 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def describe_undecodable(path: Path, error: Exception) -> str:
+    """What is wrong with a file libsndfile cannot open, in words: its own message says "File does
+    not exist" for any file it does not recognise."""
+    with open(path, "rb") as handle:
+        head = handle.read(4096)
+    if not head:
+        return "the file is empty (0 bytes)"
+    if head.startswith(b"ID3") and len(head) >= 10:
+        # ID3v2: a 10-byte header whose size is 4 bytes of 7 bits each, then the tag (+ a footer).
+        size = 10 + sum(byte << (7 * (3 - i)) for i, byte in enumerate(head[6:10]))
+        size += 10 if head[5] & 0x10 else 0
+        if path.stat().st_size <= size:
+            return "an MP3 with an ID3 tag and no audio after it (cut short?)"
+    if b"\0" not in head:
+        try:
+            head.decode("utf-8")
+            return "holds text, not audio"
+        except UnicodeDecodeError as cut:
+            if cut.start >= len(head) - 3:  # a character cut at the 4096-byte boundary
+                return "holds text, not audio"
+    message = str(error).strip().rstrip(".")
+    return (
+        "not audio that libsndfile can decode (WAV, FLAC, OGG, MP3), or damaged beyond "
+        f"repair ({message})"
+    )
 
 
 def _is_truncated(decoded: int, announced: int) -> bool:

@@ -14,12 +14,13 @@ Steps, each reporting what it rejects and why:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import multiprocessing
 import os
+import shlex
 import shutil
-import sys
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -41,6 +42,7 @@ from phonetune.data.phonemize import (
     phonemize_batch,
 )
 from phonetune.data.prepared import DATASET_FILE, REPORT_FILE
+from phonetune.data.progress import progress_bar
 from phonetune.data.vocab import VOCAB_FILE, build_vocab, load_vocab, save_vocab
 
 SHARD_CLIPS = 256
@@ -216,16 +218,8 @@ class PhonemeJobs:
 
     def finish(self, tasks: list[ClipTask]) -> None:
         """Wait for every job, store its phones in the cache, and fill in the tasks' phones."""
-        from tqdm import tqdm
-
         computed: dict[str, dict[str, str]] = defaultdict(dict)
-        with tqdm(
-            total=self.sentences,
-            desc="phonemize",
-            unit="sentence",
-            disable=self.sentences == 0,
-            file=sys.stderr,
-        ) as bar:
+        with progress_bar(self.sentences, "phonemize", "sentence") as bar:
             for item in self.pending:
                 language, table = item.get() if self.pool else phonemize_job(item)
                 self.cache.store(table, language, self.policy)  # kept if decoding is interrupted
@@ -473,11 +467,9 @@ def decode_shards(
     Largest first so the workers run out of work together: a big shard dealt last would keep one
     worker busy while the others wait.
     """
-    from tqdm import tqdm
-
     jobs = [(path, chunk, settings) for path, chunk in sorted(todo, key=lambda s: -len(s[1]))]
     clips = sum(len(chunk) for _, chunk in todo)
-    with tqdm(total=clips, desc="decode", unit="clip", disable=clips == 0, file=sys.stderr) as bar:
+    with progress_bar(clips, "decode", "clip") as bar:
         sizes = {path: len(chunk) for path, chunk in todo}
         results: Iterable[str] = (
             pool.imap_unordered(process_shard, jobs) if pool else map(process_shard, jobs)
@@ -736,9 +728,32 @@ def prepare(options: PrepareOptions) -> dict:
     """Run the whole data stage; returns the report (also written to `out/prep_report.json`)."""
     validate_options(options)
     given_vocab = load_vocab(options.vocab) if options.vocab else None
-    options.out.mkdir(parents=True, exist_ok=True)
+    # Every locale's TSVs are found first: a missing one is an error before anything is written.
+    split_files = {
+        locale: find_split_files(options.cv_root, locale, options.splits)
+        for locale in options.locales
+    }
     work_dir = options.out / ".work"
-    work_dir.mkdir(exist_ok=True)
+    created = [f for f in (work_dir, options.out, *options.out.parents) if not f.exists()]
+    work_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        return prepare_into(work_dir, options, split_files, given_vocab)
+    except BaseException:
+        # A failure before any shard was written leaves no empty folders behind (rmdir removes
+        # only empty ones: shards of an interrupted run stay, to be resumed).
+        with contextlib.suppress(OSError):
+            for folder in created:
+                folder.rmdir()
+        raise
+
+
+def prepare_into(
+    work_dir: Path,
+    options: PrepareOptions,
+    split_files: dict[str, dict[str, Path]],
+    given_vocab: dict[str, int] | None,
+) -> dict:
+    """Phonemize, decode into shards under `work_dir`, and write the dataset and report."""
     cache = PhonemeCache(
         (options.cache_dir or default_cache_dir()) / "phonemes.sqlite", espeak_version()
     )
@@ -754,11 +769,6 @@ def prepare(options: PrepareOptions) -> dict:
         # Started first, so that the workers import while the main process reads the TSVs.
         pool = multiprocessing.get_context("spawn").Pool(options.num_workers)
     try:
-        # Every locale's TSVs are found first: a missing one is an error before any work.
-        split_files = {
-            locale: find_split_files(options.cv_root, locale, options.splits)
-            for locale in options.locales
-        }
         phonemes = PhonemeJobs(cache, options.language_switch, pool)
         tasks: list[ClipTask] = []
         rejected: list[Rejection] = []
@@ -921,4 +931,9 @@ def run(args: argparse.Namespace) -> int:
     )
     report = prepare(options)
     print_summary(report, options.out)
+    out = shlex.quote(str(options.out))
+    print(
+        f"next: phonetune train --config xlsr53_espeak_cv data.prepared_dir={out} "
+        f"run.output_dir=runs/{shlex.quote(options.out.resolve().name)}   (on a CPU: --config tiny_cpu)"
+    )
     return 0

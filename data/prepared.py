@@ -64,6 +64,19 @@ def read_report(path: str | Path | None) -> dict[str, Any]:
     return report if isinstance(report, dict) else {}
 
 
+def split_hours_per_locale(report: dict, split: str = "train") -> dict[str, float]:
+    """Hours of kept audio per locale in one split, from prep_report.json (read gently: {} for what
+    it does not hold)."""
+    hours = {}
+    for locale, entry in (report.get("per_locale") or {}).items():
+        if not isinstance(entry, dict):
+            continue
+        counts = (entry.get("splits") or {}).get(split)
+        if isinstance(counts, dict) and "hours" in counts:
+            hours[locale] = float(counts["hours"])
+    return hours
+
+
 def open_split(path: str | Path, split: str, option: str) -> PreparedSplit:
     """One split of a prepared dataset; a clear error naming the splits there are."""
     splits = open_prepared(path, option)

@@ -41,6 +41,7 @@ import numpy as np
 from phonetune.data.commonvoice import SPLITS
 from phonetune.data.errors import PhonetuneError
 from phonetune.data.locales import DEFAULT_LOCALES, LOCALES, parse_locales
+from phonetune.data.progress import progress_bar
 
 # Common Voice's columns, in its order (the releases phonetune reads).
 TSV_COLUMNS: tuple[str, ...] = (
@@ -445,14 +446,12 @@ def run_batches(
     batches: list[tuple[str, list[Clip]]], num_workers: int, progress: bool
 ) -> Iterator[tuple[str, float]]:
     """Synthesise the batches in a spawn pool, yielding (path, seconds) as clips are written."""
-    from tqdm import tqdm
-
     # spawn, not fork: a forked child would inherit the parent's espeak-ng state, and fork is
     # unsafe once libraries have started threads.
     context = multiprocessing.get_context("spawn")
     total = sum(len(clips) for _, clips in batches)
     with (
-        tqdm(total=total, unit="clip", desc="synthesising", disable=not progress) as bar,
+        progress_bar(total, "synthesising", "clip", show=progress) as bar,
         context.Pool(num_workers, maxtasksperchild=1) as pool,
     ):
         for written in pool.imap_unordered(synthesize_batch, batches):

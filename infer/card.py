@@ -13,7 +13,7 @@ import torch
 
 from phonetune import __version__
 from phonetune.data.errors import PhonetuneError
-from phonetune.data.prepared import read_report
+from phonetune.data.prepared import read_report, split_hours_per_locale
 from phonetune.infer.checks import LOGITS_TOLERANCE, ONNX_OPSET, ONNX_TOLERANCE, ExportCheck
 from phonetune.train.checkpoint import METRICS_FILE, Checkpoint
 
@@ -21,18 +21,12 @@ if TYPE_CHECKING:
     from transformers import Wav2Vec2Config
 
 
-def train_hours_per_locale(report: dict) -> dict[str, float]:
-    """Hours of kept training audio per locale, from prep_report.json (its format still moves: read gently)."""
-    hours = {}
-    for locale, entry in (report.get("per_locale") or {}).items():
-        if not isinstance(entry, dict):
-            continue
-        train = (entry.get("splits") or {}).get("train")
-        if isinstance(train, dict) and "hours" in train:
-            hours[locale] = float(train["hours"])
-        elif "hours" in entry:
-            hours[locale] = float(entry["hours"])
-    return hours
+def train_hours_per_locale(checkpoint: Checkpoint, report: dict) -> dict[str, float]:
+    """Hours of kept training audio of each locale the model was trained on (a run with
+    `data.locales` leaves the dataset's other locales out)."""
+    hours = split_hours_per_locale(report, checkpoint.train_split())
+    trained = checkpoint.train_locales()
+    return {loc: h for loc, h in hours.items() if trained is None or loc in trained}
 
 
 def read_training_dev_per(checkpoint: Checkpoint) -> tuple[float | None, dict[str, float]]:
@@ -65,6 +59,8 @@ def read_metrics_files(paths: Sequence[Path]) -> dict[str, dict]:
     """`phonetune evaluate` JSON files by split ("test" when a file does not say)."""
     by_split = {}
     for path in paths:
+        if not Path(path).is_file():
+            raise PhonetuneError(f"--metrics {path}: no such file")
         try:
             metrics = json.loads(Path(path).read_text(encoding="utf-8"))
         except (OSError, json.JSONDecodeError) as error:
@@ -114,7 +110,7 @@ def render_model_card(
 
     report = read_report(checkpoint.prepared_dir())
     training_config = checkpoint.training_config()
-    hours = train_hours_per_locale(report)
+    hours = train_hours_per_locale(checkpoint, report)
     dev_overall, dev_locale = read_training_dev_per(checkpoint)
     if "dev" in metrics:  # a full evaluate run beats the dev PER logged during training
         dev_overall = metrics["dev"]["overall"]["per"]

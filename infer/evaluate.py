@@ -9,6 +9,7 @@ Recognition is infer/recognize.py's; PER is data/per.py's, the code training's e
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import time
 from collections.abc import Sequence
@@ -21,6 +22,7 @@ import numpy as np
 from phonetune.data.errors import PhonetuneError
 from phonetune.data.per import first_per_locale, score_feature_errors, score_predictions
 from phonetune.data.prepared import batches_longest_first, open_prepared
+from phonetune.data.progress import progress_bar
 from phonetune.data.vocab import SPECIAL_TOKENS
 from phonetune.infer.recognize import (
     DEFAULT_BATCH_SECONDS,
@@ -76,16 +78,22 @@ def evaluate_model(
     zero_shot: bool = False,
     inventory: Path | None = None,
     inventory_text: Path | None = None,
+    which: str | int = "latest",
 ) -> dict:
     """PER of `model` on `split` of a prepared dataset; writes JSON to `out` when given.
 
+    `model` is a loaded model or a path (an export, a checkpoint, or a run folder and `which` of
+    its checkpoints), loaded once the data and options are checked.
     Returns `{"overall": {...}, "per_locale": {locale: {...}}, ...}` with per, substitutions,
-    deletions, insertions, ref_phones and utterances, plus model, split, throughput and examples.
+    deletions, insertions, ref_phones and utterances, plus model, split, throughput and examples,
+    `unseen_locales` (evaluated locales the model was not trained on, where that is recorded) and
+    `phones_outside_vocabulary` (reference phones the model cannot output).
     With `zero_shot`, adds `"zero_shot"` (see `zero_shot_results`): the target inventory of each
     locale comes from `inventory` (a phone list), `inventory_text` (text phonemized with espeak-ng)
     or, by default, the phones of the locale's train split transcripts.
     """
-    loaded = model if isinstance(model, LoadedModel) else load_model(Path(model))
+    if batch_seconds <= 0:
+        raise PhonetuneError("--batch-seconds must be positive")
     rows = load_split(prepared_dir, split, locales)
     if len(rows) == 0:
         raise PhonetuneError(
@@ -105,20 +113,24 @@ def evaluate_model(
     references = rows["phones"]
     row_locales = rows["locale"]
     durations = rows["duration"]
+    loaded = model if isinstance(model, LoadedModel) else load_model(Path(model), which)
+    notes = describe_mismatch(loaded, references, row_locales)
+    if verbose:
+        for note in notes["lines"]:
+            print(f"note: {note}")
     audio = rows.select_columns(["audio"]).with_format("numpy")
     predictions = [""] * len(rows)
 
     started = time.perf_counter()
-    batches = batches_longest_first(durations, batch_seconds)
-    for number, indices in enumerate(batches, 1):
-        waves = [
-            np.asarray(samples, dtype=np.float32) / 32768.0
-            for samples in audio[indices.tolist()]["audio"]
-        ]
-        for index, phones in zip(indices.tolist(), recognize(loaded, waves), strict=True):
-            predictions[index] = phones
-        if verbose and number % 20 == 0:
-            print(f"  batch {number}/{len(batches)}", flush=True)
+    with progress_bar(len(rows), "evaluate", "clip", show=verbose) as bar:
+        for indices in batches_longest_first(durations, batch_seconds):
+            waves = [
+                np.asarray(samples, dtype=np.float32) / 32768.0
+                for samples in audio[indices.tolist()]["audio"]
+            ]
+            for index, phones in zip(indices.tolist(), recognize(loaded, waves), strict=True):
+                predictions[index] = phones
+            bar.update(len(indices))
     elapsed = time.perf_counter() - started
 
     results = score_predictions(predictions, references, row_locales)
@@ -131,6 +143,8 @@ def evaluate_model(
             "audio_seconds": round(audio_seconds, 2),
             "eval_seconds": round(elapsed, 2),
             "audio_seconds_per_second": round(audio_seconds / elapsed, 2) if elapsed > 0 else None,
+            "unseen_locales": notes["unseen_locales"],
+            "phones_outside_vocabulary": notes["phones_outside_vocabulary"],
             "examples": first_per_locale(
                 row_locales,
                 [
@@ -155,6 +169,40 @@ def evaluate_model(
         if "zero_shot" in results:
             print_zero_shot(results["zero_shot"])
     return results
+
+
+def describe_mismatch(
+    loaded: LoadedModel, references: Sequence[str], locales: Sequence[str]
+) -> dict:
+    """What about this data the model cannot know: evaluated locales outside its training locales
+    (where they are recorded: their PER measures zero-shot recognition), and reference phones
+    outside its vocabulary (it can never output them: each is an error). Counts and a note each."""
+    lines = []
+    trained = loaded.train_locales
+    unseen = sorted(set(locales) - set(trained)) if trained is not None else None
+    if unseen:
+        lines.append(
+            f"{', '.join(unseen)} not among the model's training locales ({', '.join(trained)}): "
+            "their PER measures zero-shot recognition (--zero-shot maps phones to each "
+            "locale's inventory)"
+        )
+    known = set(loaded.id_to_token.values())
+    outside: Counter[str] = collections.Counter(
+        phone for text in references for phone in text.split() if phone not in known
+    )
+    if outside:
+        total = sum(1 for text in references for _ in text.split())
+        listing = " ".join(f"{phone} ({n})" for phone, n in outside.most_common(12))
+        lines.append(
+            f"{sum(outside.values())} of {total} reference phones ({len(outside)} distinct) are "
+            f"not in the model's vocabulary and can never be output: {listing}"
+            + (" ..." if len(outside) > 12 else "")
+        )
+    return {
+        "lines": lines,
+        "unseen_locales": unseen,
+        "phones_outside_vocabulary": dict(outside.most_common()),
+    }
 
 
 # --- zero-shot: the paper's articulatory phone mapping -----------------------------------------
@@ -392,8 +440,6 @@ def run(args: argparse.Namespace) -> int:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
-    if args.batch_seconds <= 0:
-        raise PhonetuneError("--batch-seconds must be positive")
     locales = (
         [loc for item in args.locales for loc in item.split(",") if loc] if args.locales else None
     )
@@ -403,7 +449,7 @@ def run(args: argparse.Namespace) -> int:
         # Next to the checkpoint, where `phonetune export` looks for it.
         out = select_checkpoint(args.model, which).path / f"eval_{args.split}.json"
     evaluate_model(
-        load_model(args.model, which),
+        args.model,
         args.data,
         split=args.split,
         locales=locales,
@@ -412,6 +458,7 @@ def run(args: argparse.Namespace) -> int:
         zero_shot=args.zero_shot,
         inventory=args.inventory,
         inventory_text=args.inventory_text,
+        which=which,
     )
     if out is not None:
         print(f"wrote {out}")

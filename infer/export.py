@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import shutil
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -167,10 +168,19 @@ def export_model(
     out = Path(out)
     checkpoint = select_checkpoint(source, which)
     check_out_dir(out, overwrite, protected=[checkpoint.path])
+    # Every argument is checked before the model is loaded and minutes go into checks.
+    metrics_by_split = read_metrics_files(list(find_metrics_files(checkpoint)) + list(metrics))
+    prepared = check_evaluate_splits(checkpoint, evaluate_splits)
+    if audio is not None and not Path(audio).is_file():
+        raise PhonetuneError(f"--audio {audio}: no such file")
     say(f"exporting {checkpoint.path} (step {checkpoint.step}) -> {out}")
 
     vocab = load_vocab(checkpoint.vocab_path)
     model = load_model_folder(checkpoint.model_dir, safetensors_only=True)
+    # Where a model came from travels with it: `phonetune evaluate` notes locales it never saw.
+    train_locales = checkpoint.train_locales()
+    if train_locales is not None:
+        model.config.phonetune_train_locales = train_locales
     if model.config.vocab_size != len(vocab) or model.config.pad_token_id != BLANK_ID:
         raise PhonetuneError(
             f"{checkpoint.path}: the model has vocab_size {model.config.vocab_size} and pad_token_id "
@@ -212,8 +222,7 @@ def export_model(
                 f"ONNX check: ONNX Runtime vs PyTorch max |logit difference| {check.onnx_max_abs_diff:.2g} "
                 f"(tolerance {ONNX_TOLERANCE:g}), argmax agreement {100 * check.onnx_argmax_agreement:.2f} %"
             )
-        metrics_by_split = read_metrics_files(list(find_metrics_files(checkpoint)) + list(metrics))
-        metrics_by_split.update(evaluate_export(staging, checkpoint, evaluate_splits, say))
+        metrics_by_split.update(evaluate_export(staging, prepared, evaluate_splits, say))
         card = render_model_card(checkpoint, model.config, out.name, check, metrics_by_split)
         (staging / "README.md").write_text(card, encoding="utf-8")
         move_into_place(staging, out)
@@ -224,18 +233,29 @@ def export_model(
     return out
 
 
-def evaluate_export(
-    staging: Path, checkpoint: Checkpoint, splits: Sequence[str], say: Callable[..., None]
-) -> dict[str, dict]:
-    """PER of the exported folder on the training data's splits (for the model card)."""
+def check_evaluate_splits(checkpoint: Checkpoint, splits: Sequence[str]) -> Path | None:
+    """The prepared dataset `--evaluate` runs on, with every split it names; None without it."""
     if not splits:
-        return {}
+        return None
+    from phonetune.data.prepared import open_split
+
     prepared = checkpoint.prepared_dir()
     if prepared is None:
         raise PhonetuneError(
             "--evaluate needs the prepared dataset named in the checkpoint's config.yaml (data.prepared_dir), "
             "which was not found; run `phonetune evaluate` separately and pass --metrics"
         )
+    for split in splits:
+        open_split(prepared, split, "--evaluate")
+    return prepared
+
+
+def evaluate_export(
+    staging: Path, prepared: Path | None, splits: Sequence[str], say: Callable[..., None]
+) -> dict[str, dict]:
+    """PER of the exported folder on the training data's splits (for the model card)."""
+    if prepared is None:
+        return {}
     from phonetune.infer.evaluate import evaluate_model
 
     results = {}
@@ -298,14 +318,18 @@ def run(args: argparse.Namespace) -> int:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
-    export_model(
+    which = chosen_checkpoint(args)
+    out = export_model(
         args.source,
         args.out,
         onnx=args.onnx,
-        which=chosen_checkpoint(args),
+        which=which,
         overwrite=args.overwrite,
         audio=args.audio,
         metrics=args.metrics,
         evaluate_splits=args.evaluate,
     )
+    prepared = select_checkpoint(args.source, which).prepared_dir()
+    data = shlex.quote(str(prepared)) if prepared is not None else "PREPARED_DIR"
+    print(f"next: phonetune evaluate {shlex.quote(str(out))} --data {data} --split test")
     return 0

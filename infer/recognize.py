@@ -56,6 +56,7 @@ class LoadedModel:
     id_to_token: dict[int, str]
     uses_attention_mask: bool
     source: str
+    train_locales: list[str] | None = None  # None where it is not recorded
 
     @property
     def conv_layers(self) -> tuple[tuple[int, int], ...]:
@@ -80,12 +81,17 @@ def load_model(path: Path, which: str | int = "latest") -> LoadedModel:
             raise PhonetuneError(f"{path} is an export folder: --best and --step choose among a "
                                  "run's checkpoints")  # fmt: skip
         model_dir, vocab_path, source = path, path / VOCAB_FILE, str(path)
+        train_locales = None  # in the export's config.json, read below
     else:
         checkpoint = select_checkpoint(path, which)
         model_dir, vocab_path = checkpoint.model_dir, checkpoint.vocab_path
         source = f"{checkpoint.path} (step {checkpoint.step})"
+        train_locales = checkpoint.train_locales()
     vocab = load_vocab(vocab_path)
     model = load_model_folder(model_dir)
+    if train_locales is None:
+        recorded = getattr(model.config, "phonetune_train_locales", None)
+        train_locales = list(recorded) if isinstance(recorded, list) else None
     if model.config.vocab_size != len(vocab):
         raise PhonetuneError(
             f"{path}: the model has {model.config.vocab_size} outputs but vocab.json {len(vocab)} tokens"
@@ -95,6 +101,7 @@ def load_model(path: Path, which: str | int = "latest") -> LoadedModel:
         id_to_token={i: token for token, i in vocab.items()},
         uses_attention_mask=model.config.feat_extract_norm == "layer",
         source=source,
+        train_locales=train_locales,
     )
 
 

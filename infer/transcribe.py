@@ -16,9 +16,10 @@ from pathlib import Path
 
 import numpy as np
 
-from phonetune.data.audio import SAMPLE_RATE, load_audio
+from phonetune.data.audio import SAMPLE_RATE, AudioError, load_audio
 from phonetune.data.errors import PhonetuneError
 from phonetune.data.prepared import batches_longest_first
+from phonetune.data.progress import progress_bar
 from phonetune.infer.recognize import (
     DEFAULT_BATCH_SECONDS,
     LoadedModel,
@@ -42,6 +43,7 @@ class Transcript:
     phones: str | None = None
     duration: float | None = None
     error: str | None = None
+    note: str | None = None  # why the phones are empty although the file was read
 
 
 def split_into_chunks(wave: np.ndarray, chunk_seconds: float) -> list[np.ndarray]:
@@ -61,8 +63,10 @@ def transcribe_files(
     paths: Sequence[Path],
     chunk_seconds: float = DEFAULT_CHUNK_SECONDS,
     batch_seconds: float = DEFAULT_BATCH_SECONDS,
+    progress: bool = False,
 ) -> list[Transcript]:
-    """One Transcript per path, in order; unreadable files carry `error` instead of `phones`."""
+    """One Transcript per path, in order; unreadable files carry `error` instead of `phones`, and
+    files too short to recognise a `note`. `progress` draws a bar over the audio (on a terminal)."""
     if chunk_seconds < MIN_CHUNK_SECONDS:
         raise PhonetuneError(f"--chunk-seconds must be at least {MIN_CHUNK_SECONDS:g}")
     if batch_seconds <= 0:
@@ -74,23 +78,37 @@ def transcribe_files(
     for index, path in enumerate(paths):
         try:
             wave = load_audio(path)
-        except Exception as error:  # any failure: one bad file must not stop the others
+        except AudioError as error:
+            transcripts[index].error = (
+                f"no such file: {path}"
+                if error.detail == "no such file"
+                else f"cannot read {path}: {error.detail}"
+            )
+            continue
+        except Exception as error:  # any other failure: one bad file must not stop the others
             transcripts[index].error = f"cannot read {path}: {error}"
             continue
         transcripts[index].duration = round(len(wave) / SAMPLE_RATE, 3)
         if len(wave) < loaded.min_samples:
-            transcripts[index].phones = ""  # too short for a single output frame
+            transcripts[index].phones = ""
+            transcripts[index].note = (
+                f"too short: {len(wave) / SAMPLE_RATE:.4f} s, the model needs at least "
+                f"{loaded.min_samples / SAMPLE_RATE:.3f} s for one output frame"
+            )
             continue
         for chunk in split_into_chunks(wave, chunk_seconds):
             chunks.append(chunk)
             owners.append(index)
 
     phones = [""] * len(chunks)
-    for indices in batches_longest_first([len(c) / SAMPLE_RATE for c in chunks], batch_seconds):
-        for chunk_index, text in zip(
-            indices.tolist(), recognize(loaded, [chunks[i] for i in indices]), strict=True
-        ):
-            phones[chunk_index] = text
+    seconds = [len(c) / SAMPLE_RATE for c in chunks]
+    with progress_bar(round(sum(seconds), 1), "transcribe", "s audio", show=progress) as bar:
+        for indices in batches_longest_first(seconds, batch_seconds):
+            for chunk_index, text in zip(
+                indices.tolist(), recognize(loaded, [chunks[i] for i in indices]), strict=True
+            ):
+                phones[chunk_index] = text
+            bar.update(round(sum(seconds[i] for i in indices.tolist()), 1))
     pieces: dict[int, list[str]] = {}
     for chunk_index, owner in enumerate(owners):  # chunks were appended in time order
         pieces.setdefault(owner, []).append(phones[chunk_index])
@@ -112,7 +130,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--json",
         action="store_true",
-        help="print one JSON document: [{path, phones, duration} or {path, error}, ...]",
+        help="print one JSON document: [{path, phones, duration[, note]} or {path, error}, ...]",
     )
     parser.add_argument(
         "--chunk-seconds",
@@ -128,7 +146,9 @@ def run(args: argparse.Namespace) -> int:
 
     hf_logging.disable_progress_bar()
     loaded = load_model(args.model, chosen_checkpoint(args))
-    transcripts = transcribe_files(loaded, args.audio, args.chunk_seconds, args.batch_seconds)
+    transcripts = transcribe_files(
+        loaded, args.audio, args.chunk_seconds, args.batch_seconds, progress=True
+    )
     if args.json:
         payload = [{k: v for k, v in asdict(t).items() if v is not None} for t in transcripts]
         print(json.dumps(payload, indent=2, ensure_ascii=False))
@@ -136,6 +156,11 @@ def run(args: argparse.Namespace) -> int:
         for transcript in transcripts:
             if transcript.error is None:
                 print(f"{transcript.path}\t{transcript.phones}")
+    for transcript in transcripts:
+        if transcript.note is not None:
+            print(
+                f"phonetune transcribe: note: {transcript.path}: {transcript.note}", file=sys.stderr
+            )
     failed = [t for t in transcripts if t.error is not None]
     for transcript in failed:
         print(f"phonetune transcribe: error: {transcript.error}", file=sys.stderr)

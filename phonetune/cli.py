@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import logging
 import sys
 
 from phonetune.data.errors import PhonetuneError
@@ -57,10 +58,23 @@ def _find_command(argv: list[str]) -> str | None:
     return next((arg for arg in argv if not arg.startswith("-")), None)
 
 
+def quiet_foreign_warnings() -> None:
+    """DeepSpeed, when installed, is imported by transformers' `save_pretrained` (through
+    Accelerate's unwrapping) whether or not it is used, and on a machine without a GPU it warns
+    "Setting accelerator to CPU" into the command's output. Training imports it only under a
+    DeepSpeed launcher config; this drops that one warning everywhere else."""
+    logging.getLogger("DeepSpeed").addFilter(_not_the_cpu_fallback_warning)  # once per function
+
+
+def _not_the_cpu_fallback_warning(record: logging.LogRecord) -> bool:
+    return "Setting accelerator to CPU" not in record.getMessage()
+
+
 def main(argv: list[str] | None = None, hooks: object = None) -> int:
     """Run a subcommand; `hooks` (train.loop.Hooks) reach `train` only: tests and benchmarks
     launching training processes of their own."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    quiet_foreign_warnings()
     command = _find_command(argv)
     parser = build_parser(command if command in COMMANDS else None)
     args = parser.parse_args(argv)

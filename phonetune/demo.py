@@ -12,7 +12,6 @@ import argparse
 import json
 import os
 import time
-from importlib import resources
 from pathlib import Path
 
 from phonetune.data.errors import PhonetuneError
@@ -23,14 +22,6 @@ DEMO_CONFIG = "tiny_cpu.yaml"
 DEFAULT_CLIPS_PER_LOCALE = 200
 DEFAULT_LOCALES_DEMO = DEFAULT_LOCALES[:8]
 TRANSCRIBE_CLIPS = 3
-
-
-def shipped_config(name: str) -> Path:
-    """A config shipped in the `configs` package (works from a checkout and from a wheel)."""
-    path = Path(str(resources.files("phonetune.configs") / name))
-    if not path.is_file():
-        raise PhonetuneError(f"shipped config {name} is missing from {path.parent}")
-    return path
 
 
 def stage(title: str) -> float:
@@ -65,7 +56,7 @@ def prepare_stage(corpus: Path, out: Path, locales: list[str], workers: int) -> 
 
 
 def train_stage(prepared: Path, out: Path, max_steps: int | None, overrides: list[str]) -> Path:
-    from phonetune.train.config import load_config
+    from phonetune.train.config import load_config, shipped_config
     from phonetune.train.loop import train
 
     run_dir = out / "run"

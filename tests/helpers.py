@@ -51,6 +51,15 @@ RANDOM = [
 ]
 
 
+def normalisation_tolerance(samples, largest):
+    """How far two float32 computations of (x - mean) / sqrt(var + 1e-7) over the same `samples`
+    may differ when their sums run in another order (or numpy adds the 1e-7 in float64): numpy's
+    pairwise sums err by about log2(n) units in the last place (2^-23 of 1), and the result, of
+    size up to `largest`, carries that relative error; 4x for the mean, the variance and the
+    square root together."""
+    return 4 * np.log2(samples) * np.finfo(np.float32).eps * largest
+
+
 def config(prepared_dir, run_dir, *overrides):
     return load_config(
         TINY, [f"data.prepared_dir={prepared_dir}", f"run.output_dir={run_dir}", *FAST, *overrides]

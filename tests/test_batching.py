@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 import torch
+from helpers import normalisation_tolerance
 
 from phonetune.data.audio import normalize_audio
 from phonetune.data.prepared import PreparedSplit, pack_batches
@@ -34,8 +35,9 @@ def test_normalisation_matches_the_feature_extractor():
     expected = extractor(pcm.astype(np.float32) / 32768.0, sampling_rate=16_000).input_values[0]
     ours = normalize_audio(pcm)
     assert ours.dtype == np.float32
-    np.testing.assert_allclose(ours, expected, rtol=1e-5, atol=1e-5)
-    assert abs(ours.mean()) < 1e-5 and ours.std() == pytest.approx(1.0, abs=1e-3)
+    tolerance = normalisation_tolerance(len(pcm), np.abs(expected).max())
+    np.testing.assert_allclose(ours, expected, rtol=0, atol=tolerance)
+    assert abs(ours.mean()) < tolerance and ours.std() == pytest.approx(1.0, abs=tolerance)
 
 
 def test_batches_respect_the_budget_including_padding():
@@ -200,8 +202,9 @@ def test_collate_slices_normalises_and_pads(tiny_split):
     assert batch.input_values.shape == (3, 24_000) and batch.input_values.dtype == torch.float32
     assert batch.input_lengths.tolist() == [24_000, 8_000, 12_345]
     assert batch.weights.tolist() == [1.0, 1.0, 1.0]
-    np.testing.assert_allclose(
-        batch.input_values[1, :8000].numpy(), normalize_audio(rows["audio"][1]), rtol=1e-6
+    # The same function on the same samples: the same numbers.
+    np.testing.assert_array_equal(
+        batch.input_values[1, :8000].numpy(), normalize_audio(rows["audio"][1])
     )
     assert torch.all(batch.input_values[1, 8000:] == 0)
     assert batch.labels.tolist() == [

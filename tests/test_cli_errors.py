@@ -65,13 +65,18 @@ CASES = {
     ),
     "train: config file missing": (
         "train --config {p}/nope.yaml",
-        ["config file", "does not exist"],
+        ["config file", "does not exist", "Shipped recipes", "tiny_cpu, xlsr53_espeak_cv"],
+    ),
+    "train: no config": ("train", ["--config is required", "tiny_cpu", "--list-configs"]),
+    "train: config is a folder": (
+        "train --config {p}/empty",
+        ["config file", "is a folder", "tiny_cpu"],
     ),
     "train: unknown key, wrong type, impossible values": (
         f"train --config {TINY} data.prepared_dir={{prep}} run.output_dir={{p}}/r train.lr=-1 "
         "train.batch_seconds=0 model.mask_time_prob=2 train.max_stepz=3 train.seed=one",
         [
-            "unknown key train.max_stepz; valid keys in train:",
+            "unknown key train.max_stepz (did you mean train.max_steps?); valid keys in train:",
             "train.seed must be an integer",
             "train.lr must be positive",
             "train.batch_seconds must be positive",
@@ -127,6 +132,14 @@ CASES = {
     "export: output is a file": (
         "export {p}/run --out {p}/a_file",
         ["is a file, not a folder"],
+    ),
+    "export: --metrics missing": (
+        "export {p}/run --out {p}/x --metrics {p}/nope.json",
+        ["--metrics", "nope.json: no such file"],
+    ),
+    "export: --audio missing": (
+        "export {p}/run --out {p}/x --audio {p}/nope.wav",
+        ["--audio", "nope.wav: no such file"],
     ),
     "evaluate: model missing": (
         "evaluate {p}/nope --data {prep}",
@@ -201,3 +214,99 @@ def test_the_command_line_exits_2_and_prints_no_traceback(place):
     )
     assert debug.returncode == 1 and "Traceback" in debug.stderr
     assert "PhonetuneError: --cv-root nope" in debug.stderr
+
+
+def test_argument_and_path_errors_come_before_the_model_is_loaded(
+    place, prepared_dir, monkeypatch, capsys
+):
+    def must_not_load(*args, **kwargs):
+        raise AssertionError("the model was loaded before the arguments were checked")
+
+    monkeypatch.setattr("phonetune.infer.evaluate.load_model", must_not_load)
+    monkeypatch.setattr("phonetune.infer.export.load_model_folder", must_not_load)
+    for argv, words in (
+        (f"evaluate {place}/run --data {place}/empty", "is not a prepared dataset"),
+        (f"evaluate {place}/run --data {prepared_dir} --split nosuch", "no 'nosuch' split"),
+        (f"evaluate {place}/run --data {prepared_dir} --locales xx", "--locales xx: not in"),
+        (f"evaluate {place}/run --data {prepared_dir} --batch-seconds 0", "must be positive"),
+        (f"export {place}/run --out {place}/x --metrics {place}/a_file", "--metrics"),
+        (f"export {place}/run --out {place}/x --audio {place}/nope.wav", "--audio"),
+        (f"export {place}/run --out {place}/x --evaluate dev", "--evaluate needs"),
+    ):
+        assert main(argv.split()) == 2, argv
+        assert words in capsys.readouterr().err, argv
+
+
+def test_failed_commands_leave_nothing_behind(cv_corpus, prepared_dir, tmp_path, capsys):
+    # prepare: a locale with no folder in the release is found before --out is created.
+    out = tmp_path / "new" / "prep"
+    assert (
+        main(["prepare", "--cv-root", str(cv_corpus), "--locales", "en,de", "--out", str(out)]) == 2
+    )
+    assert "no directory for locale 'de'" in capsys.readouterr().err
+    assert not (tmp_path / "new").exists()
+    # train: a wrong data path, found during set-up, leaves no run folder (nor its parents)...
+    settings = [f"data.prepared_dir={tmp_path / 'nope'}", "train.max_steps=1"]
+    run_dir = tmp_path / "runs" / "a"
+    assert main(["train", "--config", "tiny_cpu", *settings, f"run.output_dir={run_dir}"]) == 2
+    assert not (tmp_path / "runs").exists()
+    # ... and an empty folder given as the run folder stays empty.
+    (tmp_path / "empty").mkdir()
+    assert (
+        main(["train", "--config", "tiny_cpu", *settings, f"run.output_dir={tmp_path / 'empty'}"])
+        == 2
+    )
+    assert list((tmp_path / "empty").iterdir()) == []
+
+
+def test_list_configs_names_the_shipped_recipes(capsys):
+    assert main(["train", "--list-configs"]) == 0
+    printed = capsys.readouterr().out
+    for name in ("tiny_cpu", "xlsr53_espeak_cv", "zero_shot_tiny"):
+        assert any(line.startswith(f"{name} ") for line in printed.splitlines()), printed
+
+
+def test_deepspeed_cpu_warning_is_dropped_by_the_command(capsys):
+    """transformers' save_pretrained imports DeepSpeed whenever it is installed, which then warns
+    on a machine without a GPU: the command filters that one message and nothing else."""
+    import logging
+
+    assert main(["train", "--list-configs"]) == 0
+    logger = logging.getLogger("DeepSpeed")
+
+    def passes(message):
+        record = logger.makeRecord("DeepSpeed", logging.WARNING, "x.py", 1, message, (), None)
+        return logger.filter(record)
+
+    assert not passes("Setting accelerator to CPU. If you have GPU or other accelerator, ...")
+    assert passes("ZeRO stage 2 is not supported with offload")
+
+
+def test_one_process_training_does_not_import_deepspeed(prepared_dir, tmp_path):
+    """Unwrapping the model and gathering the training state for a checkpoint (what Accelerate's
+    own helpers would import DeepSpeed for) without DeepSpeed."""
+    script = f"""
+import sys, torch
+from helpers import MICRO, config
+from phonetune.train.parallel import make_parallel
+cfg = config({str(prepared_dir)!r}, {str(tmp_path)!r}, *MICRO)
+parallel = make_parallel(cfg)
+module = torch.nn.Linear(3, 2)
+optimizer = torch.optim.AdamW(module.parameters())
+module, optimizer = parallel.prepare(module, optimizer)
+module(torch.ones(1, 3)).sum().backward()
+optimizer.step()
+assert parallel.unwrap(module) is not None
+weights, state = parallel.gather_state(module, optimizer)
+assert set(weights) == {{"weight", "bias"}} and state["state"], (weights, state)
+assert "deepspeed" not in sys.modules, "DeepSpeed was imported"
+print("ok")
+"""
+    done = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        cwd=ROOT / "tests",
+        env={**os.environ, "PYTHONPATH": str(ROOT / "tests")},
+    )
+    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-3000:]

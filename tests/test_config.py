@@ -15,6 +15,7 @@ from phonetune.train.config import (
     config_to_dict,
     dump_config,
     load_config,
+    shipped_recipes,
 )
 
 CONFIGS = sorted((Path(__file__).parents[1] / "configs").glob("*.yaml"))
@@ -132,6 +133,40 @@ def test_unknown_key_names_the_valid_keys():
     assert "valid keys in train:" in message and "lr" in message and "max_steps" in message
 
 
+@pytest.mark.parametrize(
+    ("override", "suggestion"),
+    [
+        ("train.max_step=3", "did you mean train.max_steps?"),  # a typo
+        ("train.layerdrop=0.1", "did you mean model.layerdrop?"),  # the wrong section
+        ("max_steps=3", "did you mean train.max_steps?"),  # no section
+        ("trian.lr=1", "did you mean train?"),  # a misspelt section
+    ],
+)
+def test_an_unknown_key_suggests_the_nearest_valid_one(override, suggestion):
+    with pytest.raises(PhonetuneError) as error:
+        load_config(None, ["model.config={}", *REQUIRED, override])
+    assert suggestion in str(error.value)
+
+
+def test_an_unknown_key_far_from_every_valid_one_suggests_nothing():
+    with pytest.raises(PhonetuneError) as error:
+        load_config(None, ["model.config={}", *REQUIRED, "train.zzzzqqq=1"])
+    assert "did you mean" not in str(error.value)
+
+
+def test_shipped_recipes_by_name_from_any_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # no configs/ here
+    for name in ("tiny_cpu", "tiny_cpu.yaml", "configs/tiny_cpu.yaml"):
+        assert load_config(name, REQUIRED).model.config["hidden_size"] == 192, name
+    assert shipped_recipes().keys() == {"tiny_cpu", "xlsr53_espeak_cv", "zero_shot_tiny"}
+    assert all(description for description in shipped_recipes().values())
+    # A file of that name in the working folder is the user's and wins.
+    (tmp_path / "tiny_cpu.yaml").write_text("train: {max_steps: 7}\nmodel: {config: {}}\n")
+    assert load_config("tiny_cpu.yaml", REQUIRED).train.max_steps == 7
+    with pytest.raises(PhonetuneError, match="Shipped recipes .*tiny_cpu, xlsr53_espeak_cv"):
+        load_config("tiny_gpu", REQUIRED)
+
+
 def test_unknown_section_names_the_sections():
     with pytest.raises(
         PhonetuneError, match=r"unknown key 'optim'.*data, model, train, run, log, resume"
@@ -191,6 +226,12 @@ def test_bad_files_are_clear_errors(tmp_path):
         load_config(bad)
     with pytest.raises(PhonetuneError, match="not of the form key=value"):
         load_config(None, ["model.config={}", *REQUIRED, "train.max_steps"])
+    with pytest.raises(PhonetuneError, match="is a folder: give one of its YAML recipes"):
+        load_config(tmp_path)
+    binary = tmp_path / "binary.yaml"
+    binary.write_bytes(b"train:\n  lr: \xff\xfe\n")
+    with pytest.raises(PhonetuneError, match=r"is not UTF-8 text \(byte 0xff at offset 13\)"):
+        load_config(binary)
 
 
 def test_resolved_config_round_trips_and_differences_are_listed(tmp_path):

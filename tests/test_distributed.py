@@ -11,6 +11,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+import yaml
 from helpers import FAST, MICRO, RANDOM, ROOT, TINY, config, read_metrics
 from safetensors.torch import load_file
 
@@ -58,15 +59,32 @@ def dev_phone_counts(prepared_dir):
     return counts
 
 
+# How far Adam can move a weight in the 4 steps of these runs: about one learning rate per step.
+UPDATE_SCALE = 4 * yaml.safe_load(TINY.read_text())["train"]["lr"]
+
+
 def close_weights(first, second):
-    """Trained weights that agree as the same computation summed in another order does (see the
-    tolerances of test_two_processes_with_budget_b_train_like_one_with_2b)."""
+    """Trained weights that agree as the same computation summed in another order does.
+
+    The bounds are in units of what the steps can move a weight (UPDATE_SCALE), not numbers one
+    machine produced. Summation order changes a gradient by float32 rounding (~1e-7 of its terms),
+    and Adam, which divides by the gradient's running RMS, passes that on as a relative 1e-7 of an
+    update, except where a gradient is itself at the rounding floor (output rows of phones absent
+    from the step): there the noise can flip an update's sign, moving the weight by up to one
+    update per step. A wrong batch, token count or reduction instead moves nearly every weight by
+    a sizeable fraction of an update. So: the median weight agrees to 1e-4 of the update scale,
+    99.9% to 1e-2, and none by more than twice it.
+    """
     assert first.keys() == second.keys()
     assert all(first[k].shape == second[k].shape for k in first)
     differences = torch.cat([(first[k] - second[k]).abs().flatten() for k in first])
-    stats = f"max {differences.max():.2e}, 99.9% {differences.quantile(0.999):.2e}"
-    assert differences.max() < 4e-3 and differences.quantile(0.999) < 1e-5, stats
-    assert differences.median() < 1e-7, stats
+    differences /= UPDATE_SCALE
+    stats = (
+        f"in units of {UPDATE_SCALE:g}: max {differences.max():.2e}, "
+        f"99.9% {differences.quantile(0.999):.2e}, median {differences.median():.2e}"
+    )
+    assert differences.max() < 2 and differences.quantile(0.999) < 1e-2, stats
+    assert differences.median() < 1e-4, stats
 
 
 def without_last_checkpoint(run_dir, copy):
@@ -109,7 +127,8 @@ def test_two_processes_with_budget_b_train_like_one_with_2b(prepared_dir, tmp_pa
     one_losses, one_evals = read_metrics(tmp_path / "one")
     assert [r["step"] for r in two_losses] == [1, 2, 3, 4]
     # Same global batches, loss normalised by the global token count: the same numbers up to the
-    # summation order of differently shaped batches.
+    # summation order of differently shaped batches, float32 rounding of ~1e-6 relative (a sum of
+    # positive CTC terms does not cancel); 1e-5 is some 80 units in the last place.
     np.testing.assert_allclose(
         [r["loss"] for r in two_losses], [r["loss"] for r in one_losses], rtol=1e-5
     )
@@ -118,11 +137,7 @@ def test_two_processes_with_budget_b_train_like_one_with_2b(prepared_dir, tmp_pa
     )
     final_two = weights(ckpt.find_latest_checkpoint(tmp_path / "two" / "run"))
     final_one = weights(ckpt.find_latest_checkpoint(tmp_path / "one"))
-    # Adam divides by the gradient's running RMS, so where a gradient is ~0 (output rows of phones
-    # absent from the step) summation-order noise can flip an update's sign and move a weight by up
-    # to two learning-rate steps (2 x 2e-3 here). 99.9% of the weights agree to 1e-5, half exactly
-    # or to 1e-7 (measured: max 4e-4, 99.9% 3e-6).
-    close_weights(final_two, final_one)
+    close_weights(final_two, final_one)  # (measured: max 0.05, 99.9% 4e-4, in UPDATE_SCALE units)
 
     # Evaluation: every dev clip decoded exactly once across the two processes, although the eval
     # batches do not divide evenly between them.

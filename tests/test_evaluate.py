@@ -6,7 +6,15 @@ import json
 import numpy as np
 import pytest
 import torch
-from helpers import VOCAB, speech, tiny_model, write_checkpoint, write_prepared
+import yaml
+from helpers import (
+    VOCAB,
+    normalisation_tolerance,
+    speech,
+    tiny_model,
+    write_checkpoint,
+    write_prepared,
+)
 from transformers import Wav2Vec2FeatureExtractor, Wav2Vec2ForCTC, Wav2Vec2Processor
 
 from phonetune.cli import main
@@ -103,7 +111,8 @@ def test_normalize_batch_matches_the_feature_extractor():
     extractor = Wav2Vec2FeatureExtractor(do_normalize=True, return_attention_mask=True)
     expected = extractor(waves, sampling_rate=16_000, padding=True, return_tensors="pt")
     assert torch.equal(batch["attention_mask"], expected["attention_mask"].long())
-    assert (batch["input_values"] - expected["input_values"]).abs().max() < 1e-5
+    tolerance = normalisation_tolerance(max(map(len, waves)), expected["input_values"].abs().max())
+    assert (batch["input_values"] - expected["input_values"]).abs().max() <= tolerance
     assert batch["input_values"][1, len(waves[1]) :].abs().max() == 0  # padded with zeros
     assert "attention_mask" not in normalize_batch(waves, uses_attention_mask=False)
 
@@ -312,7 +321,36 @@ def test_cli_zero_shot_prints_both_rates(constant_run, spanish, tmp_path, capsys
     )
     printed = capsys.readouterr().out
     assert "zero-shot" in printed and "PFER" in printed
-    table = printed.split("zero-shot", 1)[1]
+    table = printed.split("\nzero-shot: ", 1)[1]  # the table after its heading
     line = next(row for row in table.splitlines() if row.startswith("es "))
     assert line.split()[3:5] == ["100.00", "33.33"]  # PER without mapping, with mapping
     assert json.loads(out.read_text())["zero_shot"]["per_locale"]["es"]["mapping"]["aɪ"] == "a"
+
+
+def test_data_the_model_never_saw_is_noted_and_counted(prepared, tmp_path, capsys):
+    """Locales outside the model's training locales, and reference phones outside its vocabulary
+    (which it can never output), are said before decoding and counted in the results, for a
+    checkpoint (from its training config) and for its export (from config.json) alike."""
+    phones = [t for t in VOCAB if t not in ("ʁ", "ɛ")]  # the French references need both
+    vocab = {token: index for index, token in enumerate(phones)}
+    run = tmp_path / "run"
+    step = write_checkpoint(run, 2, prepared_dir=prepared, vocab=vocab)
+    config = yaml.safe_load((step / "config.yaml").read_text())
+    config["data"]["locales"] = ["en"]
+    (step / "config.yaml").write_text(yaml.safe_dump(config))
+    export = export_model(run, tmp_path / "export", verbose=False)
+    for model in (run, export):
+        capsys.readouterr()
+        results = evaluate_model(model, prepared, split="test")
+        printed = capsys.readouterr().out
+        assert results["unseen_locales"] == ["fr"], model
+        assert results["phones_outside_vocabulary"] == {"ʁ": 1, "ɛ": 1}, model
+        notes = [line for line in printed.splitlines() if line.startswith("note: ")]
+        assert len(notes) == 2, printed
+        assert "fr not among the model's training locales (en)" in notes[0]
+        assert "2 of 11 reference phones (2 distinct)" in notes[1] and "ʁ (1)" in notes[1]
+    # Nothing to say when the data is what the model knows.
+    capsys.readouterr()
+    results = evaluate_model(run, prepared, split="test", locales=["en"])
+    assert results["unseen_locales"] == [] and results["phones_outside_vocabulary"] == {}
+    assert "note: " not in capsys.readouterr().out

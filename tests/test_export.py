@@ -5,6 +5,7 @@ Tiny checkpoints in the training stage's layout and a tiny prepared dataset come
 """
 
 import json
+import shlex
 import shutil
 
 import numpy as np
@@ -399,3 +400,12 @@ def test_unreadable_check_audio_is_a_clear_error(run_dir, tmp_path):
     with pytest.raises(PhonetuneError, match="--audio .*bad.wav"):
         export_model(run_dir, tmp_path / "export", audio=bad, verbose=False)
     assert not (tmp_path / "export").exists()
+
+
+def test_the_command_names_the_next_one(run_dir, tmp_path, capsys):
+    out = tmp_path / "cli export"  # a path the hint must quote for a shell
+    assert main(["export", str(run_dir), "--out", str(out)]) == 0
+    prepared = select_checkpoint(run_dir, "latest").prepared_dir()
+    data = shlex.quote(str(prepared)) if prepared else "PREPARED_DIR"
+    hint = f"next: phonetune evaluate {shlex.quote(str(out))} --data {data} --split test"
+    assert capsys.readouterr().out.strip().splitlines()[-1] == hint

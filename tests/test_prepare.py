@@ -154,3 +154,15 @@ def test_a_vocabulary_path_that_cannot_be_read_is_a_clear_error(tmp_path):
         load_vocab(tmp_path)
     with pytest.raises(PhonetuneError, match="does not exist"):
         load_vocab(tmp_path / "missing.json")
+
+
+def test_the_command_names_the_next_one(cv_corpus, tmp_path, capsys):
+    from phonetune.cli import main
+
+    out = tmp_path / "ru"
+    assert main(["prepare", "--cv-root", str(cv_corpus), "--locales", "ru", "--out", str(out)]) == 0
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last.startswith(
+        f"next: phonetune train --config xlsr53_espeak_cv data.prepared_dir={out} "
+        "run.output_dir=runs/ru"
+    ), last

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from helpers import MICRO, RANDOM, TINY, config, read_metrics
+from helpers import FAST, MICRO, RANDOM, TINY, config, read_metrics
 
 from phonetune.data.errors import PhonetuneError
 from phonetune.train import checkpoint as ckpt
@@ -529,3 +529,38 @@ def test_the_update_clips_and_skips_on_the_device_as_torch_does(prepared_dir):
         torch.testing.assert_close(norm, total.to(norm.dtype), rtol=1e-12, atol=0)
         for a, b in zip(layer.parameters(), twin.parameters(), strict=True):
             torch.testing.assert_close(a, b, rtol=0, atol=updates * cfg.train.lr * 1e-7)
+
+
+def test_what_a_finished_run_says(prepared_dir, tmp_path, capsys):
+    """The summary counts the steps this session ran; a half-written metrics line left by a kill
+    is dropped with a word; a model that outputs only blanks gets a note; the command names the
+    next one."""
+    from phonetune.cli import main
+
+    run_dir = tmp_path / "run"
+    common = [
+        f"data.prepared_dir={prepared_dir}",
+        f"run.output_dir={run_dir}",
+        *MICRO,
+        *FAST,
+        "train.eval_steps=2",
+        "train.save_steps=2",
+    ]
+    assert main(["train", "--config", str(TINY), *common, "train.max_steps=2"]) == 0
+    printed = capsys.readouterr().out
+    assert "done: 2 steps in" in printed
+    assert f"next: phonetune export {run_dir} --best --out {run_dir}-model" in printed
+    with open(run_dir / "metrics.jsonl", "a", encoding="utf-8") as metrics:
+        metrics.write('{"step": 3, "loss": 1.2')  # a kill in the middle of a write
+
+    def say_only_blanks(run, step, result):  # every frame's blank logit far above the rest
+        with torch.no_grad():
+            run.parallel.unwrap(run.module).model.lm_head.bias[0] = 1e4
+
+    resumed = ["train.max_steps=4", "train.eval_steps=2", "resume=auto"]
+    train(config(prepared_dir, run_dir, *MICRO, *resumed), Hooks(after_step=say_only_blanks))
+    printed = capsys.readouterr().out
+    assert "metrics.jsonl: dropped 1 line(s) cut short" in printed
+    assert "done: 2 steps (2 -> 4) in" in printed
+    assert "note: after 4 steps the model outputs only blanks" in printed
+    assert [r["step"] for r in read_metrics(run_dir)[0]] == [1, 2, 3, 4]

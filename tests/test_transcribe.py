@@ -130,3 +130,43 @@ def test_long_recording_is_transcribed_window_by_window(export_dir, audio_files)
     assert transcript.phones == " ".join(
         phones for phones in (model_card_phones(export_dir, w) for w in windows) if phones
     )
+
+
+def test_each_unusable_file_says_what_is_wrong_with_it(export_dir, audio_files, capfd):
+    """A file missing, a folder, an empty file, text named .mp3, an MP3 that is only an ID3 tag,
+    an MP3 with garbage in the middle, one sample of audio: each is named once, with its problem;
+    the decoder's own notes (mpg123's "Illegal Audio-MPEG-Header") stay out of the output."""
+    folder, files = audio_files
+    bad = folder / "bad"
+    bad.mkdir(exist_ok=True)
+    (bad / "empty.mp3").write_bytes(b"")
+    (bad / "notes.mp3").write_text("these are my notes, not audio\n", encoding="utf-8")
+    # ID3v2.4 header: "ID3", version 4.0, no flags, a 10-byte tag (7-bit size bytes), no frames.
+    (bad / "tag_only.mp3").write_bytes(b"ID3\x04\x00\x00\x00\x00\x00\x0a" + bytes(10))
+    mp3 = files["morning_48k.mp3"][0].read_bytes()
+    middle = len(mp3) // 2
+    noise = np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8).tobytes()
+    (bad / "damaged.mp3").write_bytes(mp3[:middle] + noise + mp3[middle:])
+    soundfile.write(bad / "one_sample.wav", np.zeros(1, dtype=np.float32), SAMPLE_RATE)
+    names = ["missing.mp3", "empty.mp3", "notes.mp3", "tag_only.mp3", "damaged.mp3"]
+    argv = ["transcribe", str(export_dir), *(str(bad / n) for n in names)]
+    argv += [str(bad), str(bad / "one_sample.wav")]
+    capfd.readouterr()
+    assert main(argv) == 1
+    captured = capfd.readouterr()
+    err = captured.err
+    expected = {
+        "missing.mp3": f"error: no such file: {bad / 'missing.mp3'}",
+        "empty.mp3": "empty.mp3: the file is empty (0 bytes)",
+        "notes.mp3": "notes.mp3: holds text, not audio",
+        "tag_only.mp3": "tag_only.mp3: an MP3 with an ID3 tag and no audio after it",
+        "one_sample.wav": "note: " + str(bad / "one_sample.wav") + ": too short: 0.0001 s",
+    }
+    for name, words in expected.items():
+        assert words in err, (name, err)
+        assert err.count(name) == 1, (name, err)  # named once, not three times
+    assert f"cannot read {bad}: is a folder" in err
+    # The damaged MP3 decodes or is reported, but libmpg123's chatter never reaches the user.
+    assert "Illegal Audio-MPEG-Header" not in err + captured.out
+    assert "resync" not in err + captured.out
+    assert "Traceback" not in err

@@ -143,14 +143,34 @@ class Checkpoint:
         (as written, or relative to the run folder)."""
         from phonetune.data.prepared import is_prepared
 
-        data = self.training_config().get("data") or {}
-        configured = data.get("prepared_dir") if isinstance(data, dict) else None
+        configured = self._data_setting("prepared_dir")
         if not isinstance(configured, str) or not configured:
             return None
         candidates = [Path(configured)]
         if self.run_dir is not None and not Path(configured).is_absolute():
             candidates.append(self.run_dir / configured)
         return next((c for c in candidates if is_prepared(c)), None)
+
+    def train_locales(self) -> list[str] | None:
+        """The locales the model was trained on: the config's `data.locales`, else those with
+        audio in the training split of the prepared dataset; None when neither can be read."""
+        from phonetune.data.prepared import read_report, split_hours_per_locale
+
+        locales = self._data_setting("locales")
+        if isinstance(locales, list):
+            return sorted(str(locale) for locale in locales)
+        prepared = self.prepared_dir()
+        if prepared is None:
+            return None
+        hours = split_hours_per_locale(read_report(prepared), self.train_split())
+        return sorted(locale for locale, h in hours.items() if h > 0) or None
+
+    def train_split(self) -> str:
+        return str(self._data_setting("train_split") or "train")
+
+    def _data_setting(self, key: str) -> Any:
+        data = self.training_config().get("data")
+        return data.get(key) if isinstance(data, dict) else None
 
     def training_config(self) -> dict:
         """The resolved training config (the checkpoint's, else the run's), {} if neither is readable."""

@@ -12,11 +12,13 @@ wrong types and contradictions are collected and reported together in one `Phone
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import functools
 import math
 import types
 import typing
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
@@ -249,18 +251,66 @@ HF_TRAINING_SETTINGS = (
 )
 
 
+# --- the recipes shipped with the package -------------------------------------------------------
+def shipped_config(name: str) -> Path:
+    """A file of the `configs` package (a checkout's configs/, or the installed package's)."""
+    return Path(str(resources.files("phonetune.configs") / name))
+
+
+def shipped_recipes() -> dict[str, str]:
+    """Recipe name -> the first sentence of its leading comment, for every shipped YAML recipe."""
+    recipes = {}
+    for path in sorted(shipped_config(".").glob("*.yaml")):
+        comment = []
+        for line in path.read_text(encoding="utf-8").splitlines():
+            if not line.startswith("#") or line.strip() == "#":
+                break
+            comment.append(line.lstrip("# ").rstrip())
+        text = " ".join(comment)
+        recipes[path.stem] = text.split(". ")[0].rstrip(".:")
+    return recipes
+
+
+def resolve_config_path(path: str | Path) -> Path:
+    """The config file `--config` names: the path as given when it exists, else a shipped recipe
+    of that name (`tiny_cpu`, `tiny_cpu.yaml` or `configs/tiny_cpu.yaml`), so the recipes work
+    from any folder and from an installed package; otherwise an error listing them."""
+    path = Path(path)
+    if path.exists():
+        return path
+    if path.parent in (Path("."), Path("configs")):
+        shipped = shipped_config(path.name if path.suffix else f"{path.name}.yaml")
+        if shipped.is_file():
+            return shipped
+    raise PhonetuneError(
+        f"config file {path} does not exist. Shipped recipes (give the name, e.g. --config "
+        f"tiny_cpu): {', '.join(shipped_recipes())}"
+    )
+
+
 # --- loading ------------------------------------------------------------------------------------
 def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Read a YAML config file, apply `key=value` overrides, check everything; raise all errors at once."""
+    """Read a YAML config file (a path or a shipped recipe's name), apply `key=value` overrides,
+    check everything; raise all errors at once."""
     raw: dict[str, Any] = {}
     source = "overrides"
     if path is not None:
-        path = Path(path)
+        path = resolve_config_path(path)
         source = str(path)
+        if path.is_dir():
+            raise PhonetuneError(
+                f"config file {path} is a folder: give one of its YAML recipes "
+                f"(shipped: {', '.join(shipped_recipes())})"
+            )
         try:
             loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise PhonetuneError(f"config file {path} does not exist") from None
+        except UnicodeDecodeError as error:
+            raise PhonetuneError(
+                f"config file {path} is not UTF-8 text (byte {error.object[error.start]:#04x} at "
+                f"offset {error.start}): give a YAML recipe"
+            ) from None
+        except OSError as error:
+            raise PhonetuneError(f"cannot read config file {path}: {error.strerror}") from None
         except yaml.YAMLError as error:
             raise PhonetuneError(f"config file {path} is not valid YAML: {error}") from None
         if loaded is None:
@@ -317,7 +367,10 @@ def build_config(raw: dict[str, Any], errors: list[str]) -> Config:
     """Turn the raw mapping into dataclasses, appending unknown-key and type errors to `errors`."""
     unknown = [key for key in raw if key not in TOP_LEVEL_KEYS]
     for key in unknown:
-        errors.append(f"unknown key {key!r}; valid top-level keys: {', '.join(TOP_LEVEL_KEYS)}")
+        errors.append(
+            f"unknown key {key!r}{_did_you_mean(key, None)}; valid top-level keys: "
+            f"{', '.join(TOP_LEVEL_KEYS)}"
+        )
     sections = {}
     for name, cls in SECTIONS.items():
         values = raw.get(name) or {}
@@ -334,13 +387,39 @@ def build_config(raw: dict[str, Any], errors: list[str]) -> Config:
     return Config(**sections, resume=resume)
 
 
+def _did_you_mean(key: str, section: str | None) -> str:
+    """ " (did you mean X?)" for the nearest valid key: in the same place, else the same name or a
+    near one in another section (train.layerdrop -> model.layerdrop), else nothing."""
+    everywhere = {
+        f"{name}.{field.name}": field.name
+        for name, cls in SECTIONS.items()
+        for field in dataclasses.fields(cls)
+    }
+    if section is None:
+        here = list(TOP_LEVEL_KEYS)
+    else:
+        here = [f.name for f in dataclasses.fields(SECTIONS[section])]
+    close = difflib.get_close_matches(key, here, n=1, cutoff=0.6)
+    if close:
+        return f" (did you mean {close[0] if section is None else f'{section}.{close[0]}'}?)"
+    elsewhere = [full for full, short in everywhere.items() if short == key] or [
+        full
+        for full in everywhere
+        if difflib.get_close_matches(key, [everywhere[full]], n=1, cutoff=0.8)
+    ]
+    return f" (did you mean {elsewhere[0]}?)" if elsewhere else ""
+
+
 def _build_section(name: str, cls: type, values: dict[str, Any], errors: list[str]) -> Any:
     hints = _type_hints(cls)
     valid = [f.name for f in dataclasses.fields(cls)]
     accepted = {}
     for key, value in values.items():
         if key not in hints:
-            errors.append(f"unknown key {name}.{key}; valid keys in {name}: {', '.join(valid)}")
+            errors.append(
+                f"unknown key {name}.{key}{_did_you_mean(key, name)}; valid keys in {name}: "
+                f"{', '.join(valid)}"
+            )
             continue
         if _accepts_float(hints[key]) and isinstance(value, str):
             value = _parse_float(value)  # PyYAML reads 1e-3 (no dot) as a string

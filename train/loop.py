@@ -20,6 +20,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from shlex import quote
 from typing import Any
 
 import numpy as np
@@ -29,6 +30,7 @@ import torch.nn.functional as F
 from phonetune.data.ctc import count_frames, count_min_frames_padded, greedy_decode
 from phonetune.data.errors import PhonetuneError
 from phonetune.data.per import first_per_locale, score_predictions
+from phonetune.data.progress import progress_bar
 from phonetune.data.vocab import BLANK_ID
 from phonetune.train import checkpoint as ckpt
 from phonetune.train import report, resume
@@ -45,10 +47,22 @@ from phonetune.train.batching import (
     make_sampler,
     plan_eval,
 )
-from phonetune.train.config import Config, dump_config, load_config, write_config
+from phonetune.train.config import (
+    Config,
+    dump_config,
+    load_config,
+    shipped_config,
+    shipped_recipes,
+    write_config,
+)
 from phonetune.train.model import CTCModel, build_model, count_parameters, load_checkpoint_model
 from phonetune.train.parallel import Parallel, make_parallel
-from phonetune.train.run_dir import lock_run_dir, unlock_run_dir
+from phonetune.train.run_dir import (
+    discard_unused_run_dir,
+    lock_run_dir,
+    missing_folders,
+    unlock_run_dir,
+)
 from phonetune.train.schedule import make_optimizer, make_scheduler
 from phonetune.train.stop import StopRequest, TrainingStopped, explain_stop
 
@@ -56,7 +70,13 @@ from phonetune.train.stop import StopRequest, TrainingStopped, explain_stop
 # --- command line ---------------------------------------------------------------------------------
 def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--config", type=Path, required=True, help="YAML training recipe (see configs/)"
+        "--config",
+        type=Path,
+        help="YAML training recipe: a path, or the name of a shipped recipe (tiny_cpu, "
+        "xlsr53_espeak_cv, zero_shot_tiny; see --list-configs)",
+    )
+    parser.add_argument(
+        "--list-configs", action="store_true", help="list the shipped recipes and exit"
     )
     parser.add_argument(
         "overrides",
@@ -73,11 +93,26 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace, hooks: Hooks | None = None) -> int:
+    if args.list_configs:
+        for name, description in shipped_recipes().items():
+            print(f"{name:<18} {description}")
+        print(f"(in {shipped_config('.').resolve()}; use: phonetune train --config NAME ...)")
+        return 0
+    if args.config is None:
+        raise PhonetuneError(
+            "--config is required: a YAML recipe, or a shipped one by name "
+            f"({', '.join(shipped_recipes())}); see --list-configs"
+        )
     config = load_config(args.config, args.overrides)
     if args.print_config:
         print(dump_config(config), end="")
         return 0
-    train(config, hooks)
+    summary = train(config, hooks)
+    if summary["is_main"]:
+        run_dir = Path(summary["run_dir"])
+        choice = " --best" if summary["best_checkpoint"] else ""
+        out = run_dir.with_name(f"{run_dir.name}-model")
+        print(f"next: phonetune export {quote(str(run_dir))}{choice} --out {quote(str(out))}")
     return 0
 
 
@@ -114,6 +149,7 @@ class Run:
     state: resume.TrainState
     logger: report.MetricsLogger
     resume_from: Path | None
+    first_step: int = 0  # where this session started (a resumed run's checkpoint step)
     last_saved: Path | None = None
     last_eval: dict[str, Any] | None = None
     tally: Tally | None = None
@@ -127,11 +163,18 @@ def train(config: Config, hooks: Hooks | None = None) -> dict[str, Any]:
     hooks = hooks or Hooks()
     parallel = hooks.make_parallel(config)
     run_dir = Path(config.run.output_dir).resolve()
+    created = missing_folders(run_dir)
     # One run per directory (a second would delete this one's checkpoint writes); released at the
     # end, or by the kernel if the process dies.
     lock_run_dir(run_dir, parallel)
     try:
-        run = set_up(config, parallel, run_dir)
+        try:
+            run = set_up(config, parallel, run_dir)
+        except BaseException:
+            unlock_run_dir(run_dir)
+            if parallel.is_main:
+                discard_unused_run_dir(run_dir, created)
+            raise
         try:
             run_steps(run, hooks)
         finally:
@@ -139,8 +182,18 @@ def train(config: Config, hooks: Hooks | None = None) -> dict[str, Any]:
     finally:
         unlock_run_dir(run_dir)
     report.print_done(
-        parallel.print, run.state, time.time() - run.clock["started"], run_dir, run.last_saved
+        parallel.print,
+        run.state,
+        run.first_step,
+        time.time() - run.clock["started"],
+        run_dir,
+        run.last_saved,
     )
+    if (
+        run.last_eval is not None
+        and run.last_eval["eval_empty"] == run.last_eval["eval_utterances"]
+    ):
+        parallel.print(report.explain_blank_model(run.state.step))
     best = ckpt.find_best_checkpoint(run_dir)
     return {
         "step": run.state.step,
@@ -149,6 +202,7 @@ def train(config: Config, hooks: Hooks | None = None) -> dict[str, Any]:
         "best_checkpoint": str(best) if best else None,
         "eval": run.last_eval,
         "skipped_steps": run.state.skipped_steps,
+        "is_main": parallel.is_main,
     }
 
 
@@ -186,6 +240,11 @@ def set_up(config: Config, parallel: Parallel, run_dir: Path) -> Run:
     parallel.wait()
     resume_step = None if resume_from is None else ckpt.read_state(resume_from)["step"]
     logger = report.MetricsLogger(run_dir, config, parallel.is_main, resume_step)
+    if logger.cut_lines:
+        say(
+            f"{logger.path}: dropped {logger.cut_lines} line(s) cut short when the run was "
+            "stopped; their steps are logged again as they are retrained"
+        )
     run = Run(
         config, parallel, run_dir, data, module, optimizer, scheduler, sampler,
         resume.TrainState(), logger, resume_from,
@@ -193,6 +252,7 @@ def set_up(config: Config, parallel: Parallel, run_dir: Path) -> Run:
     # Masking and dropout draw from the RNGs: seed each process differently, or restore them.
     if resume_from is not None:
         run.state = resume.restore_training_state(run, resume_from)
+        run.first_step = run.state.step
     else:
         seed = config.train.seed + 1000 * parallel.process_index
         resume.seed_everything(seed, parallel.unwrap(module))
@@ -531,6 +591,13 @@ def evaluate_dev(
     records: list[tuple[int, str, str, str]] = []
     blank_frames = total_frames = 0
     audio_dtype = parallel.input_dtype(module)
+    bar = progress_bar(
+        sum(len(b) for b in mine[: len(mine) - fillers]),
+        "dev",
+        "clip",
+        show=parallel.is_main and config.log.progress_bar,
+        leave=False,  # the PER line replaces it
+    )
     unwrapped.eval()
     try:
         for number, batch in enumerate(loader):
@@ -541,6 +608,7 @@ def evaluate_dev(
                 continue
             ids = logits.argmax(dim=-1).cpu()
             lengths = unwrapped.output_lengths(batch.input_lengths).cpu()
+            bar.update(len(batch.rows))
             for i, row in enumerate(batch.rows):
                 frames = ids[i, : int(lengths[i])]
                 blank_frames += int((frames == BLANK_ID).sum())
@@ -554,6 +622,7 @@ def evaluate_dev(
                     )
                 )
     finally:
+        bar.close()
         unwrapped.train()
     records = parallel.gather_objects(records)
     frame_counts = parallel.sum(
@@ -572,6 +641,7 @@ def evaluate_dev(
         "eval_counts_per_locale": scores["per_locale"],
         "eval_blank_fraction": float(frame_counts[0] / frame_counts[1].clamp(min=1)),
         "eval_utterances": len(records),
+        "eval_empty": sum(1 for record in records if not record[3]),
         "eval_examples": pick_examples(records, config.train.eval_num_examples),
     }
 

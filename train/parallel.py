@@ -128,7 +128,14 @@ class Parallel:
         return module, optimizer
 
     def unwrap(self, module: torch.nn.Module) -> torch.nn.Module:
-        return self.accelerator.unwrap_model(module)
+        """The model inside the backend's wrapper. Accelerate's `unwrap_model` imports DeepSpeed
+        whenever it is installed (and DeepSpeed prints a warning on a machine without a GPU), so
+        the other backends unwrap here: DDP wraps, FSDP version 2 changes the module in place."""
+        if self.deepspeed:
+            return self.accelerator.unwrap_model(module)
+        if isinstance(module, torch.nn.parallel.DistributedDataParallel):
+            module = module.module
+        return getattr(module, "_orig_mod", module)  # a whole-model torch.compile (Accelerate's)
 
     def input_dtype(self, module: torch.nn.Module) -> torch.dtype:
         """The dtype the model's weights are in, for the audio fed to it: fp32, except under
@@ -219,17 +226,24 @@ class Parallel:
         """
         from torch.distributed.checkpoint.state_dict import (
             StateDictOptions,
+            get_model_state_dict,
             get_optimizer_state_dict,
         )
 
         if self.deepspeed:
             weights, optimizer_state = _deepspeed_gather_state(module, keep=self.is_main)
         else:
-            weights = self.accelerator.get_state_dict(module)
+            whole = StateDictOptions(full_state_dict=True, cpu_offload=True)
+            # (Accelerate's get_state_dict would import DeepSpeed, see `unwrap`.)
+            weights = (
+                get_model_state_dict(module, options=whole)
+                if self.fsdp
+                else self.unwrap(module).state_dict()
+            )
             optimizer_state = get_optimizer_state_dict(
                 module,
                 _torch_optimizer(optimizer),
-                options=StateDictOptions(full_state_dict=True, cpu_offload=True),
+                options=whole,
             )
         # CTCModel names: "model." + Wav2Vec2ForCTC's
         return {name.removeprefix("model."): t for name, t in weights.items()}, optimizer_state

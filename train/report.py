@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from phonetune.data import progress as data_progress
 from phonetune.data.errors import PhonetuneError
 from phonetune.train.checkpoint import METRICS_FILE
 from phonetune.train.config import Config, config_to_dict
@@ -51,17 +52,21 @@ class MetricsLogger:
         self.path = run_dir / METRICS_FILE
         self.enabled = enabled
         self.wandb = self.tensorboard = None
+        self.cut_lines = 0  # lines a kill left half-written, dropped on resume
         if not enabled:
             return
         keep_through = -1 if resume_step is None else resume_step
         if self.path.is_file():
             # Lines after the resumed checkpoint belong to the interrupted run's lost steps; the
             # resumed run writes them again, so drop them to keep one line per step.
+            read = self.path.read_text(encoding="utf-8").splitlines()
+            steps = [_step_of(line) for line in read]
             lines = [
                 line
-                for line in self.path.read_text(encoding="utf-8").splitlines()
-                if _step_of(line) <= keep_through
+                for line, s in zip(read, steps, strict=True)
+                if s is not None and s <= keep_through
             ]
+            self.cut_lines = steps.count(None)
             # Replaced atomically: a kill during the rewrite must not lose the history.
             partial = self.path.with_name(self.path.name + ".tmp")
             partial.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
@@ -123,12 +128,13 @@ def _finite(value: Any) -> Any:
     return value
 
 
-def _step_of(line: str) -> float:
-    """The step of a metrics line; a line cut short by a kill counts as after every step."""
+def _step_of(line: str) -> float | None:
+    """The step of a metrics line; None for a line cut short by a kill (it is dropped)."""
     try:
-        return json.loads(line).get("step", math.inf)
+        record = json.loads(line)
     except json.JSONDecodeError:
-        return math.inf
+        return None
+    return record.get("step", math.inf) if isinstance(record, dict) else None
 
 
 def _flatten_scalars(record: dict[str, Any], prefix: str = "") -> dict[str, float]:
@@ -179,13 +185,10 @@ def _wandb_key_available() -> bool:
 
 
 def progress_bar(config: Config, main_process: bool, initial: int) -> Any:  # tqdm or None
+    """The main process's bar over the run's steps (drawn on a terminal only)."""
     if not (main_process and config.log.progress_bar):
         return None
-    from tqdm.auto import tqdm
-
-    return tqdm(
-        total=config.train.max_steps, initial=initial, desc="train", unit="step", dynamic_ncols=True
-    )
+    return data_progress.progress_bar(config.train.max_steps, "train", "step", initial=initial)
 
 
 def show_progress(progress: Any, clock: dict[str, float], loss: float | None, lr: float) -> None:
@@ -199,6 +202,17 @@ def show_progress(progress: Any, clock: dict[str, float], loss: float | None, lr
         lr=f"{lr:.2e}",
         refresh=False,
         audio_s_per_s=f"{clock['session_audio'] / max(time.time() - clock['started'], 1e-9):.1f}",
+    )
+
+
+def explain_blank_model(step: int) -> str:
+    """Why a model that outputs nothing is not broken: CTC training first learns to output the
+    blank everywhere, and phones appear only later."""
+    return (
+        f"note: after {step} steps the model outputs only blanks (every dev transcription is "
+        "empty): it has not learned phones yet. Train longer: `resume=auto train.max_steps=N` "
+        "continues this run. The tiny_cpu recipe needs about 600 steps on the demo corpus before "
+        "phones appear (dev PER 0.4), 1200 for 0.22; the XLSR-53 recipe some thousands."
     )
 
 
@@ -284,14 +298,25 @@ def print_summary(
 
 
 def print_done(
-    say: Say, state: TrainState, seconds: float, run_dir: Path, last_saved: Path | None
+    say: Say,
+    state: TrainState,
+    first_step: int,
+    seconds: float,
+    run_dir: Path,
+    last_saved: Path | None,
 ) -> None:
-    """Where everything is, once the run reached train.max_steps."""
+    """Where everything is, once the run reached train.max_steps (`first_step`: where this
+    session started, after a resume)."""
     from phonetune.train import checkpoint as ckpt
 
     best = ckpt.find_best_checkpoint(run_dir)
+    ran = (
+        f"{state.step - first_step} steps ({first_step} -> {state.step})"
+        if first_step
+        else f"{state.step} steps"
+    )
     say(
-        f"done: {state.step} steps in {seconds:.0f} s"
+        f"done: {ran} in {seconds:.0f} s"
         + (f", {state.skipped_steps} skipped (non-finite)" if state.skipped_steps else "")
         + f"\n  run directory: {run_dir}\n  metrics:       {run_dir / METRICS_FILE}"
         + f"\n  last checkpoint: {last_saved or ckpt.find_latest_checkpoint(run_dir)}"

@@ -2,6 +2,7 @@
 
 - `run_dir_problem`: run.output_dir must be a folder holding only a run's files (or nothing), so a
   typo never sends checkpoints into someone's data.
+- `discard_unused_run_dir`: a run that stopped during set-up removes the directory it created.
 - `lock_run_dir`: the main process holds an exclusive lock on `RUN_DIR/run.lock` for the run's
   lifetime; a second run pointed at the same directory refuses to start and names the holder. The
   lock is a POSIX record lock (`fcntl.lockf`): the kernel drops it when the holding process exits in
@@ -13,6 +14,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import socket
@@ -125,6 +127,27 @@ def unlock_run_dir(run_dir: Path) -> None:
     fd = _held.pop(Path(run_dir).resolve(), None)
     if fd is not None:
         os.close(fd)  # closing the descriptor releases the POSIX lock
+
+
+def missing_folders(run_dir: Path) -> list[Path]:
+    """The folders of `run_dir`'s path that do not exist yet, deepest first."""
+    return [folder for folder in (run_dir, *run_dir.parents) if not folder.exists()]
+
+
+def discard_unused_run_dir(run_dir: Path, created: list[Path]) -> None:
+    """Undo what a run that stopped before training (a wrong data path, model or setting found
+    during set-up) wrote, so that a failed command leaves nothing behind: the lock, the config,
+    and the folders it created. Anything else in the directory means it is in use, and it stays."""
+    try:
+        entries = list(run_dir.iterdir())
+    except OSError:
+        return
+    if all(entry.name in (LOCK_FILE, ckpt.CONFIG_FILE) and entry.is_file() for entry in entries):
+        for entry in entries:
+            entry.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # a parent that is no longer empty stays
+            for folder in created:
+                folder.rmdir()
 
 
 def _read_holder(path: Path) -> dict[str, str]:
