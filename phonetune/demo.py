@@ -55,7 +55,7 @@ def prepare_stage(corpus: Path, out: Path, locales: list[str], workers: int) -> 
     return prepared
 
 
-def train_stage(prepared: Path, out: Path, max_steps: int | None, overrides: list[str]) -> Path:
+def train_stage(prepared: Path, out: Path, max_steps: int | None, overrides: list[str]) -> dict:
     from phonetune.train.config import load_config, shipped_config
     from phonetune.train.loop import train
 
@@ -64,8 +64,7 @@ def train_stage(prepared: Path, out: Path, max_steps: int | None, overrides: lis
     if max_steps is not None:
         settings.append(f"train.max_steps={max_steps}")
     config = load_config(shipped_config(DEMO_CONFIG), settings + overrides)
-    train(config)
-    return run_dir
+    return train(config)
 
 
 def export_stage(run_dir: Path, out: Path, onnx: bool) -> Path:
@@ -143,6 +142,9 @@ def run(args: argparse.Namespace) -> int:
         raise PhonetuneError(
             "--clips-per-locale must be at least 10 (train, dev and test need clips)"
         )
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # the stages' own bars and lines say what happens
     out: Path = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
@@ -152,7 +154,8 @@ def run(args: argparse.Namespace) -> int:
     stage("2/6 prepare: phonemize, decode, build the vocabulary")
     prepared = prepare_stage(corpus, out, locales, args.num_workers)
     stage(f"3/6 train configs/{DEMO_CONFIG}")
-    run_dir = train_stage(prepared, out, args.max_steps, args.overrides)
+    trained = train_stage(prepared, out, args.max_steps, args.overrides)
+    run_dir = Path(trained["run_dir"])
     stage("4/6 export a transformers model folder")
     export_dir = export_stage(run_dir, out, args.onnx)
     stage("5/6 evaluate on the held-out test speakers")
@@ -166,6 +169,10 @@ def run(args: argparse.Namespace) -> int:
         f"\ndone in {minutes:.1f} min: test PER {overall['per']:.3f} over "
         f"{overall['utterances']} utterances of held-out speakers"
     )
+    if overall["deletions"] == overall["ref_phones"] and not overall["insertions"]:
+        from phonetune.train.report import explain_blank_model
+
+        print(explain_blank_model(trained["step"], "`phonetune demo --max-steps N`", "test"))
     for name, path in [
         ("corpus", corpus),
         ("prepared data", prepared),

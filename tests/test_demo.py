@@ -34,3 +34,8 @@ def test_short_demo_runs_every_stage(tmp_path, capsys):
         assert (out / path).is_file(), path
     summary = json.loads((out / "demo_summary.json").read_text(encoding="utf-8"))
     assert summary["test_per"] == metrics["overall"]["per"]
+    # A model that says nothing yet gets a word on why, and on how to continue the demo.
+    overall = metrics["overall"]
+    blank = overall["deletions"] == overall["ref_phones"] and not overall["insertions"]
+    assert ("outputs only blanks" in printed) == blank
+    assert ("`phonetune demo --max-steps N` continues" in printed) == blank

@@ -557,10 +557,11 @@ def test_what_a_finished_run_says(prepared_dir, tmp_path, capsys):
         with torch.no_grad():
             run.parallel.unwrap(run.module).model.lm_head.bias[0] = 1e4
 
-    resumed = ["train.max_steps=4", "train.eval_steps=2", "resume=auto"]
-    train(config(prepared_dir, run_dir, *MICRO, *resumed), Hooks(after_step=say_only_blanks))
+    resumed = [*common, "train.max_steps=4", "resume=auto"]
+    assert main(["train", "--config", str(TINY), *resumed], Hooks(after_step=say_only_blanks)) == 0
     printed = capsys.readouterr().out
     assert "metrics.jsonl: dropped 1 line(s) cut short" in printed
     assert "done: 2 steps (2 -> 4) in" in printed
     assert "note: after 4 steps the model outputs only blanks" in printed
+    assert "resume=auto train.max_steps=N` continues this run" in printed
     assert [r["step"] for r in read_metrics(run_dir)[0]] == [1, 2, 3, 4]

@@ -109,6 +109,9 @@ def run(args: argparse.Namespace, hooks: Hooks | None = None) -> int:
         return 0
     summary = train(config, hooks)
     if summary["is_main"]:
+        last_eval = summary["eval"]
+        if last_eval is not None and last_eval["eval_empty"] == last_eval["eval_utterances"]:
+            print(report.explain_blank_model(summary["step"], "`resume=auto train.max_steps=N`"))
         run_dir = Path(summary["run_dir"])
         choice = " --best" if summary["best_checkpoint"] else ""
         out = run_dir.with_name(f"{run_dir.name}-model")
@@ -189,11 +192,6 @@ def train(config: Config, hooks: Hooks | None = None) -> dict[str, Any]:
         run_dir,
         run.last_saved,
     )
-    if (
-        run.last_eval is not None
-        and run.last_eval["eval_empty"] == run.last_eval["eval_utterances"]
-    ):
-        parallel.print(report.explain_blank_model(run.state.step))
     best = ckpt.find_best_checkpoint(run_dir)
     return {
         "step": run.state.step,

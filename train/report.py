@@ -205,14 +205,14 @@ def show_progress(progress: Any, clock: dict[str, float], loss: float | None, lr
     )
 
 
-def explain_blank_model(step: int) -> str:
+def explain_blank_model(step: int, how_to_continue: str, split: str = "dev") -> str:
     """Why a model that outputs nothing is not broken: CTC training first learns to output the
-    blank everywhere, and phones appear only later."""
+    blank everywhere, and phones appear only later. `how_to_continue`: the command's own way."""
     return (
-        f"note: after {step} steps the model outputs only blanks (every dev transcription is "
-        "empty): it has not learned phones yet. Train longer: `resume=auto train.max_steps=N` "
-        "continues this run. The tiny_cpu recipe needs about 600 steps on the demo corpus before "
-        "phones appear (dev PER 0.4), 1200 for 0.22; the XLSR-53 recipe some thousands."
+        f"note: after {step} steps the model outputs only blanks (every {split} transcription is "
+        f"empty): it has not learned phones yet. Train longer: {how_to_continue} continues this "
+        "run. The tiny_cpu recipe needs about 600 steps on the demo corpus before phones appear "
+        "(dev PER 0.4), 1200 for 0.22; the XLSR-53 recipe some thousands."
     )
 
 
