@@ -60,10 +60,11 @@ def _find_command(argv: list[str]) -> str | None:
 
 def quiet_foreign_warnings() -> None:
     """DeepSpeed, when installed, is imported by transformers' `save_pretrained` (through
-    Accelerate's unwrapping) whether or not it is used, and on a machine without a GPU it warns
-    "Setting accelerator to CPU" into the command's output. Training imports it only under a
-    DeepSpeed launcher config; this drops that one warning everywhere else."""
-    logging.getLogger("DeepSpeed").addFilter(_not_the_cpu_fallback_warning)  # once per function
+    Accelerate's unwrapping) whether or not it is used, so by every checkpoint save and export,
+    and on a machine without a GPU it then warns "Setting accelerator to CPU" into the output.
+    phonetune's own code imports it only under a DeepSpeed launcher config; this drops that one
+    warning (a function added twice as a filter is kept once)."""
+    logging.getLogger("DeepSpeed").addFilter(_not_the_cpu_fallback_warning)
 
 
 def _not_the_cpu_fallback_warning(record: logging.LogRecord) -> bool:

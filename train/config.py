@@ -204,7 +204,8 @@ class LogConfig:
     wandb_project: str = "phonetune"
     """wandb project name."""
     progress_bar: bool = True
-    """Show a progress bar on the main process."""
+    """Show progress bars (training steps, dev evaluation) on the main process, when its standard
+    error is a terminal (never in log files)."""
 
 
 @dataclass
