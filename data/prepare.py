@@ -50,7 +50,7 @@ OOV_POLICIES = ("reject", "unk")
 # The report's vocab.source when no --vocab was given (merge rebuilds such vocabularies).
 VOCAB_BUILT = "built from the kept clips"
 # Bump when what a shard holds changes, so that resumed runs never mix old and new shards.
-SHARD_FORMAT = 1
+SHARD_FORMAT = 2  # 2: kept clips carry their path and a hash of their audio
 
 
 @dataclass(frozen=True)
@@ -83,9 +83,12 @@ class ClipTask:
 
 @dataclass
 class Outcome:
-    kept: list[dict] = field(default_factory=list)  # {"locale", "split", "duration", "phones"}
+    # {"locale", "split", "path", "duration", "phones", "audio_hash"}
+    kept: list[dict] = field(default_factory=list)
     rejected: list[Rejection] = field(default_factory=list)
     rows: dict[str, int] = field(default_factory=dict)  # shard path -> clips kept in it
+    # shard path -> positions (in the shard) of clips dropped after decoding: the same audio again
+    dropped: dict[str, list[int]] = field(default_factory=dict)
 
 
 # --- step 1: rows ------------------------------------------------------------------------------
@@ -96,7 +99,8 @@ def read_locale(
     clips: list[Clip] = []
     rejected: list[Rejection] = []
     read: Counter[tuple[str, str]] = Counter()
-    seen: dict[str, str] = {}  # clip path -> the split that listed it first
+    # The clip's real file (links and "../clips/" spellings resolved) -> where it was listed first.
+    seen: dict[Path, tuple[str, str]] = {}
     for split in options.splits:
         if split not in split_files:
             continue
@@ -105,20 +109,15 @@ def read_locale(
             if isinstance(item, Rejection):
                 rejected.append(item)
                 continue
-            earlier = seen.get(item.path)
+            earlier = seen.get(Path(item.audio_path))
             if earlier is not None:
-                reason = "duplicate_row" if earlier == split else "duplicate_across_splits"
-                rejected.append(
-                    Rejection(
-                        locale,
-                        split,
-                        item.path,
-                        reason,
-                        f"{item.path} already listed in {earlier}.tsv",
-                    )
-                )
+                first_split, first_path = earlier
+                reason = "duplicate_row" if first_split == split else "duplicate_across_splits"
+                same = "" if first_path == item.path else f" (as {first_path}: the same file)"
+                detail = f"{item.path} already listed in {first_split}.tsv{same}"
+                rejected.append(Rejection(locale, split, item.path, reason, detail))
                 continue
-            seen[item.path] = split
+            seen[Path(item.audio_path)] = (split, item.path)
             clips.append(item)
     return clips, rejected, dict(read)
 
@@ -403,7 +402,14 @@ def process_shard(job: tuple[str, list[ClipTask], ShardSettings]) -> str:
         }
         for name, value in row.items():
             columns[name].append(value)
-        kept.append({key: row[key] for key in ("locale", "split", "duration", "phones")})
+        kept.append(
+            {
+                **{key: row[key] for key in ("locale", "split", "duration", "phones")},
+                "path": task.path,
+                # The same audio under another name (a copy) is found by this, after decoding.
+                "audio_hash": hashlib.blake2b(pcm.tobytes(), digest_size=16).hexdigest(),
+            }
+        )
     record = {
         "kept": kept,
         "rejected": [r.as_dict() for r in rejected],
@@ -481,14 +487,33 @@ def decode_shards(
 def collect_outcomes(
     shards: list[tuple[str, list[ClipTask]]],
 ) -> tuple[Outcome, dict[str, dict[str, int]]]:
-    """Kept clips and rejections of every shard, in the plan's order."""
+    """Kept clips and rejections of every shard, in the plan's order; a clip whose decoded audio
+    equals an earlier kept clip's (a copy under another name) is rejected as a duplicate."""
     outcome = Outcome()
     outside: dict[str, Counter[str]] = defaultdict(Counter)
+    first: dict[str, dict] = {}  # audio hash -> the first kept clip with that audio
     for path, chunk in shards:
         record = json.loads(Path(path + ".json").read_text(encoding="utf-8"))
-        outcome.kept.extend(record["kept"])
         outcome.rejected.extend(Rejection(**item) for item in record["rejected"])
-        outcome.rows[path] = len(record["kept"])
+        outcome.rows[path] = 0
+        for position, clip in enumerate(record["kept"]):
+            original = first.setdefault(clip["audio_hash"], clip)
+            if original is clip:
+                outcome.kept.append(clip)
+                outcome.rows[path] += 1
+                continue
+            outcome.dropped.setdefault(path, []).append(position)
+            across = original["split"] != clip["split"] or original["locale"] != clip["locale"]
+            outcome.rejected.append(
+                Rejection(
+                    clip["locale"],
+                    clip["split"],
+                    clip["path"],
+                    "duplicate_across_splits" if across else "duplicate_row",
+                    f"the same audio as {original['locale']}/clips/{original['path']} "
+                    f"({original['locale']} {original['split']}.tsv)",
+                )
+            )
         outside[chunk[0].locale].update(record["outside_vocab"])
     outside_vocab = {loc: dict(c.most_common()) for loc, c in sorted(outside.items()) if c}
     return outcome, outside_vocab
@@ -545,25 +570,42 @@ def write_dataset(
     staging.rmdir()
 
 
-def assemble_dataset(
-    shards: list[tuple[str, list[ClipTask]]], out: Path, rows: dict[str, int]
-) -> None:
+def assemble_dataset(shards: list[tuple[str, list[ClipTask]]], out: Path, outcome: Outcome) -> None:
     """Move the shards into `out` as the dataset's Arrow files, without a copy.
 
-    Empty shards (every clip rejected) are left out. A split's fingerprint hashes its shards'
-    names, which hash their inputs: the same data gets the same fingerprint.
+    Empty shards (every clip rejected) are left out; a shard with clips dropped after decoding
+    goes in as a filtered copy (the shard itself stays as decoded, so an interrupted run filters
+    it again the same way). A split's fingerprint hashes its shards' names, which hash their
+    inputs: the same data gets the same fingerprint.
     """
     files: dict[str, list[Path]] = defaultdict(list)
     names: dict[str, list[str]] = defaultdict(list)
     for path, chunk in shards:
-        if rows[path]:
-            files[chunk[0].split].append(Path(path + ".arrow"))
+        if outcome.rows[path]:
+            source = Path(path + ".arrow")
+            if path in outcome.dropped:
+                source = write_without_rows(source, outcome.dropped[path])
+            files[chunk[0].split].append(source)
             names[chunk[0].split].append(Path(path).name)
     fingerprints = {
         split: hashlib.sha256("\n".join(found).encode()).hexdigest()[:16]
         for split, found in names.items()
     }
     write_dataset(out, files, fingerprints, os.replace)
+
+
+def write_without_rows(shard: Path, positions: list[int]) -> Path:
+    """A copy of an Arrow stream shard without the rows at `positions`; returns its path."""
+    import pyarrow as pa
+
+    with pa.OSFile(str(shard), "rb") as source, pa.ipc.open_stream(source) as reader:
+        table = reader.read_all()
+    keep = np.ones(table.num_rows, dtype=bool)
+    keep[positions] = False
+    filtered = shard.with_name(shard.name + ".filtered")
+    with pa.OSFile(str(filtered), "wb") as sink, pa.ipc.new_stream(sink, table.schema) as writer:
+        writer.write_table(table.filter(pa.array(keep)))
+    return filtered
 
 
 # --- the report -------------------------------------------------------------------------------
@@ -821,7 +863,7 @@ def prepare_into(
             f"rejection and its reason is in {options.out / REPORT_FILE}"
         )
     if not finished:
-        assemble_dataset(shards, options.out, outcome.rows)
+        assemble_dataset(shards, options.out, outcome)
     save_vocab(vocab, options.out / VOCAB_FILE)
     report["shards"]["plan"] = plan  # written last: it marks the dataset as finished
     _write_atomically(options.out / REPORT_FILE, _to_json(report))

@@ -38,6 +38,11 @@ GOOD_TRAIN = set(MATRIX) | set(SPECIAL)
 EXPECTED_REJECTIONS = {
     "good_mp3.mp3": {"duplicate_row"},  # listed again, once as "./good_mp3.mp3"
     "good_wav_8000_1ch.wav": {"duplicate_across_splits"},  # also in dev.tsv: leakage
+    # The same train audio in dev under other names: leakage the path alone does not show.
+    "../clips/good_quotes.mp3": {"duplicate_across_splits"},  # another spelling of the path
+    "link_in.mp3": {"duplicate_across_splits"},  # a link inside clips/ to a train clip
+    "copy_of_control.mp3": {"duplicate_across_splits"},  # a byte copy of a train clip
+    "copy_of_dev_ok.mp3": {"duplicate_row"},  # a byte copy of a dev clip, also in dev
     "no_sentence.mp3": {"empty_sentence"},
     "blank_sentence.mp3": {"empty_sentence"},
     "punctuation.mp3": {"no_phones"},
@@ -158,16 +163,22 @@ def bad_corpus(tmp_path_factory):
     # Windows line ends, as a spreadsheet would save them.
     (root / "en" / "train.tsv").write_bytes(b"\r\n".join(lines) + b"\r\n")
 
-    # dev.tsv: a byte-order mark and extra columns, both harmless; a clip of train listed again.
+    # dev.tsv: a byte-order mark and extra columns, both harmless; a clip of train listed again,
+    # under its name, another spelling, a link and as a copy; a copy of a dev clip.
     sf.write(clips / "dev_ok.mp3", speech("a small green frog"), 48_000, format="MP3")
+    os.symlink("good_cr.mp3", clips / "link_in.mp3")
+    shutil.copy(clips / "good_control.mp3", clips / "copy_of_control.mp3")
+    shutil.copy(clips / "dev_ok.mp3", clips / "copy_of_dev_ok.mp3")
+    dev_rows = [
+        _row("dev_ok.mp3", "a small green frog", client="dev_speaker"),
+        _row("good_wav_8000_1ch.wav", MATRIX_TEXT),
+        _row("../clips/good_quotes.mp3", "he said hello to them"),
+        _row("link_in.mp3", "the dog is here"),
+        _row("copy_of_control.mp3", "the sun is hot"),
+        _row("copy_of_dev_ok.mp3", "a small green frog", client="dev_speaker"),
+    ]
     (root / "en" / "dev.tsv").write_text(
-        "\ufeff"
-        + HEADER
-        + "\tvariant\textra\n"
-        + _row("dev_ok.mp3", "a small green frog", client="dev_speaker")
-        + "\tx\ty\n"
-        + _row("good_wav_8000_1ch.wav", MATRIX_TEXT)
-        + "\tx\ty\n",
+        "\ufeff" + HEADER + "\tvariant\textra\n" + "".join(r + "\tx\ty\n" for r in dev_rows),
         encoding="utf-8",
     )
     # test.tsv: the sentence column is missing.
@@ -204,12 +215,19 @@ def test_each_bad_row_is_rejected_with_its_reason(bad_report):
     assert found == EXPECTED_REJECTIONS
     reasons = report["totals"]["rejected_by_reason"]
     assert reasons["path_escapes_clips_dir"] == 3 and reasons["unreadable_audio"] == 3
-    assert reasons["duplicate_row"] == 2 and reasons["silent_audio"] == 2
+    assert reasons["duplicate_row"] == 3 and reasons["silent_audio"] == 2
+    assert reasons["duplicate_across_splits"] == 4
     assert reasons["malformed_row"] == 2 and reasons["missing_file"] == 2
     assert sum(reasons.values()) == len(report["rejected"]) == report["totals"]["rejected"]
-    dev = [r for r in report["rejected"] if r["split"] == "dev"]
-    assert [r["reason"] for r in dev] == ["duplicate_across_splits"]
-    assert "already listed in train.tsv" in dev[0]["detail"]
+    dev = {r["path"]: r["detail"] for r in report["rejected"] if r["split"] == "dev"}
+    assert dev["good_wav_8000_1ch.wav"] == "good_wav_8000_1ch.wav already listed in train.tsv"
+    assert dev["../clips/good_quotes.mp3"].endswith("train.tsv (as good_quotes.mp3: the same file)")
+    assert dev["link_in.mp3"].endswith("train.tsv (as good_cr.mp3: the same file)")
+    # Found by their decoded audio, after decoding: the first occurrence is named.
+    assert (
+        dev["copy_of_control.mp3"] == "the same audio as en/clips/good_control.mp3 (en train.tsv)"
+    )
+    assert dev["copy_of_dev_ok.mp3"] == "the same audio as en/clips/dev_ok.mp3 (en dev.tsv)"
     half = next(r for r in report["rejected"] if r["path"] == "half.mp3")
     assert "its header announces" in half["detail"]
 
@@ -226,9 +244,9 @@ def test_every_good_row_is_kept_and_counts_add_up(bad_report):
         split: (stats["read"], stats["kept"], stats["rejected"])
         for split, stats in report["per_locale"]["en"]["splits"].items()
     }
-    assert splits == {"train": (45, 21, 24), "dev": (2, 1, 1), "test": (1, 0, 1)}
+    assert splits == {"train": (45, 21, 24), "dev": (6, 1, 5), "test": (1, 0, 1)}
     totals = report["totals"]
-    assert (totals["read"], totals["kept"], totals["rejected"]) == (48, 22, 26)
+    assert (totals["read"], totals["kept"], totals["rejected"]) == (52, 22, 30)
     assert totals["read"] == totals["kept"] + totals["rejected"]
     assert totals["kept"] == sum(len(dataset[split]) for split in dataset)
     # Empty, header-only and blank-line TSVs are read as holding no rows, not as errors.
