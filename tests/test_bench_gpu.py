@@ -123,3 +123,42 @@ def test_datasheet_rates_tell_pcie_from_sxm():
     assert bench.datasheet_rate("NVIDIA H100 PCIe") == 756e12
     assert bench.datasheet_rate("NVIDIA H100 80GB HBM3") == bench.datasheet_rate("NVIDIA H200")
     assert bench.datasheet_rate("Some Other GPU") is None
+
+
+@pytest.mark.slow
+def test_bf16_weights_run_trains_the_model_in_bf16_without_autocast(tmp_path):
+    """--weights-dtype bf16 measures a step without autocast's weight casts: the whole model in bf16."""
+    out = tmp_path / "out"
+    completed = subprocess.run(
+        [
+            sys.executable,
+            str(SCRIPT),
+            "--out",
+            str(out),
+            "--config",
+            str(REPO / "configs" / "tiny_cpu.yaml"),
+            "--architecture",
+            "",
+            "--budgets",
+            "12",
+            "--steps",
+            "2",
+            "--warmup",
+            "1",
+            "--flop-steps",
+            "0",
+            "--clips",
+            "40",
+            "--harness-rounds",
+            "0",
+            "--weights-dtype",
+            "bf16",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
+    result = json.loads(completed.stdout.strip().splitlines()[-1])
+    assert result["weights_dtype"] == "bfloat16" and result["mixed_precision"] == "no"
+    assert result["budgets"][0]["audio_s_per_s"] > 0
