@@ -21,6 +21,9 @@ SILENCE_PEAK = 1e-4
 TRUNCATED_FRACTION = 0.95
 
 
+NOT_REGULAR = "is not a regular file (a named pipe, device or socket): not opened"
+
+
 class AudioError(Exception):
     """A clip that cannot be used; `reason` is the short code written to prep_report.json and
     `detail` says what is wrong with the file (callers name the file)."""
@@ -35,13 +38,17 @@ def load_audio(path: str | Path, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
     """Return the clip at `path` as float32 mono samples at `sample_rate`.
 
     Raises AudioError with reason 'missing_file' (no such file), 'unreadable_audio' (cannot be
-    decoded; the detail says why), 'empty_audio' (no samples), 'truncated_audio' (fewer samples
+    decoded, or not a regular file; the detail says why), 'empty_audio' (no samples), 'truncated_audio' (fewer samples
     than its header announces) or 'non_finite_audio' (NaN or infinite samples, which float WAVs
     can hold).
     """
     path = Path(path)
     if not path.is_file():
-        raise AudioError("missing_file", "is a folder" if path.is_dir() else "no such file")
+        if path.is_dir():
+            raise AudioError("missing_file", "is a folder")
+        if path.exists():  # opening a named pipe would wait for a writer: never opened
+            raise AudioError("unreadable_audio", NOT_REGULAR)
+        raise AudioError("missing_file", "no such file")
     try:
         with quiet_native_stderr(), soundfile.SoundFile(str(path)) as handle:
             source_rate, announced = handle.samplerate, handle.frames

@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from phonetune.data.audio import NOT_REGULAR
 from phonetune.data.errors import PhonetuneError
 
 SPLITS: tuple[str, ...] = ("train", "dev", "test")
@@ -105,6 +106,13 @@ def _is_file(path: Path) -> bool:
         return False
 
 
+def _exists(path: Path) -> bool:
+    try:
+        return path.exists()
+    except OSError:
+        return False
+
+
 def read_split(cv_root: Path, locale: str, split: str, tsv: Path) -> Iterator[Clip | Rejection]:
     """Yield a Clip for every usable row of `tsv` and a Rejection (with its reason) for the rest."""
     clips_root = (cv_root / locale / "clips").resolve()  # once per TSV, not once per row
@@ -188,8 +196,12 @@ def _check_row(
         )
         return
     if not _is_file(audio_path):
+        exists = _exists(audio_path) and not audio_path.is_dir()
+        reason, problem = (
+            ("unreadable_audio", NOT_REGULAR) if exists else ("missing_file", "not found")
+        )
         yield Rejection(
-            locale, split, label, "missing_file", f"{where}: {locale}/clips/{relative} not found"
+            locale, split, label, reason, f"{where}: {locale}/clips/{relative} {problem}"
         )
         return
     sentence = clean_sentence(fields["sentence"])

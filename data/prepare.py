@@ -35,6 +35,7 @@ from phonetune.data.commonvoice import SPLITS, Clip, Rejection, find_split_files
 from phonetune.data.errors import PhonetuneError
 from phonetune.data.espeak import espeak_version
 from phonetune.data.locales import foreign_scripts, get_locale, parse_locales
+from phonetune.data.options import non_negative_number, positive_int, positive_number
 from phonetune.data.phonemize import (
     LANGUAGE_SWITCH_POLICIES,
     SCHEME_VERSION,
@@ -912,7 +913,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--num-workers",
-        type=int,
+        type=positive_int,
         default=max(1, min(4, os.cpu_count() or 1)),
         help="processes that phonemize and decode in parallel (default: up to 4 CPUs)",
     )
@@ -943,10 +944,16 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         help="comma-separated splits to prepare (default: train,dev,test)",
     )
     parser.add_argument(
-        "--min-duration", type=float, default=0.5, help="shortest clip kept, seconds (default 0.5)"
+        "--min-duration",
+        type=non_negative_number,
+        default=0.5,
+        help="shortest clip kept, seconds (default 0.5)",
     )
     parser.add_argument(
-        "--max-duration", type=float, default=20.0, help="longest clip kept, seconds (default 20)"
+        "--max-duration",
+        type=positive_number,
+        default=20.0,
+        help="longest clip kept, seconds (default 20)",
     )
     parser.add_argument(
         "--cache-dir",

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from phonetune.data.errors import PhonetuneError
+from phonetune.data.files import damaged, read_json
 from phonetune.data.vocab import VOCAB_FILE, load_vocab
 
 DATASET_FILE = "dataset_dict.json"
@@ -39,13 +40,50 @@ def open_prepared(path: str | Path, option: str) -> Any:
             f"{option}={path} is not a prepared dataset (no {DATASET_FILE}): give the folder "
             "`phonetune prepare --out` wrote"
         )
+    files = check_layout(path, option)
     datasets.disable_progress_bars()
     try:
         return datasets.load_from_disk(str(path))
-    except (OSError, ValueError, KeyError, json.JSONDecodeError) as error:
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        damaged = find_damaged_table(files)
+        problem = f"{damaged[0]} is damaged ({damaged[1]})" if damaged else str(error)
         raise PhonetuneError(
-            f"{option}={path}: the prepared dataset cannot be read ({error}); prepare it again"
+            f"{option}={path}: the prepared dataset cannot be read: {problem}. Prepare it again."
         ) from None
+
+
+def check_layout(path: Path, option: str) -> list[Path]:
+    """The Arrow files of a prepared dataset, after checking that the JSON files which list them
+    (dataset_dict.json, each split's state.json and dataset_info.json) are what `datasets` wrote:
+    `load_from_disk` trusts their shape and fails with a bare TypeError or KeyError otherwise."""
+    hint = f"Prepare {option}={path} again."
+    splits = read_json(path / DATASET_FILE, dict, hint).get("splits")
+    if not isinstance(splits, list) or not all(isinstance(split, str) for split in splits):
+        raise damaged(path / DATASET_FILE, "no list of split names under 'splits'", hint)
+    files = []
+    for split in splits:
+        read_json(path / split / "dataset_info.json", dict, hint)
+        state = read_json(path / split / "state.json", dict, hint)
+        listed = state.get("_data_files")
+        if not isinstance(listed, list) or not all(
+            isinstance(item, dict) and isinstance(item.get("filename"), str) for item in listed
+        ):
+            raise damaged(path / split / "state.json", "no list of data files", hint)
+        files += [path / split / item["filename"] for item in listed]
+    return files
+
+
+def find_damaged_table(files: Sequence[Path]) -> tuple[Path, str] | None:
+    """The first Arrow file that cannot be read whole, and why (memory-mapped: nothing is copied)."""
+    import pyarrow as pa
+
+    for file in files:
+        try:
+            with pa.memory_map(str(file)) as source:
+                pa.ipc.open_stream(source).read_all()
+        except (OSError, pa.ArrowException) as error:
+            return file, str(error).strip() or type(error).__name__
+    return None
 
 
 def read_vocab(path: str | Path) -> dict[str, int]:

@@ -41,6 +41,7 @@ import numpy as np
 from phonetune.data.commonvoice import SPLITS
 from phonetune.data.errors import PhonetuneError
 from phonetune.data.locales import DEFAULT_LOCALES, LOCALES, parse_locales
+from phonetune.data.options import non_negative_int, positive_int
 from phonetune.data.progress import progress_bar
 
 # Common Voice's columns, in its order (the releases phonetune reads).
@@ -650,20 +651,20 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--clips-per-locale",
-        type=int,
+        type=positive_int,
         default=200,
         help="clips per locale, split ~70/15/15 into train/dev/test (default: %(default)s)",
     )
     parser.add_argument(
         "--seed",
-        type=int,
+        type=non_negative_int,
         default=0,
         help="seed for sentences, speakers and audio; the same seed writes the "
         "same files (default: %(default)s)",
     )
     parser.add_argument(
         "--num-workers",
-        type=int,
+        type=positive_int,
         default=min(2, os.cpu_count() or 1),
         help="processes synthesising in parallel; does not change the output "
         "(default: %(default)s)",

@@ -5,6 +5,7 @@ checks measured."""
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -13,6 +14,7 @@ import torch
 
 from phonetune import __version__
 from phonetune.data.errors import PhonetuneError
+from phonetune.data.files import read_json
 from phonetune.data.prepared import read_report, split_hours_per_locale
 from phonetune.infer.checks import LOGITS_TOLERANCE, ONNX_OPSET, ONNX_TOLERANCE, ExportCheck
 from phonetune.train.checkpoint import METRICS_FILE, Checkpoint
@@ -36,7 +38,7 @@ def read_training_dev_per(checkpoint: Checkpoint) -> tuple[float | None, dict[st
     metrics = (checkpoint.run_dir / METRICS_FILE) if checkpoint.run_dir else None
     if metrics is None or not metrics.is_file():
         return overall, per_locale
-    for line in metrics.read_text(encoding="utf-8").splitlines():
+    for line in metrics.read_text(encoding="utf-8", errors="replace").splitlines():
         try:
             record = json.loads(line)
         except json.JSONDecodeError:
@@ -61,18 +63,26 @@ def read_metrics_files(paths: Sequence[Path]) -> dict[str, dict]:
     for path in paths:
         if not Path(path).is_file():
             raise PhonetuneError(f"--metrics {path}: no such file")
-        try:
-            metrics = json.loads(Path(path).read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError) as error:
+        metrics = read_json(path, None, "--metrics takes the JSON that `phonetune evaluate` wrote.")
+        if not is_evaluate_output(metrics):
             raise PhonetuneError(
-                f"--metrics {path}: cannot read evaluate's JSON ({error})"
-            ) from None
-        if "overall" not in metrics or "per_locale" not in metrics:
-            raise PhonetuneError(
-                f"--metrics {path}: not `phonetune evaluate` output (no overall / per_locale)"
+                f"--metrics {path}: not `phonetune evaluate` output (an object with overall and "
+                "per_locale results, each with a per)"
             )
         by_split[str(metrics.get("split", "test"))] = metrics
     return by_split
+
+
+def is_evaluate_output(metrics: object) -> bool:
+    def has_per(result: object) -> bool:
+        return isinstance(result, dict) and isinstance(result.get("per"), int | float)
+
+    return (
+        isinstance(metrics, dict)
+        and has_per(metrics.get("overall"))
+        and isinstance(metrics.get("per_locale"), dict)
+        and all(has_per(result) for result in metrics["per_locale"].values())
+    )
 
 
 def find_metrics_files(checkpoint: Checkpoint) -> list[Path]:
@@ -81,7 +91,14 @@ def find_metrics_files(checkpoint: Checkpoint) -> list[Path]:
 
 
 def _format_per(value: float | None) -> str:
-    return "not measured" if value is None else f"{100 * value:.2f} %"
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        return "not measured"  # (or not recorded as a number: the card shows no made-up value)
+    return f"{100 * value:.2f} %"
+
+
+def _mapping(value: object) -> dict:
+    """A section of a record (prep_report.json, state.json) that should be an object: {} if not."""
+    return value if isinstance(value, dict) else {}
 
 
 def _language_code(locale: str) -> str:
@@ -117,12 +134,12 @@ def render_model_card(
         dev_locale = {loc: m["per"] for loc, m in metrics["dev"]["per_locale"].items()}
     test = metrics.get("test")
     locales = sorted(set(hours) | set(dev_locale) | set(test["per_locale"] if test else {}))
-    data_versions = report.get("versions") or {}
-    train_versions = checkpoint.state.get("versions") or {}
-    settings = report.get("settings") or {}
+    data_versions = _mapping(report.get("versions"))
+    train_versions = _mapping(checkpoint.state.get("versions"))
+    settings = _mapping(report.get("settings"))
     voices = ", ".join(
         f"{locale} -> {entry['espeak_language']}"
-        for locale, entry in (report.get("per_locale") or {}).items()
+        for locale, entry in _mapping(report.get("per_locale")).items()
         if isinstance(entry, dict) and entry.get("espeak_language")
     )
 

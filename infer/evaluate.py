@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from phonetune.data.errors import PhonetuneError
+from phonetune.data.options import check_output_file, require_positive
 from phonetune.data.per import first_per_locale, score_feature_errors, score_predictions
 from phonetune.data.prepared import batches_longest_first, open_prepared
 from phonetune.data.progress import progress_bar
@@ -92,8 +93,9 @@ def evaluate_model(
     locale comes from `inventory` (a phone list), `inventory_text` (text phonemized with espeak-ng)
     or, by default, the phones of the locale's train split transcripts.
     """
-    if batch_seconds <= 0:
-        raise PhonetuneError("--batch-seconds must be positive")
+    require_positive(batch_seconds, "--batch-seconds")
+    if out is not None:
+        check_output_file(Path(out), "--out")
     rows = load_split(prepared_dir, split, locales)
     if len(rows) == 0:
         raise PhonetuneError(
@@ -159,15 +161,18 @@ def evaluate_model(
         results["zero_shot"] = zero_shot_results(
             predictions, references, row_locales, loaded, inventories
         )
-    if out is not None:
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
-        Path(out).write_text(
-            json.dumps(results, indent=2, ensure_ascii=False) + "\n", encoding="utf-8"
-        )
     if verbose:
         print_table(results)
         if "zero_shot" in results:
             print_zero_shot(results["zero_shot"])
+    if out is not None:  # after the table: what was measured is shown even if this fails
+        try:
+            Path(out).parent.mkdir(parents=True, exist_ok=True)
+            Path(out).write_text(
+                json.dumps(results, indent=2, ensure_ascii=False) + "\n", encoding="utf-8"
+            )
+        except OSError as error:
+            raise PhonetuneError(f"cannot write {out}: {error.strerror or error}") from None
     return results
 
 

@@ -20,6 +20,8 @@ import torch
 from phonetune.data import ctc
 from phonetune.data.audio import pad_waves
 from phonetune.data.errors import PhonetuneError
+from phonetune.data.files import read_json
+from phonetune.data.options import non_negative_int, positive_number
 from phonetune.data.vocab import VOCAB_FILE, load_vocab
 from phonetune.train.checkpoint import load_model_folder, select_checkpoint
 
@@ -72,6 +74,22 @@ def is_export_dir(path: Path) -> bool:
     return (path / "config.json").is_file() and (path / VOCAB_FILE).is_file()
 
 
+# What Wav2Vec2Processor.from_pretrained reads of an export besides the model (recognition here
+# does not need them, but a damaged one breaks the export for everyone who loads it).
+PROCESSOR_FILES = (
+    "preprocessor_config.json",
+    "processor_config.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+)
+
+
+def check_processor_files(folder: Path) -> None:
+    for name in PROCESSOR_FILES:
+        if (folder / name).is_file():
+            read_json(folder / name, dict, "Export the model again (phonetune export).")
+
+
 def load_model(path: Path, which: str | int = "latest") -> LoadedModel:
     """Load an export folder, a checkpoint step folder, or a run folder's checkpoint `which`
     (latest, best, step N)."""
@@ -82,6 +100,7 @@ def load_model(path: Path, which: str | int = "latest") -> LoadedModel:
                                  "run's checkpoints")  # fmt: skip
         model_dir, vocab_path, source = path, path / VOCAB_FILE, str(path)
         train_locales = None  # in the export's config.json, read below
+        check_processor_files(path)
     else:
         checkpoint = select_checkpoint(path, which)
         model_dir, vocab_path = checkpoint.model_dir, checkpoint.vocab_path
@@ -138,7 +157,10 @@ def add_checkpoint_choice(parser: argparse.ArgumentParser) -> None:
         help="of a run folder, the checkpoint with the lowest dev PER (checkpoints/best.json)",
     )
     which.add_argument(
-        "--step", type=int, default=None, help="of a run folder, the checkpoint of this step"
+        "--step",
+        type=non_negative_int,
+        default=None,
+        help="of a run folder, the checkpoint of this step",
     )
 
 
@@ -150,7 +172,7 @@ def chosen_checkpoint(args: argparse.Namespace) -> str | int:
 def add_batch_seconds_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--batch-seconds",
-        type=float,
+        type=positive_number,
         default=DEFAULT_BATCH_SECONDS,
         help=f"seconds of padded audio per batch (default {DEFAULT_BATCH_SECONDS:g})",
     )

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -18,6 +19,7 @@ import numpy as np
 
 from phonetune.data.audio import SAMPLE_RATE, AudioError, load_audio
 from phonetune.data.errors import PhonetuneError
+from phonetune.data.options import positive_number, require_positive
 from phonetune.data.prepared import batches_longest_first
 from phonetune.data.progress import progress_bar
 from phonetune.infer.recognize import (
@@ -35,6 +37,10 @@ MIN_CHUNK_SECONDS = 0.5
 # A last window shorter than this fraction of a window joins the previous one: a short tail carries
 # too little context to be recognised on its own (and under 25 ms the feature encoder gives nothing).
 MIN_TAIL_FRACTION = 0.1
+# A window quieter than this is silence, not speech: speech sits around -20 to -35 dBFS (RMS) even
+# when recorded softly, digital silence at minus infinity, the hiss of a quiet room near -70. The
+# model is not run on such windows: on silence it invents a phone or two per window.
+SILENT_RMS_DBFS = -60.0
 
 
 @dataclass
@@ -67,10 +73,11 @@ def transcribe_files(
 ) -> list[Transcript]:
     """One Transcript per path, in order; unreadable files carry `error` instead of `phones`, and
     files too short to recognise a `note`. `progress` draws a bar over the audio (on a terminal)."""
-    if chunk_seconds < MIN_CHUNK_SECONDS:
-        raise PhonetuneError(f"--chunk-seconds must be at least {MIN_CHUNK_SECONDS:g}")
-    if batch_seconds <= 0:
-        raise PhonetuneError("--batch-seconds must be positive")
+    if not (math.isfinite(chunk_seconds) and chunk_seconds >= MIN_CHUNK_SECONDS):
+        raise PhonetuneError(
+            f"--chunk-seconds must be at least {MIN_CHUNK_SECONDS:g} (and finite), not {chunk_seconds}"
+        )
+    require_positive(batch_seconds, "--batch-seconds")
     loaded = model if isinstance(model, LoadedModel) else load_model(Path(model))
     transcripts = [Transcript(path=str(path)) for path in paths]
     chunks: list[np.ndarray] = []
@@ -96,9 +103,15 @@ def transcribe_files(
                 f"{loaded.min_samples / SAMPLE_RATE:.3f} s for one output frame"
             )
             continue
-        for chunk in split_into_chunks(wave, chunk_seconds):
-            chunks.append(chunk)
-            owners.append(index)
+        transcripts[index].phones = ""
+        windows = split_into_chunks(wave, chunk_seconds)
+        silent = [chunk for chunk in windows if is_silent(chunk)]
+        if silent:
+            transcripts[index].note = describe_silence(silent, windows)
+        for chunk in windows:
+            if not is_silent(chunk):  # the model would invent phones in digital silence
+                chunks.append(chunk)
+                owners.append(index)
 
     phones = [""] * len(chunks)
     seconds = [len(c) / SAMPLE_RATE for c in chunks]
@@ -115,6 +128,22 @@ def transcribe_files(
     for owner, texts in pieces.items():
         transcripts[owner].phones = " ".join(text for text in texts if text)
     return transcripts
+
+
+def is_silent(wave: np.ndarray) -> bool:
+    """RMS level below SILENT_RMS_DBFS (decibels relative to full scale, where 1.0 is 0 dB)."""
+    rms = float(np.sqrt(np.mean(np.square(wave, dtype=np.float64))))
+    return rms < 10 ** (SILENT_RMS_DBFS / 20)
+
+
+def describe_silence(silent: list[np.ndarray], windows: list[np.ndarray]) -> str:
+    seconds = sum(len(chunk) for chunk in silent) / SAMPLE_RATE
+    if len(silent) == len(windows):
+        return f"silence: the recording is below {SILENT_RMS_DBFS:g} dBFS (RMS), no phones"
+    return (
+        f"silence: {len(silent)} of {len(windows)} windows ({seconds:.1f} s) below "
+        f"{SILENT_RMS_DBFS:g} dBFS (RMS), not transcribed"
+    )
 
 
 # --- command line -----------------------------------------------------------------------------
@@ -134,7 +163,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--chunk-seconds",
-        type=float,
+        type=positive_number,
         default=DEFAULT_CHUNK_SECONDS,
         help=f"cut longer recordings into windows of this many seconds (default {DEFAULT_CHUNK_SECONDS:g})",
     )

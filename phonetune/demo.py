@@ -16,6 +16,7 @@ from pathlib import Path
 
 from phonetune.data.errors import PhonetuneError
 from phonetune.data.locales import DEFAULT_LOCALES, parse_locales
+from phonetune.data.options import non_negative_int, positive_int
 
 DEMO_CONFIG = "tiny_cpu.yaml"
 # Sized so that the whole demo finishes within about 15 minutes on 2 CPU cores.
@@ -109,21 +110,23 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--clips-per-locale",
-        type=int,
+        type=positive_int,
         default=DEFAULT_CLIPS_PER_LOCALE,
         help=f"synthetic clips per locale (default: {DEFAULT_CLIPS_PER_LOCALE}); fewer is faster",
     )
     parser.add_argument(
         "--max-steps",
-        type=int,
+        type=positive_int,
         default=None,
         help=f"training steps (default: the value in configs/{DEMO_CONFIG}); fewer is faster, "
         "more learns more",
     )
-    parser.add_argument("--seed", type=int, default=0, help="seed of the corpus (default 0)")
+    parser.add_argument(
+        "--seed", type=non_negative_int, default=0, help="seed of the corpus (default 0)"
+    )
     parser.add_argument(
         "--num-workers",
-        type=int,
+        type=positive_int,
         default=max(1, min(2, os.cpu_count() or 1)),
         help="processes for synthesis and preparation (default: up to 2)",
     )

@@ -19,44 +19,32 @@ def load_bench():
     return module
 
 
-@pytest.mark.slow
-def test_sweep_measures_throughput_flops_and_writes_its_section(tmp_path):
-    out = tmp_path / "out"
+def run_tiny_bench(out, *options):
+    """bench_gpu.py on the tiny CPU recipe (2 timed steps after 1, no harness); its JSON."""
     completed = subprocess.run(
         [
-            sys.executable,
-            str(SCRIPT),
-            "--out",
-            str(out),
-            "--config",
-            str(REPO / "configs" / "tiny_cpu.yaml"),
-            "--architecture",
-            "",
-            "--budgets",
-            "12,24",
-            "--steps",
-            "2",
-            "--warmup",
-            "1",
-            "--flop-steps",
-            "1",
-            "--clips",
-            "40",
-            "--harness-rounds",
-            "0",
-            "--profile-budget",
-            "12",
-            "--label",
-            "tiny",
-            "train.pad_to_multiple_of=1600",
+            sys.executable, str(SCRIPT), "--out", str(out),
+            "--config", str(REPO / "configs" / "tiny_cpu.yaml"), "--architecture", "",
+            "--steps", "2", "--warmup", "1", "--clips", "40", "--harness-rounds", "0", *options,
         ],
         capture_output=True,
         text=True,
         timeout=300,
-    )
+    )  # fmt: skip
     assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
     result = json.loads(completed.stdout.strip().splitlines()[-1])
     assert result == json.loads((out / "bench_gpu.json").read_text())
+    return result
+
+
+@pytest.mark.slow
+def test_sweep_measures_throughput_flops_and_writes_its_section(tmp_path):
+    out = tmp_path / "out"
+    result = run_tiny_bench(
+        out,
+        "--budgets", "12,24", "--flop-steps", "1", "--profile-budget", "12", "--label", "tiny",
+        "train.pad_to_multiple_of=1600",
+    )  # fmt: skip
     assert [r["batch_seconds"] for r in result["budgets"]] == [12, 24]
     flops = [r["model_flop_per_padded_s"] for r in result["budgets"]]
     for record in result["budgets"]:
@@ -128,37 +116,8 @@ def test_datasheet_rates_tell_pcie_from_sxm():
 @pytest.mark.slow
 def test_bf16_weights_run_trains_the_model_in_bf16_without_autocast(tmp_path):
     """--weights-dtype bf16 measures a step without autocast's weight casts: the whole model in bf16."""
-    out = tmp_path / "out"
-    completed = subprocess.run(
-        [
-            sys.executable,
-            str(SCRIPT),
-            "--out",
-            str(out),
-            "--config",
-            str(REPO / "configs" / "tiny_cpu.yaml"),
-            "--architecture",
-            "",
-            "--budgets",
-            "12",
-            "--steps",
-            "2",
-            "--warmup",
-            "1",
-            "--flop-steps",
-            "0",
-            "--clips",
-            "40",
-            "--harness-rounds",
-            "0",
-            "--weights-dtype",
-            "bf16",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
+    result = run_tiny_bench(
+        tmp_path / "out", "--budgets", "12", "--flop-steps", "0", "--weights-dtype", "bf16"
     )
-    assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
-    result = json.loads(completed.stdout.strip().splitlines()[-1])
     assert result["weights_dtype"] == "bfloat16" and result["mixed_precision"] == "no"
     assert result["budgets"][0]["audio_s_per_s"] > 0

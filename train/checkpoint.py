@@ -39,15 +39,17 @@ import pickle  # only for its error type: .pt files are read weights_only
 import random
 import re
 import shutil
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from huggingface_hub.errors import StrictDataclassError
 
 from phonetune.data.errors import PhonetuneError
+from phonetune.data.files import read_json, read_yaml
 from phonetune.data.vocab import VOCAB_FILE, load_vocab
 
 CONFIG_FILE = "config.yaml"  # in the run directory and in each checkpoint
@@ -57,6 +59,19 @@ BEST_FILE = "best.json"
 STATE_FILE = "state.json"
 MODEL_DIR = "model"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
+# A config.json of the right shape whose values build no model (a size that is a string, a
+# negative count, a bool where an int belongs): transformers (its strict config fields) and torch
+# fail deep inside, with one of these.
+BUILD_ERRORS = (
+    TypeError,
+    AttributeError,
+    KeyError,
+    IndexError,
+    RuntimeError,
+    ArithmeticError,
+    StrictDataclassError,
+)
+DAMAGED_CHECKPOINT = "The checkpoint is damaged; use another one (resume=PATH, --step N)."
 _REPLACED = ".replaced.tmp"  # suffix of a checkpoint being replaced by a new save of its step
 
 
@@ -92,6 +107,65 @@ def find_latest_checkpoint(run_dir: str | Path) -> Path | None:
     """The newest complete checkpoint of a run, or None."""
     checkpoints = list_checkpoints(run_dir)
     return checkpoints[-1][1] if checkpoints else None
+
+
+def find_damage(path: Path) -> str | None:
+    """What makes a complete checkpoint unloadable, found cheaply (no tensor is read), or None.
+
+    A file cut short or overwritten shows in its header or index: state.json, vocab.json and the
+    model's config.json must parse, model.safetensors' header must cover the file (safetensors
+    checks the offsets against the size), and each .pt file is a zip archive whose directory,
+    at its end, must be readable (`torch.save`'s format).
+    """
+    import zipfile
+
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        read_state(path)
+        load_vocab(path / VOCAB_FILE)
+        read_json(path / MODEL_DIR / "config.json", dict)
+    except PhonetuneError as error:
+        return str(error)
+    weights = path / MODEL_DIR / "model.safetensors"
+    # (checkpoints hold safetensors only: another weights file there is foreign, never read)
+    if not weights.is_file():
+        return f"{weights} is missing"
+    try:
+        with safe_open(weights, framework="pt"):
+            pass
+    except (OSError, SafetensorError) as error:
+        return f"{weights} is damaged ({str(error).strip() or type(error).__name__})"
+    for archive in sorted(path.glob("*.pt")):
+        try:
+            with zipfile.ZipFile(archive) as opened:
+                opened.namelist()
+        except (OSError, zipfile.BadZipFile) as error:
+            return f"{archive} is damaged ({error})"
+    return None
+
+
+def find_loadable_checkpoint(run_dir: str | Path, say: Callable[[str], None]) -> Path | None:
+    """The newest checkpoint of a run that is not damaged (see `find_damage`), or None if the run
+    has none. Each damaged newer one is reported through `say`; a run whose checkpoints are all
+    damaged is an error."""
+    checkpoints = list_checkpoints(run_dir)
+    damage = []
+    for _, path in reversed(checkpoints):
+        problem = find_damage(path)
+        if problem is None:
+            return path
+        damage.append(problem)
+        say(
+            f"warning: {path.name} cannot be loaded ({problem}); trying the checkpoint before it. "
+            "The damaged one is replaced when training reaches its step again."
+        )
+    if checkpoints:
+        raise PhonetuneError(
+            f"no checkpoint of {run_dir} can be loaded (all {len(checkpoints)} are damaged, "
+            f"newest: {damage[0]}). Start a new run (another run.output_dir)."
+        )
+    return None
 
 
 def find_best_checkpoint(run_dir: str | Path) -> Path | None:
@@ -174,17 +248,13 @@ class Checkpoint:
 
     def training_config(self) -> dict:
         """The resolved training config (the checkpoint's, else the run's), {} if neither is readable."""
-        import yaml
-
         for folder in (self.path, self.run_dir):
             path = None if folder is None else folder / CONFIG_FILE
             if path is not None and path.is_file():
                 try:
-                    loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
-                except (OSError, yaml.YAMLError):
+                    return read_yaml(path, dict)
+                except PhonetuneError:  # it only describes the data: the run's copy, or nothing
                     continue
-                if isinstance(loaded, dict):
-                    return loaded
         return {}
 
 
@@ -269,14 +339,7 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
 
 def read_state(checkpoint: str | Path) -> dict[str, Any]:
     """state.json of a checkpoint; a damaged one is a clear error naming it."""
-    path = Path(checkpoint) / STATE_FILE
-    try:
-        state = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as error:
-        raise PhonetuneError(f"cannot read {path}: {error}. The checkpoint is damaged.") from None
-    if not isinstance(state, dict):
-        raise PhonetuneError(f"{path} is not a JSON object: the checkpoint is damaged")
-    return state
+    return read_json(Path(checkpoint) / STATE_FILE, dict, DAMAGED_CHECKPOINT)
 
 
 def read_checkpoint_vocab(checkpoint: str | Path) -> dict[str, int]:
@@ -290,7 +353,7 @@ def load_tensors(checkpoint: str | Path, name: str) -> Any:
         return None
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError) as error:
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as error:
         # Not what phonetune wrote: a pickle of other objects (refused, never run), or a damaged file.
         kind = (
             "objects other than tensors"
@@ -312,6 +375,13 @@ def load_pretrained(source: str | Path, **kwargs: Any) -> Any:
     from safetensors import SafetensorError
     from transformers import Wav2Vec2ForCTC
 
+    folder = Path(source)
+    if (folder / "config.json").is_file():  # a local folder: its config must be a JSON object
+        read_json(
+            folder / "config.json",
+            dict,
+            "A model folder's config.json is written by save_pretrained.",
+        )
     try:
         return Wav2Vec2ForCTC.from_pretrained(source, weights_only=True, **kwargs)
     except pickle.UnpicklingError:
@@ -322,6 +392,15 @@ def load_pretrained(source: str | Path, **kwargs: Any) -> Any:
         )
     except (OSError, ValueError, SafetensorError) as error:
         problem = (str(error).strip().splitlines() or [repr(error)])[0].rstrip(".")
+        if isinstance(error, SafetensorError) and (folder / "model.safetensors").is_file():
+            problem = f"{folder / 'model.safetensors'} is damaged ({problem})"
+    except BUILD_ERRORS as error:
+        if not (folder / "config.json").is_file():
+            raise
+        problem = (
+            f"{folder / 'config.json'} holds values no model can be built from "
+            f"({type(error).__name__}: {(str(error).splitlines() or [''])[0]})"
+        )
     raise PhonetuneError(
         f"cannot load the model weights of {source}: {problem}. A model folder needs config.json "
         "and model.safetensors (or a pytorch_model.bin holding tensors only)."

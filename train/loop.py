@@ -211,7 +211,7 @@ def set_up(config: Config, parallel: Parallel, run_dir: Path) -> Run:
         for line in ckpt.clean_interrupted_saves(run_dir):
             say(f"{run_dir}: {line}")
     parallel.wait()  # everyone looks for the checkpoint after the clean-up
-    resume_from = resume.find_resume_checkpoint(config, run_dir)
+    resume_from = resume.find_resume_checkpoint(config, run_dir, say)
     data = load_training_data(config)
     if resume_from is not None:
         resume.check_resume_compatible(config, resume_from, data.vocab, say)

@@ -16,7 +16,6 @@ and the vocabulary is an error, never a silent reshuffle of output rows.
 from __future__ import annotations
 
 import functools
-import json
 import random
 import warnings
 from collections.abc import Mapping
@@ -30,8 +29,9 @@ from torch import nn
 from phonetune.data import ctc
 from phonetune.data.audio import SAMPLE_RATE
 from phonetune.data.errors import PhonetuneError
+from phonetune.data.files import read_json
 from phonetune.data.vocab import BLANK_ID, BLANK_TOKEN, VOCAB_FILE
-from phonetune.train.checkpoint import load_pretrained
+from phonetune.train.checkpoint import BUILD_ERRORS, load_pretrained
 from phonetune.train.config import HF_TRAINING_SETTINGS, ModelConfig
 
 # Wav2Vec2Config fields that decide the shapes of the weights: two configs that differ here describe
@@ -68,12 +68,9 @@ def _hf_config_from_model_cfg(model_cfg: ModelConfig, vocab_size: int):  # -> Wa
         path = Path(model_cfg.config)
         if path.is_dir():
             path = path / "config.json"
-        try:
-            values = json.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise PhonetuneError(f"model.config: {path} does not exist") from None
-        except json.JSONDecodeError as error:
-            raise PhonetuneError(f"model.config: {path} is not valid JSON: {error}") from None
+        if not path.exists():
+            raise PhonetuneError(f"model.config: {path} does not exist")
+        values = read_json(path, dict, "model.config needs a config.json of Wav2Vec2Config values.")
     else:
         values = dict(model_cfg.config or {})
     if "vocab_size" in values and values["vocab_size"] != vocab_size:
@@ -88,7 +85,10 @@ def _hf_config_from_model_cfg(model_cfg: ModelConfig, vocab_size: int):  # -> Wa
         )
     values.update(training_settings(model_cfg))
     values.update(vocab_size=vocab_size, pad_token_id=BLANK_ID)
-    return Wav2Vec2Config(**values)
+    try:
+        return Wav2Vec2Config(**values)
+    except (*BUILD_ERRORS, ValueError) as error:
+        raise PhonetuneError(f"model.config: {type(error).__name__}: {error}") from None
 
 
 def read_model_vocab(name_or_path: str) -> dict[str, int] | None:
@@ -110,7 +110,7 @@ def read_model_vocab(name_or_path: str) -> dict[str, int] | None:
         if found is None:
             return None
         path = Path(found)
-    raw = json.loads(path.read_text(encoding="utf-8"))
+    raw = read_json(path, dict, "A model's vocab.json maps each token to its id.")
     if raw and all(isinstance(value, dict) for value in raw.values()):
         raise PhonetuneError(
             f"{name_or_path}/vocab.json holds one vocabulary per language; phonetune needs a single "
@@ -168,7 +168,13 @@ def build_model(model_cfg: ModelConfig, vocab: Mapping[str, int]) -> tuple[nn.Mo
     if model_cfg.config is not None:
         config = _hf_config_from_model_cfg(model_cfg, vocab_size)
         config._attn_implementation = model_cfg.attn_implementation
-        model = Wav2Vec2ForCTC(config)
+        try:
+            model = Wav2Vec2ForCTC(config)
+        except (*BUILD_ERRORS, ValueError) as error:
+            raise PhonetuneError(
+                f"model.config: no model can be built from these values ({type(error).__name__}: "
+                f"{error})"
+            ) from None
         origin = f"random initialisation from model.config ({_count(model) / 1e6:.1f}M parameters)"
         if model_cfg.feature_encoder_init == "filterbank":
             init_filterbank_encoder(model)

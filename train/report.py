@@ -59,7 +59,8 @@ class MetricsLogger:
         if self.path.is_file():
             # Lines after the resumed checkpoint belong to the interrupted run's lost steps; the
             # resumed run writes them again, so drop them to keep one line per step.
-            read = self.path.read_text(encoding="utf-8").splitlines()
+            # (undecodable bytes, from a damaged disk, make lines that parse as nothing: dropped)
+            read = self.path.read_text(encoding="utf-8", errors="replace").splitlines()
             steps = [_step_of(line) for line in read]
             lines = [
                 line

@@ -10,7 +10,6 @@ removed and the earlier checkpoints stay as they were. The file format is train/
 
 from __future__ import annotations
 
-import json
 import random
 import time
 import warnings
@@ -23,6 +22,7 @@ import numpy as np
 import torch
 
 from phonetune.data.errors import PhonetuneError
+from phonetune.data.files import read_json, read_yaml
 from phonetune.train import checkpoint as ckpt
 from phonetune.train.config import Config, config_differences, config_to_dict, dump_config
 from phonetune.train.model import architecture_differences, expected_architecture
@@ -66,7 +66,7 @@ def seed_everything(seed: int, module: torch.nn.Module | None = None) -> None:
 
 
 # --- which checkpoint to continue from ---------------------------------------------------------------
-def find_resume_checkpoint(config: Config, run_dir: Path) -> Path | None:
+def find_resume_checkpoint(config: Config, run_dir: Path, say: Say) -> Path | None:
     """The checkpoint to continue from (None = start fresh), per `resume`: none, auto, or a
     checkpoint chosen as everywhere else (latest, best, step N, a path)."""
     if config.resume == "none":
@@ -78,7 +78,7 @@ def find_resume_checkpoint(config: Config, run_dir: Path) -> Path | None:
             )
         return None
     if config.resume == "auto":
-        return ckpt.find_latest_checkpoint(run_dir)
+        return ckpt.find_loadable_checkpoint(run_dir, say)
     selection = ckpt.parse_selection(config.resume)
     if isinstance(selection, int) or selection in ("latest", "best"):
         checkpoint = ckpt.select_checkpoint(run_dir, selection)
@@ -109,15 +109,9 @@ def check_resume_compatible(
             f"{'; same tokens, different ids' if not only_old and not only_new else ''}). "
             "Resume with the prepared data it was trained on, or start a new run."
         )
-    try:
-        saved_model = json.loads(
-            (checkpoint / ckpt.MODEL_DIR / "config.json").read_text(encoding="utf-8")
-        )
-    except (OSError, ValueError) as error:
-        raise PhonetuneError(
-            f"cannot read {checkpoint / ckpt.MODEL_DIR / 'config.json'}: {error}. The checkpoint "
-            "is damaged; resume from another one (resume=PATH)."
-        ) from None
+    saved_model = read_json(
+        checkpoint / ckpt.MODEL_DIR / "config.json", dict, ckpt.DAMAGED_CHECKPOINT
+    )
     expected = expected_architecture(config.model, len(vocab))
     if expected is None:
         say(
@@ -132,9 +126,11 @@ def check_resume_compatible(
             )
     saved_config_file = checkpoint / ckpt.CONFIG_FILE
     if saved_config_file.is_file():
-        import yaml
-
-        saved = yaml.safe_load(saved_config_file.read_text(encoding="utf-8")) or {}
+        try:
+            saved = read_yaml(saved_config_file, dict)
+        except PhonetuneError as error:  # a record of the settings only: the run can go on
+            say(f"warning: the settings cannot be compared with the checkpoint's: {error}")
+            return
         current = config_to_dict(config)
         saved.pop("resume", None)
         current.pop("resume", None)
