@@ -192,7 +192,7 @@ def write_prepared(path, rows):
                 "split": row["split"],
                 "duration": len(pcm) / SAMPLE_RATE,
                 "num_frames": count_frames(len(pcm)),
-                "client_id": "spk",
+                "client_id": row.get("client_id", "spk"),
                 "sentence": "",
                 "path": f"{row['locale']}/clips/x.mp3",
             }

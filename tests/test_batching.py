@@ -256,3 +256,57 @@ def test_padding_to_a_multiple_rounds_only_the_batch_width(tiny_split):
     assert collate(split, [2], vocab, pad_to_multiple_of=1600).input_values.shape == (1, 24_000)
     loaded = next(iter(make_loader(split, [np.array([1, 3])], vocab, 1, pad_to_multiple_of=1600)))
     assert torch.equal(loaded.input_values, rounded.input_values)
+
+
+def test_max_hours_per_locale_takes_whole_speakers_in_a_fixed_order(tmp_path):
+    """data.max_hours_per_locale: whole speakers in the order of a hash of their id while they
+    fit, then single clips of the others; the same choice whatever the order of the rows."""
+    import hashlib
+
+    from helpers import SAMPLE_RATE, write_prepared
+
+    from phonetune.data.prepared import open_split
+    from phonetune.train.batching import cap_hours_per_locale
+
+    first, second, third = sorted(
+        ["s1", "s2", "s3"], key=lambda s: hashlib.blake2b(s.encode()).digest()
+    )
+    clips = [(first, 5.0), (first, 5.0), (second, 8.0), (third, 3.0), (third, 3.0), ("fr", 4.0)]
+    rows = [
+        {"audio": np.full(int(seconds * SAMPLE_RATE), 0.1, np.float32), "phones": "a",
+         "locale": "fr" if speaker == "fr" else "en", "split": "train", "client_id": speaker}
+        for speaker, seconds in clips
+    ]  # fmt: skip
+    write_prepared(tmp_path / "a", rows)
+    write_prepared(tmp_path / "b", rows[::-1])
+    for name in ("a", "b"):
+        split = open_split(tmp_path / name, "train", "test")
+        kept = cap_hours_per_locale(split, np.arange(len(split)), 15 / 3600)
+        chosen = sorted(
+            zip(split.column("client_id", kept), split.durations[kept].tolist(), strict=True)
+        )
+        # en: the first speaker whole (10 s); the second (8 s) and the third (6 s) do not fit
+        # whole, so single clips fill up: one 3 s clip of the third (13 s; 8 s would pass 15).
+        # fr holds 4 s, under the cap: all of it.
+        assert chosen == [("fr", 4.0), (first, 5.0), (first, 5.0), (third, 3.0)], name
+
+
+def test_max_hours_per_locale_is_applied_and_reported_by_training_data(prepared_dir, tmp_path):
+    from helpers import config
+
+    from phonetune.train.batching import load_training_data
+    from phonetune.train.report import describe_hours_per_locale
+
+    capped = load_training_data(
+        config(prepared_dir, tmp_path / "run", "data.max_hours_per_locale=0.004")
+    )
+    whole = load_training_data(config(prepared_dir, tmp_path / "run"))
+    locales = capped.train.locales
+    for locale in set(locales):
+        rows = capped.train_rows[locales[capped.train_rows] == locale]
+        assert 0 < float(capped.train.durations[rows].sum()) <= 0.004 * 3600
+    dropped = len(whole.train_rows) - len(capped.train_rows)
+    assert dropped > 0 and capped.skipped["over_max_hours_per_locale"] == dropped
+    described = dict(item.split(" ") for item in describe_hours_per_locale(capped).split(", "))
+    assert set(described) == set(locales)
+    assert all(0 < float(hours) <= 0.004 for hours in described.values())

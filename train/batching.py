@@ -11,6 +11,7 @@ The training step only slices memory-mapped int16 arrays and pads a batch of sim
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -103,6 +104,10 @@ def load_training_data(config: Config) -> TrainingData:
     too_long = train_split.durations[rows] > config.data.max_duration
     skipped["longer_than_max_duration"] = int(too_long.sum())
     rows = rows[~too_long]
+    if config.data.max_hours_per_locale is not None:
+        capped = cap_hours_per_locale(train_split, rows, config.data.max_hours_per_locale)
+        skipped["over_max_hours_per_locale"] = len(rows) - len(capped)
+        rows = capped
     unknown = unknown_phones(train_split.column("phones", rows), vocab)
     if unknown:
         raise PhonetuneError(
@@ -125,6 +130,39 @@ def load_training_data(config: Config) -> TrainingData:
     return TrainingData(
         vocab, train_split, rows, eval_split, eval_rows, read_versions(prepared), skipped
     )
+
+
+def cap_hours_per_locale(split: PreparedSplit, rows: np.ndarray, max_hours: float) -> np.ndarray:
+    """The rows of at most `max_hours` of audio per locale (see `data.max_hours_per_locale`).
+
+    Speakers are taken whole, in the order of a hash of their Common Voice id (not of the file's
+    order, so adding clips to a release moves few choices), while they fit; the hours left then
+    take single clips of the speakers that did not fit, in the same order. A clip without a
+    speaker id counts as a speaker of its own.
+    """
+    budget = max_hours * 3600
+    durations = split.durations
+    speakers = split.column("client_id", rows)
+    locales = split.locales[rows]
+    kept: list[int] = []
+    for locale in sorted(set(locales)):
+        groups: dict[str, list[int]] = {}
+        for i in np.flatnonzero(locales == locale).tolist():
+            groups.setdefault(speakers[i] or f"row {rows[i]}", []).append(int(rows[i]))
+        order = sorted(groups, key=lambda speaker: hashlib.blake2b(speaker.encode()).digest())
+        total, left_over = 0.0, []
+        for speaker in order:
+            seconds = float(durations[groups[speaker]].sum())
+            if total + seconds <= budget:
+                kept += groups[speaker]
+                total += seconds
+            else:
+                left_over += groups[speaker]
+        for row in left_over:
+            if total + durations[row] <= budget:
+                kept.append(row)
+                total += float(durations[row])
+    return np.array(sorted(kept), dtype=rows.dtype)
 
 
 def drop_unalignable(

@@ -47,6 +47,10 @@ class DataConfig:
     """Train and evaluate only on these Common Voice locales; null = every locale of the dataset."""
     max_duration: float = 20.0
     """Training clips longer than this many seconds are skipped (attention cost grows with length²)."""
+    max_hours_per_locale: float | None = None
+    """Train on at most this many hours of each locale (null = all): whole speakers in a fixed
+    order (by a hash of their id), clips of the next speakers where no whole one fits. The same
+    selection every run. The paper's Common Voice setting caps each language at 10 h."""
     eval_max_utterances: int | None = None
     """Evaluate on at most this many clips of the eval split (a fixed, evenly spaced subset); null = all."""
     num_workers: int = 0
@@ -532,6 +536,10 @@ def _data_and_run_problems(config: Config) -> list[str]:
             errors.append(problem)
     if data.max_duration <= 0:
         errors.append(f"data.max_duration must be positive, not {data.max_duration}")
+    if data.max_hours_per_locale is not None and not data.max_hours_per_locale > 0:
+        errors.append(
+            f"data.max_hours_per_locale must be positive (or null for all), not {data.max_hours_per_locale}"
+        )
     if data.eval_max_utterances is not None and data.eval_max_utterances < 1:
         errors.append("data.eval_max_utterances must be at least 1 (or null for all)")
     if data.num_workers < 0:

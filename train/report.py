@@ -231,6 +231,16 @@ def print_eval(progress: Any, step: int, result: dict[str, Any]) -> None:
         )
 
 
+def describe_hours_per_locale(data: TrainingData) -> str:
+    rows = data.train_rows
+    locales = data.train.locales[rows]
+    hours = {
+        locale: float(data.train.durations[rows[locales == locale]].sum()) / 3600
+        for locale in sorted(set(locales))
+    }
+    return ", ".join(f"{locale} {value:.3g}" for locale, value in hours.items())
+
+
 def print_summary(
     say: Say,
     config: Config,
@@ -261,6 +271,12 @@ def print_summary(
         f"  data:            {config.data.prepared_dir}: {config.data.train_split} {len(data.train_rows)} clips, "
         f"{train_seconds / 3600:.2f} h, {len(locales)} locale(s) ({', '.join(locales)})"
         + (f"; skipped {skipped}" if skipped else "")
+        + (
+            f"\n                   hours per locale (data.max_hours_per_locale "
+            f"{config.data.max_hours_per_locale:g}): {describe_hours_per_locale(data)}"
+            if config.data.max_hours_per_locale is not None
+            else ""
+        )
         + (
             f"\n                   {config.data.eval_split}: {len(data.eval_rows)} clips"
             if data.eval is not None
