@@ -128,7 +128,9 @@ def render_model_card(
     report = read_report(checkpoint.prepared_dir())
     training_config = checkpoint.training_config()
     hours = train_hours_per_locale(checkpoint, report)
-    dev_overall, dev_locale = read_training_dev_per(checkpoint)
+    averaged = getattr(model_config, "phonetune_averaged_steps", None)
+    # The dev PER logged during training belongs to one checkpoint, not to an average of several.
+    dev_overall, dev_locale = (None, {}) if averaged else read_training_dev_per(checkpoint)
     if "dev" in metrics:  # a full evaluate run beats the dev PER logged during training
         dev_overall = metrics["dev"]["overall"]["per"]
         dev_locale = {loc: m["per"] for loc, m in metrics["dev"]["per_locale"].items()}
@@ -169,6 +171,11 @@ def render_model_card(
         "## Training",
         "",
         f"- checkpoint: `{checkpoint.path.name}` (step {checkpoint.step}, epoch {checkpoint.state.get('epoch', '?')})",
+        *(
+            [f"- weights: the mean of the checkpoints of steps {', '.join(map(str, averaged))}"]
+            if averaged
+            else []
+        ),
         f"- vocabulary: {model_config.vocab_size} tokens; `<pad>` (id 0) is the CTC blank",
         f"- architecture: {model_config.num_hidden_layers} layers, hidden size {model_config.hidden_size}, "
         f"feature encoder normalisation `{model_config.feat_extract_norm}`",

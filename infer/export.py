@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING
 
 from phonetune.data.audio import SAMPLE_RATE
 from phonetune.data.errors import PhonetuneError
+from phonetune.data.options import positive_int
 from phonetune.data.vocab import BLANK_ID, SPECIAL_TOKENS, VOCAB_FILE, load_vocab
 from phonetune.infer.card import find_metrics_files, read_metrics_files, render_model_card
 from phonetune.infer.checks import (
@@ -42,7 +43,12 @@ from phonetune.infer.checks import (
     load_check_audio,
 )
 from phonetune.infer.recognize import add_checkpoint_choice, chosen_checkpoint
-from phonetune.train.checkpoint import Checkpoint, load_model_folder, select_checkpoint
+from phonetune.train.checkpoint import (
+    Checkpoint,
+    list_checkpoints,
+    load_model_folder,
+    select_checkpoint,
+)
 
 if TYPE_CHECKING:  # transformers is imported where it is used: `phonetune --help` stays instant
     from transformers import Wav2Vec2Processor
@@ -155,10 +161,15 @@ def export_model(
     audio: Path | None = None,
     metrics: Sequence[Path] = (),
     evaluate_splits: Sequence[str] = (),
+    average_last: int | None = None,
+    average_steps: Sequence[int] = (),
     verbose: bool = True,
 ) -> Path:
     """Export a checkpoint to `out`: `source` a step folder, or a run folder and `which` of its
     checkpoints (latest, best, step N); returns `out`.
+
+    `average_last` N exports the mean of the weights of the N checkpoints up to the chosen one,
+    `average_steps` that of the checkpoints of these steps (see `select_averaged`).
 
     `audio` replaces the clips the checks run on; `metrics` are `phonetune evaluate` JSON files for
     the model card (eval_<split>.json next to the checkpoint are picked up too); `evaluate_splits`
@@ -166,7 +177,8 @@ def export_model(
     """
     say = print if verbose else (lambda *_args, **_kwargs: None)
     out = Path(out)
-    checkpoint = select_checkpoint(source, which)
+    averaged = select_averaged(source, which, average_last, average_steps)
+    checkpoint = averaged[-1] if averaged else select_checkpoint(source, which)
     check_out_dir(out, overwrite, protected=[checkpoint.path])
     # Every argument is checked before the model is loaded and minutes go into checks.
     metrics_by_split = read_metrics_files(list(find_metrics_files(checkpoint)) + list(metrics))
@@ -177,6 +189,13 @@ def export_model(
 
     vocab = load_vocab(checkpoint.vocab_path)
     model = load_model_folder(checkpoint.model_dir, safetensors_only=True)
+    if averaged:
+        steps = [c.step for c in averaged]
+        say(
+            f"averaging the weights of {len(averaged)} checkpoints: steps {', '.join(map(str, steps))}"
+        )
+        model.load_state_dict(average_weights(averaged, vocab), strict=True)
+        model.config.phonetune_averaged_steps = steps
     # Where a model came from travels with it: `phonetune evaluate` notes locales it never saw.
     train_locales = checkpoint.train_locales()
     if train_locales is not None:
@@ -231,6 +250,71 @@ def export_model(
     say(f"sample transcription: {sample[:100]!r}{' ...' if len(sample) > 100 else ''}")
     summarize_folder(out, say)
     return out
+
+
+def select_averaged(
+    source: Path, which: str | int, average_last: int | None, average_steps: Sequence[int]
+) -> list[Checkpoint]:
+    """The checkpoints whose weights an export averages, oldest first ([] when not averaging): the
+    `average_last` checkpoints of the run up to the chosen one (`which`), or those of
+    `average_steps`. The last one gives the export its vocabulary, configuration and model card."""
+    if average_last is not None and average_steps:
+        raise PhonetuneError("give --average-last or --average, not both")
+    if average_steps:
+        if which != "latest":
+            raise PhonetuneError("--average names its steps: --best and --step do not apply")
+        return [select_checkpoint(source, step) for step in sorted(set(average_steps))]
+    if average_last is None:
+        return []
+    last = select_checkpoint(source, which)
+    if last.run_dir is None:
+        raise PhonetuneError(
+            f"--average-last needs a run folder (its checkpoints/), not the step folder {last.path}"
+        )
+    steps = [step for step, _ in list_checkpoints(last.run_dir) if step <= last.step]
+    if len(steps) < average_last:
+        raise PhonetuneError(
+            f"--average-last {average_last}: {last.run_dir} holds {len(steps)} checkpoint(s) up to step "
+            f"{last.step} ({', '.join(map(str, steps))}). Keep more with train.keep_last, or average fewer."
+        )
+    return [select_checkpoint(last.run_dir, step) for step in steps[-average_last:]]
+
+
+def average_weights(checkpoints: Sequence[Checkpoint], vocab: dict[str, int]) -> dict:
+    """The element-wise mean of the checkpoints' weights (summed in float64, returned in the
+    saved dtype), as icefall averages its checkpoints. They must hold the same tensors and the
+    same vocabulary; integer tensors must be equal."""
+    import torch
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    sums: dict = {}
+    for checkpoint in checkpoints:
+        path = checkpoint.model_dir / "model.safetensors"
+        if load_vocab(checkpoint.vocab_path) != vocab:
+            raise PhonetuneError(f"{checkpoint.path} has another vocabulary: it cannot be averaged")
+        try:
+            weights = load_file(path)
+        except (OSError, SafetensorError) as error:
+            raise PhonetuneError(f"{path} cannot be read ({error})") from None
+        if sums and (weights.keys() != sums.keys() or any(
+            weights[name].shape != sums[name].shape for name in sums
+        )):  # fmt: skip
+            raise PhonetuneError(f"{path} holds other tensors than {checkpoints[0].model_dir}")
+        for name, tensor in weights.items():
+            if not tensor.is_floating_point():
+                if name in sums and not torch.equal(sums[name], tensor):
+                    raise PhonetuneError(f"{path}: {name} differs between the checkpoints")
+                sums[name] = tensor
+            elif name in sums:
+                sums[name] += tensor.double()
+            else:
+                sums[name] = tensor.double()
+    dtypes = {name: tensor.dtype for name, tensor in weights.items()}
+    return {
+        name: (total / len(checkpoints)).to(dtypes[name]) if total.is_floating_point() else total
+        for name, total in sums.items()
+    }
 
 
 def check_evaluate_splits(checkpoint: Checkpoint, splits: Sequence[str]) -> Path | None:
@@ -305,6 +389,22 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         default=[],
         help="`phonetune evaluate --out` JSON to put in the model card (repeatable; one per split)",
     )
+    average = parser.add_mutually_exclusive_group()
+    average.add_argument(
+        "--average-last",
+        type=positive_int,
+        default=None,
+        metavar="N",
+        help="export the mean of the weights of the run's last N checkpoints (up to --step/--best "
+        "if given): often a little better than any one of them",
+    )
+    average.add_argument(
+        "--average",
+        type=step_list,
+        default=(),
+        metavar="STEP,STEP,...",
+        help="export the mean of the weights of the checkpoints of these steps",
+    )
     parser.add_argument(
         "--evaluate",
         nargs="+",
@@ -312,6 +412,18 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         metavar="SPLIT",
         help="evaluate the export on these splits of the training data for the model card, e.g. dev test",
     )
+
+
+def step_list(text: str) -> list[int]:
+    try:
+        steps = [int(item) for item in text.split(",") if item.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a comma-separated list of steps: {text!r}") from None
+    if len(steps) < 2 or min(steps) < 0:
+        raise argparse.ArgumentTypeError(
+            f"give two steps or more, e.g. 800,900,1000 (not {text!r})"
+        )
+    return steps
 
 
 def run(args: argparse.Namespace) -> int:
@@ -328,6 +440,8 @@ def run(args: argparse.Namespace) -> int:
         audio=args.audio,
         metrics=args.metrics,
         evaluate_splits=args.evaluate,
+        average_last=args.average_last,
+        average_steps=args.average,
     )
     prepared = select_checkpoint(args.source, which).prepared_dir()
     data = shlex.quote(str(prepared)) if prepared is not None else "PREPARED_DIR"

@@ -108,6 +108,9 @@ def load_model(path: Path, which: str | int = "latest") -> LoadedModel:
         train_locales = checkpoint.train_locales()
     vocab = load_vocab(vocab_path)
     model = load_model_folder(model_dir)
+    averaged = getattr(model.config, "phonetune_averaged_steps", None)
+    if averaged:
+        source += f" (the mean of the weights of steps {', '.join(map(str, averaged))})"
     if train_locales is None:
         recorded = getattr(model.config, "phonetune_train_locales", None)
         train_locales = list(recorded) if isinstance(recorded, list) else None

@@ -409,3 +409,61 @@ def test_the_command_names_the_next_one(run_dir, tmp_path, capsys):
     data = shlex.quote(str(prepared)) if prepared else "PREPARED_DIR"
     hint = f"next: phonetune evaluate {shlex.quote(str(out))} --data {data} --split test"
     assert capsys.readouterr().out.strip().splitlines()[-1] == hint
+
+
+# --- averaging ------------------------------------------------------------------------------------
+def saved_weights(step_dir):
+    from safetensors.torch import load_file
+
+    return load_file(step_dir / "model" / "model.safetensors")
+
+
+def test_average_last_exports_the_mean_of_the_checkpoints(prepared, tmp_path, capsys):
+    from safetensors.torch import load_file
+
+    run = tmp_path / "run"
+    steps = [2, 4, 6, 8]
+    for step in steps:  # different random weights at each step
+        write_checkpoint(run, step, seed=step, prepared_dir=prepared)
+    out = export_model(run, tmp_path / "avg", average_last=3, verbose=False)
+    exported = load_file(out / "model.safetensors")
+    parts = [saved_weights(run / "checkpoints" / f"step_{step}") for step in (4, 6, 8)]
+    for name, tensor in exported.items():
+        if tensor.is_floating_point():  # float64 sums, oldest first, as the export sums them
+            mean = (parts[0][name].double() + parts[1][name].double() + parts[2][name].double()) / 3
+            assert torch.equal(tensor, mean.float()), name
+    assert not torch.equal(exported["lm_head.weight"], parts[-1]["lm_head.weight"])
+    config = json.loads((out / "config.json").read_text())
+    assert config["phonetune_averaged_steps"] == [4, 6, 8]
+    card = (out / "README.md").read_text()
+    assert "the mean of the checkpoints of steps 4, 6, 8" in card
+
+    # --average names the steps; up to --step chooses where the last N end
+    out = export_model(run, tmp_path / "picked", average_steps=[2, 8], verbose=False)
+    assert json.loads((out / "config.json").read_text())["phonetune_averaged_steps"] == [2, 8]
+    out = export_model(run, tmp_path / "upto", which=6, average_last=2, verbose=False)
+    assert json.loads((out / "config.json").read_text())["phonetune_averaged_steps"] == [4, 6]
+
+    # evaluate says what it evaluates
+    assert main(["evaluate", str(tmp_path / "avg"), "--data", str(prepared), "--split", "dev"]) == 0
+    assert "the mean of the weights of steps 4, 6, 8" in capsys.readouterr().out
+
+
+def test_averaging_refusals_name_the_fix(prepared, tmp_path, capsys):
+    run = tmp_path / "run"
+    for step in (2, 4):
+        write_checkpoint(run, step, seed=step, prepared_dir=prepared)
+    lone = tmp_path / "copied" / "step_4"  # a step folder outside its run: no other checkpoints
+    shutil.copytree(run / "checkpoints" / "step_4", lone)
+    for argv, words in (
+        ([f"{run}", "--average-last", "3"], "holds 2 checkpoint(s) up to step 4"),
+        ([f"{run}", "--average", "2,4", "--best"], "--best and --step do not apply"),
+        ([f"{lone}", "--average-last", "2"], "needs a run folder"),
+        ([f"{run}", "--average", "2,5"], "step"),
+    ):
+        assert main(["export", *argv, "--out", str(tmp_path / "x")]) == 2, argv
+        assert words in capsys.readouterr().err, argv
+    with pytest.raises(SystemExit):  # argparse: one of the two, and a list of two steps or more
+        main(["export", str(run), "--out", str(tmp_path / "x"), "--average", "4"])
+    assert "give two steps or more" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
