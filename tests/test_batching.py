@@ -310,3 +310,33 @@ def test_max_hours_per_locale_is_applied_and_reported_by_training_data(prepared_
     described = dict(item.split(" ") for item in describe_hours_per_locale(capped).split(", "))
     assert set(described) == set(locales)
     assert all(0 < float(hours) <= 0.004 for hours in described.values())
+
+
+@pytest.mark.parametrize("alpha", [1.0, 0.5, 0.3, 0.05])
+def test_language_sampling_gives_each_language_its_share_of_every_epoch(alpha):
+    """p_l ∝ n_l^alpha of each epoch's audio, whose total stays the data's: on 400/100/20 clips
+    each language's seconds in an epoch are within one clip of its target (a subset takes whole
+    clips while they fit), and alpha 1 plans exactly what no language sampling plans."""
+    from phonetune.train.batching import language_shares
+
+    rng = np.random.default_rng(0)
+    counts = [400, 100, 20]
+    languages = np.repeat(np.arange(3), counts)
+    durations = rng.uniform(1.0, 8.0, len(languages))
+    seconds = np.bincount(languages, weights=durations)
+    shares = language_shares(seconds, alpha)
+    assert shares.sum() == pytest.approx(1.0)
+    if alpha < 1:  # smaller languages gain, the largest loses
+        assert shares[2] > seconds[2] / seconds.sum() and shares[0] < seconds[0] / seconds.sum()
+    for epoch in range(3):
+        plan = plan_epoch(durations, 60.0, seed=1, epoch=epoch, languages=languages, alpha=alpha)
+        drawn = np.concatenate([np.concatenate(shares_) for shares_ in plan])
+        realised = np.bincount(languages[drawn], weights=durations[drawn], minlength=3)
+        target = shares * seconds.sum()
+        assert np.all(realised <= target + 1e-9) and np.all(target - realised < durations.max())
+        if alpha == 1.0:
+            plain = plan_epoch(durations, 60.0, seed=1, epoch=epoch)
+            assert all(
+                all(np.array_equal(a, b) for a, b in zip(x, y, strict=True))
+                for x, y in zip(plan, plain, strict=True)
+            )

@@ -33,10 +33,16 @@ def test_tiny_model_learns(prepared_dir, tmp_path):
     assert result["step"] == 20 and result["best_checkpoint"].endswith("step_20")
 
 
-def test_resume_is_exact(prepared_dir, tmp_path):
+@pytest.mark.parametrize(
+    "data_settings",
+    [[], ["data.language_sampling_alpha=0.3", "data.max_hours_per_locale=0.004"]],
+    ids=["proportional", "language_sampling"],
+)
+def test_resume_is_exact(prepared_dir, tmp_path, data_settings):
     common = [
         *MICRO,
         *RANDOM,
+        *data_settings,
         "train.max_steps=7",
         "train.save_steps=2",
         "train.eval_steps=3",
@@ -62,6 +68,12 @@ def test_resume_is_exact(prepared_dir, tmp_path):
     assert [r["loss"] for r in resumed] == [r["loss"] for r in straight]  # bit for bit
     assert [r["grad_norm"] for r in resumed] == [r["grad_norm"] for r in straight]
     assert [r["lr"] for r in resumed] == [r["lr"] for r in straight]
+    assert [r["locale_seconds"] for r in resumed] == [r["locale_seconds"] for r in straight]
+    for record in resumed:  # the interval's audio, by locale (each logged to the millisecond)
+        by_locale = record["locale_seconds"]
+        assert sum(by_locale.values()) == pytest.approx(
+            record["audio_seconds"], abs=0.0005 * len(by_locale)
+        )
     assert [(r["step"], r["eval_per"]) for r in resumed_evals] == [
         (r["step"], r["eval_per"]) for r in straight_evals
     ]

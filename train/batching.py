@@ -303,6 +303,8 @@ def plan_epoch(
     grad_accum: int = 1,
     bucket_width: float = 0.5,
     longest_first: bool = True,
+    languages: np.ndarray | None = None,
+    alpha: float = 1.0,
 ) -> list[list[np.ndarray]]:
     """The global batches of one epoch, each split into one share per process.
 
@@ -317,12 +319,18 @@ def plan_epoch(
     A global batch with fewer clips than processes leaves shares empty: the sampler gives those
     processes a zero-weight copy of a clip (see `DurationBatchSampler`). Batches beyond a multiple
     of `grad_accum` are left to the next epoch's reshuffle. Values are positions into `durations`.
+
+    With `languages` (an integer per clip) and `alpha` < 1, the epoch's clips are first drawn per
+    language (`draw_by_language`): a position can then appear more than once.
     """
     if len(durations) == 0:
         return []
     rng = np.random.default_rng([seed, epoch])
-    buckets = np.floor(durations / bucket_width)
-    order = np.lexsort((rng.random(len(durations)), buckets))
+    pool = np.arange(len(durations))
+    if languages is not None and alpha != 1.0:
+        pool = draw_by_language(durations, languages, alpha, rng)
+    buckets = np.floor(durations[pool] / bucket_width)
+    order = pool[np.lexsort((rng.random(len(pool)), buckets))]
     batches = pack_batches(order, durations, batch_seconds * num_replicas)
     batches = [batches[i] for i in rng.permutation(len(batches))]
     if longest_first:
@@ -330,6 +338,33 @@ def plan_epoch(
         batches.insert(0, batches.pop(longest))
     batches = batches[: len(batches) - len(batches) % grad_accum]
     return [np.array_split(batch, num_replicas) for batch in batches]
+
+
+def language_shares(seconds: np.ndarray, alpha: float) -> np.ndarray:
+    """Each language's share of an epoch, p_l ∝ n_l^alpha (n_l its seconds of audio): 1 keeps
+    the data's own proportions, smaller values move towards equal shares (XLS-R, MMS)."""
+    weights = seconds**alpha  # (0 stays 0: alpha > 0)
+    return weights / weights.sum()
+
+
+def draw_by_language(
+    durations: np.ndarray, languages: np.ndarray, alpha: float, rng: np.random.Generator
+) -> np.ndarray:
+    """The positions of one epoch's clips when each language l gets `language_shares` p_l of the
+    epoch's audio, whose total stays that of the data: a language above its share gives a random
+    subset of its clips, one below it all of them as many whole times as fit plus a random subset.
+    A subset takes clips in random order while they fit its seconds."""
+    seconds = np.bincount(languages, weights=durations)
+    targets = language_shares(seconds, alpha) * seconds.sum()
+    pieces = []
+    for language in np.flatnonzero(seconds > 0):  # in a fixed order: the same draws on resume
+        members = np.flatnonzero(languages == language)
+        whole, rest = divmod(float(targets[language]), float(seconds[language]))
+        pieces += [members] * int(whole)
+        shuffled = members[rng.permutation(len(members))]
+        fits = np.cumsum(durations[shuffled]) <= rest
+        pieces.append(shuffled[fits])
+    return np.concatenate(pieces)
 
 
 def plan_eval(
@@ -378,8 +413,15 @@ class DurationBatchSampler:
         num_samples: np.ndarray | None = None,
         pad_to_multiple_of: int = 1,
         pad_clips_to_budget: bool = False,
+        languages: np.ndarray | None = None,
+        language_names: Sequence[str] = (),
+        language_alpha: float = 1.0,
     ) -> None:
         self.rows = np.asarray(rows, dtype=np.int64)
+        # An integer per clip, index into `language_names`: drawn by with language_alpha < 1,
+        # counted by `step_totals` always.
+        self.languages = languages
+        self.language_names = list(language_names)
         self.durations = np.asarray(durations, dtype=np.float64)
         if num_samples is None:
             num_samples = np.round(self.durations * SAMPLE_RATE)
@@ -398,6 +440,7 @@ class DurationBatchSampler:
         self.bucket_width = bucket_width
         self.longest_first = longest_first
         self.pad_clips_to_budget = pad_clips_to_budget
+        self.language_alpha = language_alpha
         self.epoch = 0
         self.position = 0
         self._plan: list[list[np.ndarray]] = []
@@ -415,6 +458,8 @@ class DurationBatchSampler:
                 self.grad_accum,
                 self.bucket_width,
                 self.longest_first,
+                self.languages,
+                self.language_alpha,
             )
             self._planned_epoch = self.epoch
         return self._plan
@@ -448,16 +493,21 @@ class DurationBatchSampler:
         first = next(share[0] for share in shares if len(share))
         return Share(self.rows[mine], rows - len(mine), int(self.rows[first]), width)
 
-    def step_totals(self, positions: range, tokens: np.ndarray | None) -> dict[str, float]:
+    def step_totals(self, positions: range, tokens: np.ndarray | None) -> dict[str, Any]:
         """What the global batches at `positions` hold, over every process: real audio, padded
         audio (filler rows count as padding), utterances and (with `tokens`, the label count of each
         of `rows`) label tokens. Known to every process without communication."""
         audio = padded = utterances = labels = 0
+        by_language = np.zeros(len(self.language_names))
         for position in positions:
             shares = self.plan()[position]
             rows, width = self.shape(shares)
             everyone = np.concatenate(shares)
             audio += int(self.samples[everyone].sum())
+            if self.languages is not None:
+                by_language += np.bincount(
+                    self.languages[everyone], self.samples[everyone], len(by_language)
+                )
             padded += rows * width * self.num_replicas
             utterances += len(everyone)
             labels += int(tokens[everyone].sum()) if tokens is not None else 0
@@ -466,6 +516,10 @@ class DurationBatchSampler:
             "padded_seconds": padded / SAMPLE_RATE,
             "utterances": utterances,
             "tokens": labels,
+            "language_seconds": {
+                name: float(samples) / SAMPLE_RATE
+                for name, samples in zip(self.language_names, by_language, strict=True)
+            },
         }
 
     def shapes(self) -> set[tuple[int, int]]:
@@ -491,6 +545,7 @@ def make_sampler(
 ) -> DurationBatchSampler:
     """The sampler of `config.train`'s batches over the training clips, for process `rank`."""
     t = config.train
+    names, languages = np.unique(data.train.locales[data.train_rows], return_inverse=True)
     return DurationBatchSampler(
         data.train_rows,
         data.train.durations[data.train_rows],
@@ -504,6 +559,9 @@ def make_sampler(
         num_samples=data.train.num_samples()[data.train_rows],
         pad_to_multiple_of=t.pad_to_multiple_of,
         pad_clips_to_budget=t.pad_clips_to_budget,
+        languages=languages,
+        language_names=[str(name) for name in names],
+        language_alpha=config.data.language_sampling_alpha,
     )
 
 
@@ -560,6 +618,7 @@ class StepBatches:
     normaliser: float  # label tokens of the step (or utterances, with ctc_loss_reduction "mean")
     audio_seconds: float
     padded_seconds: float
+    locale_seconds: dict[str, float] = field(default_factory=dict)  # of audio_seconds
 
 
 class BatchStream:
@@ -606,4 +665,5 @@ class BatchStream:
             float(totals["utterances"] if per_utterance else totals["tokens"]),
             totals["audio_seconds"],
             totals["padded_seconds"],
+            totals["language_seconds"],
         )

@@ -47,6 +47,10 @@ class DataConfig:
     """Train and evaluate only on these Common Voice locales; null = every locale of the dataset."""
     max_duration: float = 20.0
     """Training clips longer than this many seconds are skipped (attention cost grows with length²)."""
+    language_sampling_alpha: float = 1.0
+    """Each epoch draws training audio per locale with probability p ∝ hours^alpha (XLS-R, MMS):
+    1 = the data's own proportions; smaller values upsample small locales and downsample large
+    ones (0.5 is common), the epoch's total hours unchanged. The run summary prints the shares."""
     max_hours_per_locale: float | None = None
     """Train on at most this many hours of each locale (null = all): whole speakers in a fixed
     order (by a hash of their id), clips of the next speakers where no whole one fits. The same
@@ -536,6 +540,10 @@ def _data_and_run_problems(config: Config) -> list[str]:
             errors.append(problem)
     if data.max_duration <= 0:
         errors.append(f"data.max_duration must be positive, not {data.max_duration}")
+    if not 0 < data.language_sampling_alpha <= 1:
+        errors.append(
+            f"data.language_sampling_alpha must be in (0, 1] (1 = proportional), not {data.language_sampling_alpha}"
+        )
     if data.max_hours_per_locale is not None and not data.max_hours_per_locale > 0:
         errors.append(
             f"data.max_hours_per_locale must be positive (or null for all), not {data.max_hours_per_locale}"

@@ -337,6 +337,10 @@ def account_step(run: Run, result: StepResult) -> None:
     state.audio_seconds += result.audio_seconds
     state.interval_audio += result.audio_seconds
     state.interval_padded += result.padded_seconds
+    for locale, seconds in result.locale_seconds.items():
+        state.interval_locale_seconds[locale] = (
+            state.interval_locale_seconds.get(locale, 0.0) + seconds
+        )
     run.clock["session_audio"] += result.audio_seconds
     run.tally.add(result)
 
@@ -378,6 +382,7 @@ def log_interval(run: Run, lr: float, frozen: bool) -> None:
             "grad_norm": run.last_grad_norm,
             "epoch": state.epoch + state.position / max(run.sampler.batches_per_epoch(), 1),
             "audio_seconds": state.interval_audio,
+            "locale_seconds": {k: round(v, 3) for k, v in state.interval_locale_seconds.items()},
             "audio_seconds_per_second": state.interval_audio
             / max(now - run.clock["last_log"], 1e-9),
             "padding_fraction": 1.0 - state.interval_audio / max(state.interval_padded, 1e-9),
@@ -388,6 +393,7 @@ def log_interval(run: Run, lr: float, frozen: bool) -> None:
     )
     state.interval_loss, state.interval_steps = 0.0, 0
     state.interval_audio = state.interval_padded = 0.0
+    state.interval_locale_seconds = {}
     run.clock["last_log"] = now
 
 
@@ -447,6 +453,7 @@ class StepResult:
     infeasible: torch.Tensor  # this process's clips whose CTC loss was infinite
     audio_seconds: float  # all processes
     padded_seconds: float
+    locale_seconds: dict[str, float]  # of audio_seconds
 
 
 def train_step(
@@ -507,6 +514,7 @@ def train_step(
         infeasible=infeasible,
         audio_seconds=step.audio_seconds,
         padded_seconds=step.padded_seconds,
+        locale_seconds=step.locale_seconds,
     )
 
 

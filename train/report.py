@@ -17,6 +17,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+
 from phonetune.data import progress as data_progress
 from phonetune.data.errors import PhonetuneError
 from phonetune.train.checkpoint import METRICS_FILE
@@ -241,6 +243,18 @@ def describe_hours_per_locale(data: TrainingData) -> str:
     return ", ".join(f"{locale} {value:.3g}" for locale, value in hours.items())
 
 
+def describe_language_shares(data: TrainingData, alpha: float) -> str:
+    from phonetune.train.batching import language_shares
+
+    names, languages = np.unique(data.train.locales[data.train_rows], return_inverse=True)
+    seconds = np.bincount(languages, weights=data.train.durations[data.train_rows])
+    shares = language_shares(seconds, alpha)
+    return ", ".join(
+        f"{name} {100 * share:.1f}% ({100 * own:.1f}%)"
+        for name, share, own in zip(names, shares, seconds / seconds.sum(), strict=True)
+    )
+
+
 def print_summary(
     say: Say,
     config: Config,
@@ -275,6 +289,13 @@ def print_summary(
             f"\n                   hours per locale (data.max_hours_per_locale "
             f"{config.data.max_hours_per_locale:g}): {describe_hours_per_locale(data)}"
             if config.data.max_hours_per_locale is not None
+            else ""
+        )
+        + (
+            f"\n                   locale shares of each epoch (data.language_sampling_alpha "
+            f"{config.data.language_sampling_alpha:g}; the data's own in brackets): "
+            f"{describe_language_shares(data, config.data.language_sampling_alpha)}"
+            if config.data.language_sampling_alpha != 1.0
             else ""
         )
         + (

@@ -14,7 +14,7 @@ import random
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -53,6 +53,7 @@ class TrainState:
     interval_steps: int = 0
     interval_audio: float = 0.0
     interval_padded: float = 0.0
+    interval_locale_seconds: dict[str, float] = field(default_factory=dict)
 
 
 def seed_everything(seed: int, module: torch.nn.Module | None = None) -> None:
