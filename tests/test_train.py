@@ -577,3 +577,46 @@ def test_what_a_finished_run_says(prepared_dir, tmp_path, capsys):
     assert "note: after 4 steps the model outputs only blanks" in printed
     assert "resume=auto train.max_steps=N` continues this run" in printed
     assert [r["step"] for r in read_metrics(run_dir)[0]] == [1, 2, 3, 4]
+
+
+@pytest.mark.parametrize(
+    "step,blank,per,expected",
+    [
+        (500, 1.0, 1.0, True),  # past warm-up and a quarter of the run, all blank
+        (500, 0.99, 1.0, False),  # some phones come out
+        (500, 1.0, 0.95, False),  # (a few right)
+        (60, 1.0, 1.0, False),  # still in the warm-up (10% of 1000 steps)
+        (200, 1.0, 1.0, False),  # before a quarter of the run
+    ],
+)
+def test_blank_collapse_is_told_only_past_the_warm_up(step, blank, per, expected, tmp_path):
+    from phonetune.train.report import is_blank_collapse
+
+    settings = config(
+        tmp_path / "prep", tmp_path / "run", "train.max_steps=1000", "train.warmup_ratio=0.1"
+    )
+    result = {"eval_blank_fraction": blank, "eval_per": per}
+    assert is_blank_collapse(step, result, settings) is expected
+    frozen = config(
+        tmp_path / "prep",
+        tmp_path / "run",
+        "train.max_steps=1000",
+        "train.freeze_finetune_updates=600",
+    )
+    assert is_blank_collapse(500, {"eval_blank_fraction": 1.0, "eval_per": 1.0}, frozen) is False
+
+
+def test_training_warns_once_when_dev_output_stays_blank(
+    prepared_dir, tmp_path, monkeypatch, capsys
+):
+    from phonetune.train import loop
+
+    blank = {"eval_per": 1.0, "eval_per_locale": {"en": 1.0}, "eval_utterances": 4,
+             "eval_blank_fraction": 1.0, "eval_examples": []}  # fmt: skip
+    monkeypatch.setattr(loop, "evaluate_dev", lambda *args: dict(blank))
+    train(config(prepared_dir, tmp_path / "run", *MICRO, "train.max_steps=8", "train.eval_steps=2"))
+    printed = capsys.readouterr().out
+    # once (evaluations at steps 2, 4, 6, 8), from the first one past the warm-up (0.05 of 8
+    # steps) and a quarter of the run (step 2)
+    assert printed.count("still outputs (nearly) only blanks") == 1
+    assert "warning: at step 2," in printed

@@ -159,6 +159,7 @@ class Run:
     last_loss: float | None = None  # of the last logging interval (the progress bar shows it)
     last_grad_norm: float | None = None
     clock: dict[str, float] = field(default_factory=dict)
+    warned_blank: bool = False  # the blank-collapse warning is given once a session
 
 
 def train(config: Config, hooks: Hooks | None = None) -> dict[str, Any]:
@@ -403,6 +404,13 @@ def evaluate_and_log(run: Run, progress: Any) -> None:
         run.state.eval_per, run.state.eval_step = run.last_eval["eval_per"], run.state.step
         run.logger.log({"step": run.state.step, **run.last_eval})
         report.print_eval(progress, run.state.step, run.last_eval)
+        if not run.warned_blank and report.is_blank_collapse(
+            run.state.step, run.last_eval, run.config
+        ):
+            run.warned_blank = True
+            (progress.write if progress is not None else run.parallel.print)(
+                report.explain_blank_collapse(run.state.step)
+            )
 
 
 def save(run: Run) -> Path:

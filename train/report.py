@@ -219,6 +219,38 @@ def explain_blank_model(step: int, how_to_continue: str, split: str = "dev") -> 
     )
 
 
+# Dev output that is (nearly) all blank: every transcription empty, or a phone here and there.
+COLLAPSE_BLANK_FRACTION = 0.995
+COLLAPSE_PER = 0.99
+
+
+def is_blank_collapse(step: int, result: dict[str, Any], config: Config) -> bool:
+    """Whether the model still outputs (nearly) only blanks well past the point where it should
+    not: after the learning-rate warm-up and any frozen-transformer phase, and past a quarter of
+    the run (CTC fine-tuning outputs blanks first; phones normally appear within that time)."""
+    t = config.train
+    settled = t.freeze_finetune_updates + t.warmup_ratio * t.max_steps
+    return (
+        step > settled
+        and step >= 0.25 * t.max_steps
+        and result.get("eval_blank_fraction", 0.0) >= COLLAPSE_BLANK_FRACTION
+        and result.get("eval_per", 0.0) >= COLLAPSE_PER
+    )
+
+
+def explain_blank_collapse(step: int) -> str:
+    return (
+        f"warning: at step {step}, past the warm-up, the model still outputs (nearly) only blanks "
+        f"on dev (blank frames >= {COLLAPSE_BLANK_FRACTION:.1%}, PER >= {COLLAPSE_PER:g}): CTC "
+        "training has collapsed onto the blank, or is far slower than it should be. Likely causes, "
+        "most common first: a learning rate too high (the loss stalls near its early value; lower "
+        "train.lr) or too low; too little data or too few steps for the model (train.max_steps); "
+        "heavy masking (model.mask_time_prob); labels that do not match the audio (check "
+        "prep_report.json and a few clips); a pretrained model given audio it was not trained "
+        "on (sample rate, normalisation). fairseq issues 3425 and 3043 discuss the same failure."
+    )
+
+
 def print_eval(progress: Any, step: int, result: dict[str, Any]) -> None:
     write = progress.write if progress is not None else print
     per_locale = "  ".join(f"{loc} {per:.3f}" for loc, per in result["eval_per_locale"].items())
