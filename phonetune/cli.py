@@ -25,6 +25,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "phonetune.train.loop",
         "fine-tune a wav2vec 2.0 encoder with CTC on a prepared dataset",
     ),
+    "report": ("phonetune.train.plots", "plots of a run's curves and one HTML page"),
     "export": ("phonetune.infer.export", "write a transformers-loadable model folder (and ONNX)"),
     "evaluate": ("phonetune.infer.evaluate", "phone error rate of a model on a prepared split"),
     "transcribe": ("phonetune.infer.transcribe", "print the phones of audio files"),
