@@ -113,7 +113,9 @@ def test_resume_auto_goes_back_to_the_newest_loadable_checkpoint(
         assert "step_4 cannot be loaded" in output and path.name in output
         assert "resumed from step 2" in output.lower() or "(2 -> 6)" in output, output
     elif name.endswith("config.yaml"):
-        assert f"{path}" in output and "cannot be compared" in output
+        # cut in half, YAML may still parse: then the missing settings are reported as changed
+        damaged_text = f"{path}" in output and "cannot be compared" in output
+        assert damaged_text or "differs from the checkpoint's config" in output, output
     assert (run / "checkpoints" / "step_6" / "state.json").is_file()
     # training went through step 4 again and wrote a whole checkpoint in place of the damaged one
     assert find_damage(run / "checkpoints" / "step_4") is None
