@@ -44,6 +44,7 @@ from phonetune.data.phonemize import (
 )
 from phonetune.data.prepared import DATASET_FILE, REPORT_FILE
 from phonetune.data.progress import progress_bar
+from phonetune.data.validated import VALIDATED, split_validated
 from phonetune.data.vocab import VOCAB_FILE, build_vocab, load_vocab, save_vocab
 
 SHARD_CLIPS = 256
@@ -67,6 +68,18 @@ class PrepareOptions:
     min_duration: float = 0.5
     max_duration: float = 20.0
     cache_dir: Path | None = None
+    dev_fraction: float = 0.1  # with splits=("validated",): the share of clips held out for dev
+    test_fraction: float = 0.1  # ... and for test
+
+    @property
+    def from_validated(self) -> bool:
+        return self.splits == (VALIDATED,)
+
+    @property
+    def report_splits(self) -> tuple[str, ...]:
+        """The splits the report counts: from validated.tsv, the three made of it, then the rows
+        rejected before a split was chosen (under "validated")."""
+        return (*SPLITS, VALIDATED) if self.from_validated else self.splits
 
 
 @dataclass
@@ -120,6 +133,13 @@ def read_locale(
                 continue
             seen[Path(item.audio_path)] = (split, item.path)
             clips.append(item)
+    if options.from_validated:
+        clips, dropped = split_validated(clips, options.dev_fraction, options.test_fraction)
+        rejected += dropped
+        # Rows are counted in the split they were given; those rejected before stay "validated".
+        read = Counter((r.locale, r.split) for r in rejected) + Counter(
+            (c.locale, c.split) for c in clips
+        )
     return clips, rejected, dict(read)
 
 
@@ -637,7 +657,7 @@ def build_report(
     for locale in options.locales:
         entry: dict = {"espeak_language": get_locale(locale).espeak, "splits": {}}
         inventory: Counter[str] = Counter()
-        for split in options.splits:
+        for split in options.report_splits:
             if (locale, split) not in read:
                 continue
             kept = kept_by[(locale, split)]
@@ -667,6 +687,11 @@ def build_report(
             "cv_root": str(options.cv_root),
             "locales": options.locales,
             "splits": list(options.splits),
+            **(
+                {"dev_fraction": options.dev_fraction, "test_fraction": options.test_fraction}
+                if options.from_validated
+                else {}
+            ),
             "min_duration": options.min_duration,
             "max_duration": options.max_duration,
             "language_switch": options.language_switch,
@@ -743,11 +768,23 @@ def validate_options(options: PrepareOptions) -> None:
             f"need 0 <= --min-duration < --max-duration, got {options.min_duration} "
             f"and {options.max_duration}"
         )
-    unknown_splits = [s for s in options.splits if s not in SPLITS]
+    unknown_splits = [s for s in options.splits if s not in (*SPLITS, VALIDATED)]
     if unknown_splits:
         problems.append(
-            f"unknown split(s) {', '.join(unknown_splits)}; choose from {', '.join(SPLITS)}"
+            f"unknown split(s) {', '.join(unknown_splits)}; choose from {', '.join(SPLITS)}, "
+            f"or {VALIDATED} alone"
         )
+    elif VALIDATED in options.splits and not options.from_validated:
+        problems.append(
+            f"--splits {VALIDATED} makes train, dev and test from validated.tsv: give it alone"
+        )
+    if options.from_validated:
+        fractions = (options.dev_fraction, options.test_fraction)
+        if not (all(0 < f < 1 for f in fractions) and sum(fractions) < 1):
+            problems.append(
+                "--dev-fraction and --test-fraction must each be in (0, 1) and leave some clips "
+                f"for train, not {options.dev_fraction} and {options.test_fraction}"
+            )
     if options.out.exists() and not options.out.is_dir():
         problems.append(f"--out {options.out} exists and is not a directory")
     elif _holds_other_files(options.out):
@@ -941,7 +978,20 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--splits",
         default=",".join(SPLITS),
-        help="comma-separated splits to prepare (default: train,dev,test)",
+        help="comma-separated splits to prepare (default: train,dev,test), or 'validated': "
+        "speaker- and sentence-disjoint train/dev/test made from validated.tsv",
+    )
+    parser.add_argument(
+        "--dev-fraction",
+        type=positive_number,
+        default=0.1,
+        help="with --splits validated: share of the clips held out for dev, whole speakers (default 0.1)",
+    )
+    parser.add_argument(
+        "--test-fraction",
+        type=positive_number,
+        default=0.1,
+        help="with --splits validated: share of the clips held out for test (default 0.1)",
     )
     parser.add_argument(
         "--min-duration",
@@ -977,6 +1027,8 @@ def run(args: argparse.Namespace) -> int:
         min_duration=args.min_duration,
         max_duration=args.max_duration,
         cache_dir=args.cache_dir,
+        dev_fraction=args.dev_fraction,
+        test_fraction=args.test_fraction,
     )
     report = prepare(options)
     print_summary(report, options.out)
