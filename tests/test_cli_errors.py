@@ -267,7 +267,7 @@ def test_failed_commands_leave_nothing_behind(cv_corpus, prepared_dir, tmp_path,
 def test_list_configs_names_the_shipped_recipes(capsys):
     assert main(["train", "--list-configs"]) == 0
     printed = capsys.readouterr().out
-    for name in ("tiny_cpu", "xlsr53_espeak_cv", "zero_shot_tiny"):
+    for name in ("tiny_cpu", "xlsr53_espeak_cv", "zero_shot_tiny", "adapter_tiny"):
         assert any(line.startswith(f"{name} ") for line in printed.splitlines()), printed
 
 

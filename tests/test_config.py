@@ -20,6 +20,8 @@ from phonetune.train.config import (
 
 CONFIGS = sorted((Path(__file__).parents[1] / "configs").glob("*.yaml"))
 REQUIRED = ["data.prepared_dir=/prep", "run.output_dir=/nonexistent/run"]
+# What a recipe needs on the command line besides REQUIRED.
+ALSO_REQUIRED = {"adapter_tiny.yaml": ["model.name_or_path=/exports/base"]}
 
 # Common Voice 6.1 locales (the release the paper fine-tuned on).
 CV61_LOCALES = set(
@@ -36,7 +38,7 @@ def test_shipped_configs_exist():
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
 def test_every_shipped_config_validates(path):
-    config = load_config(path, REQUIRED)
+    config = load_config(path, [*REQUIRED, *ALSO_REQUIRED.get(path.name, [])])
     assert isinstance(config, Config)
     # The file names every key of every section it has, so nothing is left to a silent default.
     raw = yaml.safe_load(path.read_text(encoding="utf-8"))
@@ -158,7 +160,12 @@ def test_shipped_recipes_by_name_from_any_folder(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # no configs/ here
     for name in ("tiny_cpu", "tiny_cpu.yaml", "configs/tiny_cpu.yaml"):
         assert load_config(name, REQUIRED).model.config["hidden_size"] == 192, name
-    assert shipped_recipes().keys() == {"tiny_cpu", "xlsr53_espeak_cv", "zero_shot_tiny"}
+    assert shipped_recipes().keys() == {
+        "tiny_cpu",
+        "xlsr53_espeak_cv",
+        "zero_shot_tiny",
+        "adapter_tiny",
+    }
     assert all(description for description in shipped_recipes().values())
     # A file of that name in the working folder is the user's and wins.
     (tmp_path / "tiny_cpu.yaml").write_text("train: {max_steps: 7}\nmodel: {config: {}}\n")

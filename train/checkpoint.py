@@ -13,6 +13,8 @@ Layout (the export and inference stages rely on it):
         state.json        step, epoch, sampler position, eval_per (or null), versions, counters
         optimizer.pt      the whole optimizer state, keyed by parameter name (any launcher resumes it)
         scheduler.pt, scaler.pt (fp16 only), rng_state_<rank>.pt
+        adapter.safetensors   model.adapter runs only: the trained LoRA and output-layer tensors
+                              (model/ holds the merged weights; see train/adapter.py)
     RUN_DIR/checkpoints/best.json   {"step", "eval_per", "path": "step_<n>"}
 
 A checkpoint is written into `step_<n>.tmp/`, every file is fsynced, and the directory is renamed to
@@ -58,6 +60,7 @@ CHECKPOINTS_DIR = "checkpoints"
 BEST_FILE = "best.json"
 STATE_FILE = "state.json"
 MODEL_DIR = "model"
+ADAPTER_FILE = "adapter.safetensors"  # LoRA runs (train/adapter.py): the trained tensors, to resume
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 # A config.json of the right shape whose values build no model (a size that is a string, a
 # negative count, a bool where an int belongs): transformers (its strict config fields) and torch
@@ -127,15 +130,16 @@ def find_damage(path: Path) -> str | None:
         read_json(path / MODEL_DIR / "config.json", dict)
     except PhonetuneError as error:
         return str(error)
-    weights = path / MODEL_DIR / "model.safetensors"
     # (checkpoints hold safetensors only: another weights file there is foreign, never read)
-    if not weights.is_file():
-        return f"{weights} is missing"
-    try:
-        with safe_open(weights, framework="pt"):
-            pass
-    except (OSError, SafetensorError) as error:
-        return f"{weights} is damaged ({str(error).strip() or type(error).__name__})"
+    adapter = path / ADAPTER_FILE
+    for weights in [path / MODEL_DIR / "model.safetensors"] + [adapter] * adapter.exists():
+        if not weights.is_file():
+            return f"{weights} is missing"
+        try:
+            with safe_open(weights, framework="pt"):
+                pass
+        except (OSError, SafetensorError) as error:
+            return f"{weights} is damaged ({str(error).strip() or type(error).__name__})"
     for archive in sorted(path.glob("*.pt")):
         try:
             with zipfile.ZipFile(archive) as opened:

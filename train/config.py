@@ -31,6 +31,18 @@ MIXED_PRECISION = ("no", "bf16", "fp16")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 REPORTERS = ("wandb", "tensorboard")
 CTC_REDUCTIONS = ("sum", "mean")
+# The linear layers of a wav2vec 2.0 encoder layer (Wav2Vec2ForCTC module names): attention
+# projections and the two feed-forward layers. LoRA on all of them is the usual choice for speech
+# encoders; the feature projection and the CTC head are left out (the head is trained whole).
+ADAPTABLE_MODULES = (
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "out_proj",
+    "intermediate_dense",
+    "output_dense",
+)
+DEFAULT_ADAPTER_TARGETS = ADAPTABLE_MODULES
 
 
 @dataclass
@@ -114,6 +126,18 @@ class ModelConfig:
     averaged over the utterances of the step."""
     ctc_zero_infinity: bool = True
     """Zero the loss of clips too short to align with their phones instead of poisoning the step."""
+    adapter: Literal["lora"] | None = None
+    """Train a LoRA adapter (peft) instead of the whole model: the model.name_or_path model is frozen
+    but for its CTC output layer (extended by the prepared vocabulary's new phones, as always), and
+    low-rank updates of the adapter_target_modules are learned. For adding a language to a trained
+    model in a fraction of the steps. Checkpoints and exports hold the merged weights (plain
+    transformers folders); the adapter's own tensors are kept in each checkpoint to resume."""
+    adapter_rank: int = 8
+    """LoRA rank r (peft's `r`)."""
+    adapter_alpha: float = 16.0
+    """LoRA scale numerator: the update is (alpha / rank) * B @ A (peft's `lora_alpha`)."""
+    adapter_target_modules: list[str] = field(default_factory=lambda: list(DEFAULT_ADAPTER_TARGETS))
+    """Linear layers that get a LoRA update, by the last part of their name in Wav2Vec2ForCTC."""
 
 
 @dataclass
@@ -605,11 +629,36 @@ def _model_problems(model: ModelConfig) -> list[str]:
     for key in ("mask_time_min_masks", "mask_feature_min_masks"):
         if getattr(model, key) < 0:
             errors.append(f"model.{key} must be 0 or more")
+    errors += _adapter_problems(model)
     if model.ctc_loss_reduction not in CTC_REDUCTIONS:
         errors.append(
             f"model.ctc_loss_reduction must be one of {', '.join(CTC_REDUCTIONS)}, not {model.ctc_loss_reduction!r}"
         )
 
+    return errors
+
+
+def _adapter_problems(model: ModelConfig) -> list[str]:
+    if model.adapter is None:
+        return []
+    errors = []
+    if model.name_or_path is None:
+        errors.append(
+            "model.adapter trains on top of a trained model: set model.name_or_path to it (an "
+            "earlier `phonetune export` folder or a hub id) instead of model.config"
+        )
+    if model.adapter_rank < 1:
+        errors.append(f"model.adapter_rank must be at least 1, not {model.adapter_rank}")
+    if not model.adapter_alpha > 0:
+        errors.append(f"model.adapter_alpha must be positive, not {model.adapter_alpha}")
+    if not model.adapter_target_modules:
+        errors.append("model.adapter_target_modules is empty: name the linear layers to adapt")
+    unknown = sorted(set(model.adapter_target_modules) - set(ADAPTABLE_MODULES))
+    if unknown:
+        errors.append(
+            f"model.adapter_target_modules: {', '.join(unknown)} not a linear layer of the encoder; "
+            f"choose among {', '.join(ADAPTABLE_MODULES)}"
+        )
     return errors
 
 

@@ -34,6 +34,7 @@ from phonetune.data.progress import progress_bar
 from phonetune.data.vocab import BLANK_ID
 from phonetune.train import checkpoint as ckpt
 from phonetune.train import report, resume
+from phonetune.train.adapter import add_adapter, load_adapter
 from phonetune.train.batching import (
     IGNORE_INDEX,
     Batch,
@@ -73,7 +74,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         "--config",
         type=Path,
         help="YAML training recipe: a path, or the name of a shipped recipe (tiny_cpu, "
-        "xlsr53_espeak_cv, zero_shot_tiny; see --list-configs)",
+        "xlsr53_espeak_cv, zero_shot_tiny, adapter_tiny; see --list-configs)",
     )
     parser.add_argument(
         "--list-configs", action="store_true", help="list the shipped recipes and exit"
@@ -219,7 +220,13 @@ def set_up(config: Config, parallel: Parallel, run_dir: Path) -> Run:
 
     # Model: the same initialisation on every process (DDP also broadcasts rank 0's weights).
     resume.seed_everything(config.train.seed)
-    if resume_from is not None:
+    if config.model.adapter:  # the base model again, then the adapter (see train/adapter.py)
+        model, origin = build_model(config.model, data.vocab)
+        origin += "; " + add_adapter(model, config.model)
+        if resume_from is not None:
+            load_adapter(model, resume_from)
+            origin = f"checkpoint {resume_from} ({origin})"
+    elif resume_from is not None:
         model, _ = load_checkpoint_model(resume_from, config.model)
         origin = f"checkpoint {resume_from}"
     else:

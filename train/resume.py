@@ -23,6 +23,7 @@ import torch
 
 from phonetune.data.errors import PhonetuneError
 from phonetune.data.files import read_json, read_yaml
+from phonetune.train import adapter
 from phonetune.train import checkpoint as ckpt
 from phonetune.train.config import Config, config_differences, config_to_dict, dump_config
 from phonetune.train.model import architecture_differences, expected_architecture
@@ -155,6 +156,11 @@ def save_checkpoint(run: Run) -> Path:
     weights, optimizer_state = parallel.gather_state(module, optimizer)
     model_rng = parallel.unwrap(module).random_state()
     error = attempt(ckpt.write_rng_state, tmp, parallel.process_index, model_rng)
+    if parallel.is_main and error is None and config.model.adapter:
+        trainable = adapter.trainable_names(parallel.unwrap(module).model)
+        path = tmp / adapter.ADAPTER_FILE
+        error = attempt(adapter.save_adapter, path, weights, trainable, config.model)
+        weights = adapter.merge_adapter_weights(weights, config.model)  # model/: a plain folder
     if parallel.is_main and error is None:
         scaler = parallel.accelerator.scaler
         payload = {
