@@ -116,13 +116,19 @@ def test_adapter_run_resumes_exactly(prepared_dir, base_model, tmp_path):
     assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
 
 
-def test_adapter_resume_refuses_a_changed_base(prepared_dir, base_model, tmp_path):
+def test_adapter_resume_refuses_another_rank_or_a_changed_base(prepared_dir, base_model, tmp_path):
     common = ["train.max_steps=2", "train.save_steps=2", "train.eval_steps=2"]
     train(adapter_config(prepared_dir, tmp_path / "run", base_model, *common))
     tiny_model(
         seed=4, vocab_size=len(json.loads((base_model / "vocab.json").read_text()))
     ).save_pretrained(base_model)
     more = ["train.max_steps=4", "resume=auto"]
+    with pytest.raises(PhonetuneError, match="does not fit the adapter"):
+        train(
+            adapter_config(
+                prepared_dir, tmp_path / "run", base_model, *common, *more, "model.adapter_rank=2"
+            )
+        )
     with pytest.raises(PhonetuneError, match="base model's weights differ"):
         train(adapter_config(prepared_dir, tmp_path / "run", base_model, *common, *more))
 

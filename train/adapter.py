@@ -137,10 +137,11 @@ def load_adapter(model: nn.Module, checkpoint: Path) -> None:
         ) from None
     state = model.state_dict()
     trainable = trainable_names(model)
-    if set(saved) != trainable:
+    if set(saved) != trainable or any(saved[n].shape != state[n].shape for n in saved):
         raise PhonetuneError(
-            f"{path} holds {len(saved)} tensors but the adapter of this config trains "
-            f"{len(trainable)}: model.adapter_rank or adapter_target_modules changed since it was saved"
+            f"{path} does not fit the adapter of this config (its {len(saved)} tensors against "
+            f"{len(trainable)} here): model.adapter_rank or adapter_target_modules changed since "
+            "it was saved"
         )
     if metadata.get("base_sha256") != digest_base(state, trainable):
         raise PhonetuneError(
