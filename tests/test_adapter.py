@@ -91,6 +91,12 @@ def test_adapter_trains_only_lora_and_head_and_checkpoints_hold_merged_weights(
     tolerance = 512 * torch.finfo(torch.float32).eps * expected.abs().max().item()
     assert torch.allclose(expected, merged, rtol=0, atol=tolerance)
 
+    # A damaged adapter file makes the checkpoint damaged (resume=auto then falls back).
+    assert ckpt.find_damage(step) is None
+    adapter_file = step / ckpt.ADAPTER_FILE
+    adapter_file.write_bytes(adapter_file.read_bytes()[:100])
+    assert "adapter.safetensors is damaged" in ckpt.find_damage(step)
+
 
 def test_adapter_run_resumes_exactly(prepared_dir, base_model, tmp_path):
     common = [*RANDOM, "model.layerdrop=0", "train.max_steps=5", "train.save_steps=2"]

@@ -131,8 +131,10 @@ def find_damage(path: Path) -> str | None:
     except PhonetuneError as error:
         return str(error)
     # (checkpoints hold safetensors only: another weights file there is foreign, never read)
-    adapter = path / ADAPTER_FILE
-    for weights in [path / MODEL_DIR / "model.safetensors"] + [adapter] * adapter.exists():
+    weight_files = [path / MODEL_DIR / "model.safetensors"]
+    if (path / ADAPTER_FILE).exists():  # an adapter run's (train/adapter.py)
+        weight_files.append(path / ADAPTER_FILE)
+    for weights in weight_files:
         if not weights.is_file():
             return f"{weights} is missing"
         try:
