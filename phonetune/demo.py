@@ -19,8 +19,10 @@ from phonetune.data.locales import DEFAULT_LOCALES, parse_locales
 from phonetune.data.options import non_negative_int, positive_int
 
 DEMO_CONFIG = "tiny_cpu.yaml"
-# Sized so that the whole demo finishes within about 15 minutes on 2 CPU cores.
-DEFAULT_CLIPS_PER_LOCALE = 200
+# 400 clips (280 for training) per locale: with 200 the tiny model learns its training speakers by
+# heart and stops near test PER 0.26; with 400 and 1500 steps it reaches about 0.15, and the whole
+# demo still finishes in about 5 minutes on 2 CPU cores (BENCHMARKS.md, "The demo").
+DEFAULT_CLIPS_PER_LOCALE = 400
 DEFAULT_LOCALES_DEMO = DEFAULT_LOCALES[:8]
 TRANSCRIBE_CLIPS = 3
 

@@ -31,7 +31,7 @@ contender's process peak resident set size (getrusage `ru_maxrss`, so it include
 torch and transformers imports; the limit's also holds its pre-built tensors), plus
 `torch.cuda.max_memory_allocated` on a GPU.
 
-Without `--prepared-dir` the corpus is the demo's (`phonetune synth`, 8 locales x 200 clips, then
+Without `--prepared-dir` the corpus is `phonetune synth`'s default (8 locales x 200 clips, then
 `phonetune prepare`), made once under `--work-dir`. Prints a table, writes the training section of
 BENCHMARKS.md (unless --no-write), and prints one JSON object as the last line.
 """
