@@ -258,4 +258,5 @@ def render_model_card(
             f"ONNX Runtime vs PyTorch largest logit difference {check.onnx_max_abs_diff:.2g} "
             f"(tolerance {ONNX_TOLERANCE:g}), argmax agreement {100 * check.onnx_argmax_agreement:.2f} %."
         )
+    lines += [quantized.describe() for quantized in check.quantized]
     return "\n".join(lines) + "\n"
