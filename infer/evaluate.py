@@ -469,7 +469,10 @@ def run(args: argparse.Namespace) -> int:
     out = args.out
     if out is None and not is_export_dir(args.model):
         # Next to the checkpoint, where `phonetune export` looks for it.
-        out = select_checkpoint(args.model, which).path / f"eval_{args.split}.json"
+        # Beam search results get a name of their own: the model card reports greedy decoding,
+        # what its code does, and takes eval_<split>.json only.
+        name = f"eval_{args.split}{'_beam' if beam is not None else ''}.json"
+        out = select_checkpoint(args.model, which).path / name
     evaluate_model(
         args.model,
         args.data,

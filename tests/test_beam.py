@@ -186,3 +186,20 @@ def test_option_mistakes(constant_run, prepared, options, message, capsys):
     assert message in capsys.readouterr().err
     assert main(["transcribe", str(constant_run), "clip.wav", *options]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_beam_results_stay_out_of_the_model_card(constant_run, prepared, arpa, tmp_path, capsys):
+    """Next to a checkpoint, beam search results go to eval_<split>_beam.json, which export does
+    not put in the card (its code decodes greedily); given with --metrics, it is refused."""
+    from phonetune.infer.export import export_model
+
+    step = constant_run / "checkpoints" / "step_1"
+    assert main(["evaluate", str(constant_run), "--data", str(prepared), "--beam", "4"]) == 0
+    assert (step / "eval_test_beam.json").is_file() and not (step / "eval_test.json").exists()
+    out = export_model(constant_run, tmp_path / "export", verbose=False)
+    assert "50.00 %" not in (out / "README.md").read_text(encoding="utf-8")  # the beam PER
+    with pytest.raises(PhonetuneError, match="decoded with beam search"):
+        export_model(
+            constant_run, tmp_path / "again", metrics=[step / "eval_test_beam.json"], verbose=False
+        )
+    (step / "eval_test_beam.json").unlink()
