@@ -117,9 +117,7 @@ def load_kenlm(path: Path, dictionary: object) -> object:
 
     from phonetune.data.audio import quiet_native_stderr
 
-    if not path.is_file():
-        what = "is a folder" if path.is_dir() else "no such file"
-        raise PhonetuneError(f"--lm {path}: {what}; write one with `phonetune lm`")
+    require_lm_file(path)
     try:
         with quiet_native_stderr():  # KenLM draws a progress bar of its own on file descriptor 2
             return KenLM(str(path), dictionary)
@@ -129,6 +127,12 @@ def load_kenlm(path: Path, dictionary: object) -> object:
             f"--lm {path} is not an ARPA (or KenLM binary) language model: {reason}; "
             "write one with `phonetune lm`"
         ) from None
+
+
+def require_lm_file(path: Path) -> None:
+    if not path.is_file():
+        what = "is a folder" if path.is_dir() else "no such file"
+        raise PhonetuneError(f"--lm {path}: {what}; write one with `phonetune lm`")
 
 
 def phones_missing_from_lm(path: Path, tokens: list[str]) -> list[str]:
@@ -190,5 +194,7 @@ def beam_search_from_args(args: argparse.Namespace) -> BeamSearch | None:
         if args.lm is not None:
             raise PhonetuneError("--lm is used by beam search: give --beam B too (e.g. --beam 16)")
         return None
+    if args.lm is not None:
+        require_lm_file(args.lm)
     weight = DEFAULT_LM_WEIGHT if args.lm_weight is None else args.lm_weight
     return BeamSearch(args.beam, args.lm, weight)

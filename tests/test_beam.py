@@ -179,6 +179,7 @@ def test_transcribe_with_beam(constant_run, prepared, arpa, tmp_path):
     [
         (["--lm", "x.arpa"], "--lm is used by beam search: give --beam B"),
         (["--beam", "4", "--lm-weight", "0.5"], "--lm-weight weighs the LM of --lm"),
+        (["--beam", "4", "--lm", "nowhere.arpa"], "--lm nowhere.arpa: no such file"),
     ],
 )
 def test_option_mistakes(constant_run, prepared, options, message, capsys):
