@@ -100,3 +100,14 @@ def test_without_training_data_the_check_compares_with_pytorch(tmp_path):
     card = (out / "README.md").read_text(encoding="utf-8")
     assert "(no reference phones) its phones differ from PyTorch's by a PER of 0.00 %" in card
     assert str(tmp_path / "clip.wav") in card
+
+
+def test_parity_clips_stop_at_the_audio_budget(prepared, monkeypatch):
+    """The first clips of dev up to PARITY_SECONDS of audio (the clips' lengths are about those of
+    espeak-ng speaking TEXTS again, within samples: the budget ends mid-way through the third),
+    each with its reference phones."""
+    lengths = [len(speech(t)) / 16000 for t in TEXTS]
+    monkeypatch.setattr(quantize, "PARITY_SECONDS", lengths[0] + lengths[1] + 0.5 * lengths[2])
+    clips = quantize.read_parity_clips(prepared, [], "unused")
+    assert len(clips.waves) == 2 and clips.references == ["aɪ", "aɪ"]
+    assert clips.source == f"2 clips of the dev split of {prepared}"
