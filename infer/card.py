@@ -69,6 +69,11 @@ def read_metrics_files(paths: Sequence[Path]) -> dict[str, dict]:
                 f"--metrics {path}: not `phonetune evaluate` output (an object with overall and "
                 "per_locale results, each with a per)"
             )
+        if (metrics.get("decoding") or {}).get("method", "greedy") != "greedy":
+            raise PhonetuneError(
+                f"--metrics {path}: decoded with beam search; the model card reports greedy "
+                "decoding, what its code does: evaluate without --beam for the card"
+            )
         by_split[str(metrics.get("split", "test"))] = metrics
     return by_split
 
@@ -86,8 +91,9 @@ def is_evaluate_output(metrics: object) -> bool:
 
 
 def find_metrics_files(checkpoint: Checkpoint) -> list[Path]:
-    """Results `phonetune evaluate` left next to the checkpoint (eval_<split>.json)."""
-    return sorted(checkpoint.path.glob("eval_*.json"))
+    """Results `phonetune evaluate` left next to the checkpoint (eval_<split>.json; not those of
+    beam search, eval_<split>_beam.json: the card reports what its own greedy code gives)."""
+    return sorted(p for p in checkpoint.path.glob("eval_*.json") if not p.stem.endswith("_beam"))
 
 
 def _format_per(value: float | None) -> str:
@@ -258,4 +264,5 @@ def render_model_card(
             f"ONNX Runtime vs PyTorch largest logit difference {check.onnx_max_abs_diff:.2g} "
             f"(tolerance {ONNX_TOLERANCE:g}), argmax agreement {100 * check.onnx_argmax_agreement:.2f} %."
         )
+    lines += [quantized.describe() for quantized in check.quantized]
     return "\n".join(lines) + "\n"

@@ -136,6 +136,7 @@ class ExportCheck:
     onnx_argmax_agreement: float | None = None
     sample_transcription: str = ""
     notes: list[str] = field(default_factory=list)
+    quantized: list = field(default_factory=list)  # infer.quantize.QuantizedCheck, one per file
 
 
 def check_reload(

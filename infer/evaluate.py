@@ -25,6 +25,7 @@ from phonetune.data.per import first_per_locale, score_feature_errors, score_pre
 from phonetune.data.prepared import batches_longest_first, open_prepared
 from phonetune.data.progress import progress_bar
 from phonetune.data.vocab import SPECIAL_TOKENS
+from phonetune.infer.beam import BeamSearch, add_beam_options, beam_search_from_args
 from phonetune.infer.recognize import (
     DEFAULT_BATCH_SECONDS,
     LoadedModel,
@@ -80,6 +81,7 @@ def evaluate_model(
     inventory: Path | None = None,
     inventory_text: Path | None = None,
     which: str | int = "latest",
+    beam: BeamSearch | None = None,
 ) -> dict:
     """PER of `model` on `split` of a prepared dataset; writes JSON to `out` when given.
 
@@ -92,6 +94,7 @@ def evaluate_model(
     With `zero_shot`, adds `"zero_shot"` (see `zero_shot_results`): the target inventory of each
     locale comes from `inventory` (a phone list), `inventory_text` (text phonemized with espeak-ng)
     or, by default, the phones of the locale's train split transcripts.
+    `beam` (infer/beam.py) replaces greedy decoding by beam search; `"decoding"` says which ran.
     """
     require_positive(batch_seconds, "--batch-seconds")
     if out is not None:
@@ -116,6 +119,7 @@ def evaluate_model(
     row_locales = rows["locale"]
     durations = rows["duration"]
     loaded = model if isinstance(model, LoadedModel) else load_model(Path(model), which)
+    decoder = beam.build(loaded.id_to_token) if beam is not None else None
     notes = describe_mismatch(loaded, references, row_locales)
     if verbose:
         for note in notes["lines"]:
@@ -130,7 +134,9 @@ def evaluate_model(
                 np.asarray(samples, dtype=np.float32) / 32768.0
                 for samples in audio[indices.tolist()]["audio"]
             ]
-            for index, phones in zip(indices.tolist(), recognize(loaded, waves), strict=True):
+            for index, phones in zip(
+                indices.tolist(), recognize(loaded, waves, decoder), strict=True
+            ):
                 predictions[index] = phones
             bar.update(len(indices))
     elapsed = time.perf_counter() - started
@@ -142,6 +148,7 @@ def evaluate_model(
             "model": loaded.source,
             "data": str(prepared_dir),
             "split": split,
+            "decoding": decoder.describe() if decoder is not None else {"method": "greedy"},
             "audio_seconds": round(audio_seconds, 2),
             "eval_seconds": round(elapsed, 2),
             "audio_seconds_per_second": round(audio_seconds / elapsed, 2) if elapsed > 0 else None,
@@ -373,9 +380,17 @@ def print_zero_shot(zero_shot: dict) -> None:
             print(f"  model phones with no features, left as they are: {' '.join(m['unmappable'])}")
 
 
+def describe_decoding(decoding: dict) -> str:
+    if decoding["method"] != "beam":
+        return "greedy decoding"
+    lm = f", LM {decoding['lm']} weight {decoding['lm_weight']:g}" if "lm" in decoding else ""
+    return f"beam search, beam {decoding['beam']}{lm}"
+
+
 def print_table(results: dict) -> None:
     header = f"{'locale':<10} {'utts':>6} {'ref phones':>10} {'sub':>7} {'del':>7} {'ins':>7} {'PER %':>7}"
-    print(f"\n{results['model']} on {results['split']}:")
+    decoding = results.get("decoding", {"method": "greedy"})
+    print(f"\n{results['model']} on {results['split']} ({describe_decoding(decoding)}):")
     print(header)
     print("-" * len(header))
     rows = [*results["per_locale"].items(), ("overall", results["overall"])]
@@ -416,6 +431,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         "next to it, which `phonetune export` puts in the model card)",
     )
     add_batch_seconds_option(parser)
+    add_beam_options(parser)
     parser.add_argument(
         "--zero-shot",
         action="store_true",
@@ -448,11 +464,15 @@ def run(args: argparse.Namespace) -> int:
     locales = (
         [loc for item in args.locales for loc in item.split(",") if loc] if args.locales else None
     )
+    beam = beam_search_from_args(args)
     which = chosen_checkpoint(args)
     out = args.out
     if out is None and not is_export_dir(args.model):
         # Next to the checkpoint, where `phonetune export` looks for it.
-        out = select_checkpoint(args.model, which).path / f"eval_{args.split}.json"
+        # Beam search results get a name of their own: the model card reports greedy decoding,
+        # what its code does, and takes eval_<split>.json only.
+        name = f"eval_{args.split}{'_beam' if beam is not None else ''}.json"
+        out = select_checkpoint(args.model, which).path / name
     evaluate_model(
         args.model,
         args.data,
@@ -464,6 +484,7 @@ def run(args: argparse.Namespace) -> int:
         inventory=args.inventory,
         inventory_text=args.inventory_text,
         which=which,
+        beam=beam,
     )
     if out is not None:
         print(f"wrote {out}")

@@ -10,6 +10,7 @@ The folder has the released `facebook/wav2vec2-xlsr-53-espeak-cv-ft` layout, rea
     special_tokens_map.json                inference needs no espeak-ng
     README.md                              model card: data, steps, PER per language, versions
     model.onnx                             with --onnx
+    model.int8.onnx, model.fp16.onnx       with --quantize int8, --onnx-fp16 (infer/quantize.py)
 
 Nothing is trusted because it loads (infer/checks.py): the folder is reloaded through the model
 card's own code and its logits are compared with the checkpoint's on real audio. The folder is
@@ -42,6 +43,7 @@ from phonetune.infer.checks import (
     export_onnx,
     load_check_audio,
 )
+from phonetune.infer.quantize import write_quantized
 from phonetune.infer.recognize import add_checkpoint_choice, chosen_checkpoint
 from phonetune.train.checkpoint import (
     Checkpoint,
@@ -71,6 +73,8 @@ EXPORT_FILES = frozenset(
         "README.md",
         "model.onnx",
         "model.onnx.data",
+        "model.int8.onnx",
+        "model.fp16.onnx",
         "generation_config.json",
     }
 )
@@ -156,6 +160,7 @@ def export_model(
     out: Path,
     *,
     onnx: bool = False,
+    quantize: Sequence[str] = (),
     which: str | int = "latest",
     overwrite: bool = False,
     audio: Path | None = None,
@@ -168,6 +173,9 @@ def export_model(
     """Export a checkpoint to `out`: `source` a step folder, or a run folder and `which` of its
     checkpoints (latest, best, step N); returns `out`.
 
+    `quantize` (int8, fp16) adds quantized copies of model.onnx (and implies `onnx`), checked by
+    their PER on real clips (infer/quantize.py).
+
     `average_last` N exports the mean of the weights of the N checkpoints up to the chosen one,
     `average_steps` that of the checkpoints of these steps (see `select_averaged`).
 
@@ -177,6 +185,7 @@ def export_model(
     """
     say = print if verbose else (lambda *_args, **_kwargs: None)
     out = Path(out)
+    onnx = onnx or bool(quantize)
     averaged = select_averaged(source, which, average_last, average_steps)
     checkpoint = averaged[-1] if averaged else select_checkpoint(source, which)
     check_out_dir(out, overwrite, protected=[checkpoint.path])
@@ -241,6 +250,11 @@ def export_model(
                 f"ONNX check: ONNX Runtime vs PyTorch max |logit difference| {check.onnx_max_abs_diff:.2g} "
                 f"(tolerance {ONNX_TOLERANCE:g}), argmax agreement {100 * check.onnx_argmax_agreement:.2f} %"
             )
+            check.quantized = write_quantized(
+                staging, quantize, checkpoint.prepared_dir(), clips, audio_source
+            )
+            for quantized in check.quantized:
+                say(f"{quantized.kind} check: {quantized.describe()}")
         metrics_by_split.update(evaluate_export(staging, prepared, evaluate_splits, say))
         card = render_model_card(checkpoint, model.config, out.name, check, metrics_by_split)
         (staging / "README.md").write_text(card, encoding="utf-8")
@@ -374,6 +388,19 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         help="also write model.onnx (dynamic batch and length), checked with ONNX Runtime",
     )
     parser.add_argument(
+        "--quantize",
+        choices=["int8"],
+        default=None,
+        help="also write model.int8.onnx (dynamic int8 quantization of model.onnx's MatMuls; "
+        "implies --onnx), checked by its PER on the dev split of the training data",
+    )
+    parser.add_argument(
+        "--onnx-fp16",
+        action="store_true",
+        help="also write model.fp16.onnx (float16 weights, float32 inputs and outputs; implies "
+        "--onnx), checked like --quantize",
+    )
+    parser.add_argument(
         "--overwrite", action="store_true", help="replace an earlier export in --out"
     )
     parser.add_argument(
@@ -435,6 +462,7 @@ def run(args: argparse.Namespace) -> int:
         args.source,
         args.out,
         onnx=args.onnx,
+        quantize=[kind for kind, on in (("int8", args.quantize), ("fp16", args.onnx_fp16)) if on],
         which=which,
         overwrite=args.overwrite,
         audio=args.audio,

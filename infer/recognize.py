@@ -28,6 +28,8 @@ from phonetune.train.checkpoint import load_model_folder, select_checkpoint
 if TYPE_CHECKING:
     from transformers import Wav2Vec2ForCTC
 
+    from phonetune.infer.beam import BeamDecoder
+
 DEFAULT_BATCH_SECONDS = 60.0
 
 
@@ -127,13 +129,19 @@ def load_model(path: Path, which: str | int = "latest") -> LoadedModel:
     )
 
 
-def recognize(loaded: LoadedModel, waves: Sequence[np.ndarray]) -> list[str]:
-    """Greedy CTC transcription of one batch of 16 kHz waveforms."""
+def recognize(
+    loaded: LoadedModel, waves: Sequence[np.ndarray], decoder: BeamDecoder | None = None
+) -> list[str]:
+    """CTC transcription of one batch of 16 kHz waveforms: greedy, or `decoder`'s beam search."""
     batch = normalize_batch(waves, loaded.uses_attention_mask)
     with torch.inference_mode():
-        ids = loaded.model(**batch).logits.argmax(dim=-1)
+        logits = loaded.model(**batch).logits
     frames = ctc.count_frames(np.array([len(wave) for wave in waves]), loaded.conv_layers)
     # Frames past a clip's own length come from padding: decode only the clip's frames.
+    if decoder is not None:
+        log_probs = torch.log_softmax(logits.float(), dim=-1).numpy()
+        return [decoder.decode(log_probs[row, : frames[row]]) for row in range(len(waves))]
+    ids = logits.argmax(dim=-1)
     return [
         ctc.greedy_decode(ids[row, : frames[row]].tolist(), loaded.id_to_token)
         for row in range(len(waves))

@@ -22,6 +22,7 @@ from phonetune.data.errors import PhonetuneError
 from phonetune.data.options import positive_number, require_positive
 from phonetune.data.prepared import batches_longest_first
 from phonetune.data.progress import progress_bar
+from phonetune.infer.beam import BeamSearch, add_beam_options, beam_search_from_args
 from phonetune.infer.recognize import (
     DEFAULT_BATCH_SECONDS,
     LoadedModel,
@@ -70,15 +71,18 @@ def transcribe_files(
     chunk_seconds: float = DEFAULT_CHUNK_SECONDS,
     batch_seconds: float = DEFAULT_BATCH_SECONDS,
     progress: bool = False,
+    beam: BeamSearch | None = None,
 ) -> list[Transcript]:
     """One Transcript per path, in order; unreadable files carry `error` instead of `phones`, and
-    files too short to recognise a `note`. `progress` draws a bar over the audio (on a terminal)."""
+    files too short to recognise a `note`. `progress` draws a bar over the audio (on a terminal).
+    `beam` (infer/beam.py) replaces greedy decoding by beam search."""
     if not (math.isfinite(chunk_seconds) and chunk_seconds >= MIN_CHUNK_SECONDS):
         raise PhonetuneError(
             f"--chunk-seconds must be at least {MIN_CHUNK_SECONDS:g} (and finite), not {chunk_seconds}"
         )
     require_positive(batch_seconds, "--batch-seconds")
     loaded = model if isinstance(model, LoadedModel) else load_model(Path(model))
+    decoder = beam.build(loaded.id_to_token) if beam is not None else None
     transcripts = [Transcript(path=str(path)) for path in paths]
     chunks: list[np.ndarray] = []
     owners: list[int] = []  # chunk -> index of its file
@@ -118,7 +122,9 @@ def transcribe_files(
     with progress_bar(round(sum(seconds), 1), "transcribe", "s audio", show=progress) as bar:
         for indices in batches_longest_first(seconds, batch_seconds):
             for chunk_index, text in zip(
-                indices.tolist(), recognize(loaded, [chunks[i] for i in indices]), strict=True
+                indices.tolist(),
+                recognize(loaded, [chunks[i] for i in indices], decoder),
+                strict=True,
             ):
                 phones[chunk_index] = text
             bar.update(round(sum(seconds[i] for i in indices.tolist()), 1))
@@ -168,15 +174,17 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         help=f"cut longer recordings into windows of this many seconds (default {DEFAULT_CHUNK_SECONDS:g})",
     )
     add_batch_seconds_option(parser)
+    add_beam_options(parser)
 
 
 def run(args: argparse.Namespace) -> int:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
+    beam = beam_search_from_args(args)
     loaded = load_model(args.model, chosen_checkpoint(args))
     transcripts = transcribe_files(
-        loaded, args.audio, args.chunk_seconds, args.batch_seconds, progress=True
+        loaded, args.audio, args.chunk_seconds, args.batch_seconds, progress=True, beam=beam
     )
     if args.json:
         payload = [{k: v for k, v in asdict(t).items() if v is not None} for t in transcripts]

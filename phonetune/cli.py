@@ -27,6 +27,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     ),
     "report": ("phonetune.train.plots", "plots of a run's curves and one HTML page"),
     "export": ("phonetune.infer.export", "write a transformers-loadable model folder (and ONNX)"),
+    "lm": ("phonetune.infer.lm", "a phone n-gram LM (ARPA) from a prepared dataset, for --beam"),
     "evaluate": ("phonetune.infer.evaluate", "phone error rate of a model on a prepared split"),
     "transcribe": ("phonetune.infer.transcribe", "print the phones of audio files"),
     "demo": ("phonetune.demo", "synth -> prepare -> train -> export -> evaluate, end to end"),
