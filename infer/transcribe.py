@@ -238,18 +238,21 @@ def transcribe_files(
     transcripts = [Transcript(path=str(path)) for path in paths]
     states = {index: FileState() for index in range(len(paths))}
     known = [announced_seconds(path) for path in paths]
+    # One window or less, by the header: read whole. Longer or unknown (a header without a
+    # length, or a file that cannot be opened, which reading reports): streamed.
+    whole = [seconds is not None and seconds * SAMPLE_RATE <= plan.size for seconds in known]
     total = round(sum(seconds or 0.0 for seconds in known), 1)
     with progress_bar(total, "transcribe", "s audio", show=progress) as bar:
         short: list[tuple[int, Window]] = []
         for index, path in enumerate(paths):
-            if known[index] is not None and known[index] * SAMPLE_RATE <= plan.size:
+            if whole[index]:
                 wave = read_whole(path, transcripts[index])
                 if wave is not None and has_a_frame(len(wave), loaded, transcripts[index]):
                     short.extend((index, w) for w in split_into_windows([wave], plan))
                     states[index].samples = len(wave)
         recognize_windows(loaded, short, states, plan, batch_seconds, bar)
         for index, path in enumerate(paths):
-            if not (known[index] is not None and known[index] * SAMPLE_RATE <= plan.size):
+            if not whole[index]:
                 stream_file(
                     loaded, path, plan, batch_seconds, transcripts[index], states[index], bar
                 )
@@ -299,19 +302,23 @@ def stream_file(
 ) -> None:
     """Recognise one recording window by window as it is read, a batch of windows at a time."""
     pending: list[tuple[int, Window]] = []
-    try:
-        for window in split_into_windows(stream_audio(path, STREAM_BLOCK_SECONDS), plan):
-            state.samples = max(state.samples, window.start + len(window.wave))
-            pending.append((0, window))
-            if sum(len(w.wave) for _, w in pending) >= batch_seconds * SAMPLE_RATE:
-                recognize_windows(loaded, pending, {0: state}, plan, batch_seconds, bar)
-                pending = []
-    except AudioError as error:
-        transcript.error = describe_audio_error(path, error)
-        return
-    except Exception as error:  # any other failure: one bad file must not stop the others
-        transcript.error = f"cannot read {path}: {error}"
-        return
+    windows = split_into_windows(stream_audio(path, STREAM_BLOCK_SECONDS), plan)
+    while True:
+        try:  # reading only: the model's own failures are not the file's
+            window = next(windows, None)
+        except AudioError as error:
+            transcript.error = describe_audio_error(path, error)
+            return
+        except Exception as error:  # any other failure: one bad file must not stop the others
+            transcript.error = f"cannot read {path}: {error}"
+            return
+        if window is None:
+            break
+        state.samples = max(state.samples, window.start + len(window.wave))
+        pending.append((0, window))
+        if sum(len(w.wave) for _, w in pending) >= batch_seconds * SAMPLE_RATE:
+            recognize_windows(loaded, pending, {0: state}, plan, batch_seconds, bar)
+            pending = []
     if has_a_frame(state.samples, loaded, transcript):
         recognize_windows(loaded, pending, {0: state}, plan, batch_seconds, bar)
 
