@@ -196,6 +196,7 @@ def test_align_options_are_checked_before_any_work(clips, capsys):
         ([*audio, "--text", "hello"], "--text needs --locale"),
         ([*audio, "--phones", "  "], "--phones is empty"),
         ([*audio, "--text", "hi", "--locale", "xx-YY", "--json"], "xx-YY"),
+        ([*audio, "--phones", "h", "--textgrid", str(folder / "hello.wav")], "--textgrid"),
     ]:
         code = main(["align", str(checkpoint), *argv])
         captured = capsys.readouterr()
