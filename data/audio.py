@@ -79,6 +79,8 @@ def check_regular_file(path: Path) -> None:
 def announced_seconds(path: str | Path) -> float | None:
     """The length a file's header announces, in seconds; None where the header does not record it
     (or the file cannot be opened: reading it reports why)."""
+    if not Path(path).is_file():  # opening a named pipe would wait for a writer: never opened
+        return None
     try:
         with quiet_native_stderr(), soundfile.SoundFile(str(path)) as handle:
             frames, rate = handle.frames, handle.samplerate

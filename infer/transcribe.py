@@ -144,8 +144,9 @@ class FrameStitcher:
     cut, the later one's from it. The cut is a frame that both windows call blank, the one nearest
     the middle of the overlap (where each window has the most context on both sides). A phone
     never straddles a frame that both call blank, so each phone at a join comes from exactly one
-    window: none is counted twice or lost. Only where the two windows share no blank frame (never
-    seen in speech: CTC puts blanks between almost all phones) is the middle frame the cut.
+    window: none is counted twice or lost. Only where the two windows share no blank frame (rare:
+    CTC puts blanks between almost all phones) is the middle frame the cut, and a phone there may
+    then be doubled or lost.
     """
 
     def __init__(self) -> None:
