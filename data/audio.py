@@ -43,12 +43,7 @@ def load_audio(path: str | Path, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
     can hold).
     """
     path = Path(path)
-    if not path.is_file():
-        if path.is_dir():
-            raise AudioError("missing_file", "is a folder")
-        if path.exists():  # opening a named pipe would wait for a writer: never opened
-            raise AudioError("unreadable_audio", NOT_REGULAR)
-        raise AudioError("missing_file", "no such file")
+    check_regular_file(path)
     try:
         with quiet_native_stderr(), soundfile.SoundFile(str(path)) as handle:
             source_rate, announced = handle.samplerate, handle.frames
@@ -70,6 +65,86 @@ def load_audio(path: str | Path, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
         # soxr's "HQ" is a 20-bit-quality band-limited resampler (fast and transparent for speech).
         mono = soxr.resample(mono, source_rate, sample_rate, quality="HQ")
     return np.ascontiguousarray(mono, dtype=np.float32)
+
+
+def check_regular_file(path: Path) -> None:
+    if not path.is_file():
+        if path.is_dir():
+            raise AudioError("missing_file", "is a folder")
+        if path.exists():  # opening a named pipe would wait for a writer: never opened
+            raise AudioError("unreadable_audio", NOT_REGULAR)
+        raise AudioError("missing_file", "no such file")
+
+
+def announced_seconds(path: str | Path) -> float | None:
+    """The length a file's header announces, in seconds; None where the header does not record it
+    (or the file cannot be opened: reading it reports why)."""
+    if not Path(path).is_file():  # opening a named pipe would wait for a writer: never opened
+        return None
+    try:
+        with quiet_native_stderr(), soundfile.SoundFile(str(path)) as handle:
+            frames, rate = handle.frames, handle.samplerate
+    except Exception:  # reported, with its reason, when the file is read
+        return None
+    if frames <= 0 or frames >= 2**62:  # unknown length (libsndfile's SF_COUNT_MAX)
+        return None
+    return frames / rate
+
+
+def stream_audio(
+    path: str | Path, block_seconds: float, sample_rate: int = SAMPLE_RATE
+) -> Iterator[np.ndarray]:
+    """`load_audio`, block by block: float32 mono blocks at `sample_rate` whose concatenation is
+    the clip, with the same checks (raised as AudioError when the block that shows the problem is
+    reached: a truncation only at the end). Memory stays that of a block whatever the file's
+    length.
+
+    The file is read forward only, never seeked, so formats that cannot seek (MP3 in older
+    libsndfile, OGG) stream the same way; their blocks are decoded as they come. A stream
+    resampler (soxr) carries its filter state across blocks: the samples equal a one-pass
+    resampling of the whole file up to float rounding.
+    """
+    path = Path(path)
+    check_regular_file(path)
+    try:
+        with quiet_native_stderr():
+            handle = soundfile.SoundFile(str(path))
+    except (soundfile.LibsndfileError, RuntimeError, ValueError, OSError) as error:
+        raise AudioError("unreadable_audio", describe_undecodable(path, error)) from None
+    with handle:
+        source_rate, announced = handle.samplerate, handle.frames
+        resampler = (
+            soxr.ResampleStream(source_rate, sample_rate, 1, dtype="float32", quality="HQ")
+            if source_rate != sample_rate
+            else None
+        )
+        block = max(1, int(block_seconds * source_rate))
+        decoded = 0
+        while True:
+            try:
+                with quiet_native_stderr():
+                    samples = handle.read(block, dtype="float32", always_2d=True)
+            except (soundfile.LibsndfileError, RuntimeError, ValueError, OSError) as error:
+                raise AudioError("unreadable_audio", describe_undecodable(path, error)) from None
+            last = samples.shape[0] < block
+            decoded += samples.shape[0]
+            if not np.isfinite(samples).all():
+                raise AudioError("non_finite_audio", "holds NaN or infinite samples")
+            if last and decoded == 0:
+                raise AudioError("empty_audio", "holds no samples")
+            if last and _is_truncated(decoded, announced):
+                raise AudioError(
+                    "truncated_audio",
+                    f"decoded {decoded / source_rate:.2f} s of the "
+                    f"{announced / source_rate:.2f} s its header announces",
+                )
+            mono = samples.mean(axis=1) if samples.shape[1] > 1 else samples[:, 0]
+            if resampler is not None:
+                mono = resampler.resample_chunk(np.ascontiguousarray(mono), last=last)
+            if len(mono):
+                yield np.ascontiguousarray(mono, dtype=np.float32)
+            if last:
+                return
 
 
 @contextlib.contextmanager

@@ -79,6 +79,33 @@ def phonemize_batch(
     return phones
 
 
+def phonemize_words(
+    sentences: Sequence[str], language: str, policy: str = "remove-flags"
+) -> list[list[str] | None]:
+    """Each sentence's phones word by word (each word's phones space-separated), where espeak-ng's
+    words put together give exactly `phonemize_batch`'s phones; None where they do not.
+
+    The same espeak-ng call with a word separator: phones are unchanged, only where one word ends
+    is marked. Words are espeak-ng's, which are not always the written ones ("23" is two).
+    """
+    from phonemizer.separator import Separator
+
+    backend = _get_backend(language, policy)
+    separator = Separator(phone=" ", word=_WORD_MARK, syllable="")
+    raw = backend.phonemize(list(sentences), separator=separator, strip=False, njobs=1)
+    plain = phonemize_batch(sentences, language, policy)
+    words: list[list[str] | None] = []
+    for line, phones in zip(raw, plain, strict=True):
+        pieces = [normalize_phones(word) for word in line.split(_WORD_MARK)]
+        pieces = [piece for piece in pieces if piece]
+        words.append(pieces if " ".join(pieces) == phones else None)
+    return words
+
+
+# Never part of a phone: espeak-ng's IPA has no vertical bar.
+_WORD_MARK = "|"
+
+
 class PhonemeCache:
     """Phones already computed, on disk, keyed by (text, language, espeak-ng version, policy, scheme).
 

@@ -133,19 +133,23 @@ def recognize(
     loaded: LoadedModel, waves: Sequence[np.ndarray], decoder: BeamDecoder | None = None
 ) -> list[str]:
     """CTC transcription of one batch of 16 kHz waveforms: greedy, or `decoder`'s beam search."""
+    if decoder is not None:
+        return [decoder.decode(log_probs) for log_probs in frame_log_probs(loaded, waves)]
+    return [
+        ctc.greedy_decode(log_probs.argmax(axis=-1).tolist(), loaded.id_to_token)
+        for log_probs in frame_log_probs(loaded, waves)
+    ]
+
+
+def frame_log_probs(loaded: LoadedModel, waves: Sequence[np.ndarray]) -> list[np.ndarray]:
+    """Per clip of one batch, its frames' log posteriors over the vocabulary: float32 arrays of
+    (frames, vocabulary), computed in float32 (log-softmax of the model's logits)."""
     batch = normalize_batch(waves, loaded.uses_attention_mask)
     with torch.inference_mode():
-        logits = loaded.model(**batch).logits
+        log_probs = torch.log_softmax(loaded.model(**batch).logits.float(), dim=-1).numpy()
     frames = ctc.count_frames(np.array([len(wave) for wave in waves]), loaded.conv_layers)
-    # Frames past a clip's own length come from padding: decode only the clip's frames.
-    if decoder is not None:
-        log_probs = torch.log_softmax(logits.float(), dim=-1).numpy()
-        return [decoder.decode(log_probs[row, : frames[row]]) for row in range(len(waves))]
-    ids = logits.argmax(dim=-1)
-    return [
-        ctc.greedy_decode(ids[row, : frames[row]].tolist(), loaded.id_to_token)
-        for row in range(len(waves))
-    ]
+    # Frames past a clip's own length come from padding: only the clip's frames are its own.
+    return [log_probs[row, : frames[row]] for row in range(len(waves))]
 
 
 # --- command line, shared by evaluate and transcribe -------------------------------------------

@@ -30,6 +30,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "lm": ("phonetune.infer.lm", "a phone n-gram LM (ARPA) from a prepared dataset, for --beam"),
     "evaluate": ("phonetune.infer.evaluate", "phone error rate of a model on a prepared split"),
     "transcribe": ("phonetune.infer.transcribe", "print the phones of audio files"),
+    "align": ("phonetune.infer.align", "CTC forced alignment: when each known phone is said"),
     "demo": ("phonetune.demo", "synth -> prepare -> train -> export -> evaluate, end to end"),
 }
 

@@ -14,8 +14,14 @@ from transformers import Wav2Vec2ForCTC, Wav2Vec2Processor
 from phonetune.cli import main
 from phonetune.data.espeak import synthesis_voice
 from phonetune.data.vocab import SPECIAL_TOKENS
+from phonetune.infer import transcribe
 from phonetune.infer.export import export_model
-from phonetune.infer.transcribe import split_into_chunks, transcribe_files
+from phonetune.infer.transcribe import (
+    FrameStitcher,
+    WindowPlan,
+    split_into_windows,
+    transcribe_files,
+)
 
 
 @pytest.fixture(scope="module")
@@ -110,26 +116,71 @@ def test_json_output(export_dir, audio_files, capsys):
     assert "phones" not in results[1]
 
 
-def test_split_into_chunks():
+def test_split_into_windows():
+    """Windows overlap by the plan's overlap, start on the frame grid, end with the recording, and
+    do not depend on how the recording arrives in blocks."""
+    plan = WindowPlan.of(20, 2, 320)
+    assert (plan.size, plan.step) == (20 * SAMPLE_RATE, 18 * SAMPLE_RATE)
     wave = np.arange(45 * SAMPLE_RATE, dtype=np.float32)
-    assert [len(c) / SAMPLE_RATE for c in split_into_chunks(wave, 20)] == [20, 20, 5]
-    short_tail = wave[: 41 * SAMPLE_RATE]
-    chunks = split_into_chunks(short_tail, 20)
-    assert [len(c) / SAMPLE_RATE for c in chunks] == [20, 21]  # a 1 s tail joins the last window
-    assert np.array_equal(np.concatenate(chunks), short_tail)
-    assert len(split_into_chunks(wave[: 10 * SAMPLE_RATE], 20)) == 1
+    whole = list(split_into_windows([wave], plan))
+    blocks = [wave[i : i + 7777] for i in range(0, len(wave), 7777)]
+    streamed = list(split_into_windows(blocks, plan))
+    # The last window ends at the end and starts a window before it: 25 s, not 36 s.
+    assert [w.start / SAMPLE_RATE for w in whole] == [0, 18, 25]
+    for a, b in zip(whole, streamed, strict=True):
+        assert a.start == b.start and a.start % 320 == 0
+        assert np.array_equal(a.wave, wave[a.start : a.start + plan.size])
+        assert np.array_equal(a.wave, b.wave)
+    # Exactly two windows long: no third window; shorter than one window: one window.
+    assert [w.start for w in split_into_windows([wave[: 38 * SAMPLE_RATE]], plan)] == [0, plan.step]
+    (single,) = split_into_windows([wave[: 10 * SAMPLE_RATE]], plan)
+    assert single.start == 0 and len(single.wave) == 10 * SAMPLE_RATE
+    # A window of half a second shares at most a third of it (the cut sits in the middle third).
+    small = WindowPlan.of(0.6, 2, 320)
+    assert small.size == 30 * 320 and small.size - small.step == 10 * 320
 
 
-def test_long_recording_is_transcribed_window_by_window(export_dir, audio_files):
+def test_stitched_windows_keep_every_phone_once():
+    """Windows that each see a recording's best path, except near their edges (where they lack
+    context and get frames wrong), stitch back into exactly the whole path's phones."""
+    rng = np.random.default_rng(0)
+    # A best path of 3,000 frames: phones 1-9 of 1-3 frames, each followed by 1-4 blanks, and
+    # phones that repeat (a blank between them keeps them two).
+    truth = []
+    for _ in range(700):
+        truth += [int(rng.integers(1, 10))] * int(rng.integers(1, 4))
+        truth += [0] * int(rng.integers(1, 5))
+    truth = np.array(truth[:3000])
+    size, step, edge = 200, 150, 12  # frames; each window gets its outer 12 frames wrong
+    stitcher = FrameStitcher()
+    starts = list(range(0, len(truth) - size, step)) + [len(truth) - size]
+    for start in starts:
+        ids = truth[start : start + size].copy()
+        for part in (slice(0, edge), slice(size - edge, size)):
+            if (part.start == 0 and start > 0) or (part.stop == size and start + size < len(truth)):
+                ids[part] = rng.integers(0, 10, edge)
+        stitcher.add(start, ids, np.ones(size, dtype=np.float32))
+    ids, probs = stitcher.finish()
+    assert np.array_equal(ids, truth) and len(probs) == len(truth)
+
+
+def test_long_recording_is_streamed_in_blocks_with_the_same_phones(
+    export_dir, audio_files, monkeypatch
+):
+    """A recording longer than a window is read block by block and recognised in overlapping
+    windows: the phones do not depend on the block size, and every phone has a place in time."""
     _, files = audio_files
-    path = files["morning_48k.mp3"][0]
-    wave = read_16k(path)
-    (transcript,) = transcribe_files(export_dir, [path], chunk_seconds=0.6)
-    windows = split_into_chunks(wave, 0.6)
-    assert len(windows) >= 2
-    assert transcript.phones == " ".join(
-        phones for phones in (model_card_phones(export_dir, w) for w in windows) if phones
-    )
+    path, seconds = files["morning_48k.mp3"]
+    (big_blocks,) = transcribe_files(export_dir, [path], chunk_seconds=0.5)
+    monkeypatch.setattr(transcribe, "STREAM_BLOCK_SECONDS", 0.17)
+    (small_blocks,) = transcribe_files(export_dir, [path], chunk_seconds=0.5)
+    assert seconds > 2 * 0.5 and big_blocks.error is None
+    assert big_blocks.phones and big_blocks.phones == small_blocks.phones
+    assert big_blocks.phones == " ".join(span.phone for span in big_blocks.spans)
+    ends = [0.0] + [span.end for span in big_blocks.spans]
+    for span, previous_end in zip(big_blocks.spans, ends, strict=False):
+        assert previous_end <= span.start < span.end <= big_blocks.duration
+        assert 0 <= span.confidence <= 1
 
 
 def test_each_unusable_file_says_what_is_wrong_with_it(export_dir, audio_files, capfd):
