@@ -204,3 +204,37 @@ def test_beam_results_stay_out_of_the_model_card(constant_run, prepared, arpa, t
             constant_run, tmp_path / "again", metrics=[step / "eval_test_beam.json"], verbose=False
         )
     (step / "eval_test_beam.json").unlink()
+
+
+def test_streamed_recordings_are_beam_searched_piece_by_piece():
+    """Each window's frames up to its cut go to the decoder once: the pieces are the stitched path."""
+    from phonetune.infer.transcribe import FrameStitcher
+
+    class Recorder:
+        def __init__(self):
+            self.pieces = []
+
+        def decode(self, lp):
+            self.pieces.append(lp.copy())
+            return f"p{len(self.pieces)}"
+
+    rng = np.random.default_rng(0)
+    recorder = Recorder()
+    stitcher = FrameStitcher(recorder)
+    windows = [(0, 50), (40, 90), (80, 120)]  # (first frame, end frame): 10 frames overlap
+    whole = rng.normal(size=(120, len(VOCAB))).astype(np.float32)  # one recording's frames
+    ids = whole.argmax(-1)
+    ids[[45, 85]] = 0  # a frame both windows call blank in each overlap
+    for first, end in windows:
+        stitcher.add(first, ids[first:end], np.ones(end - first, np.float32), whole[first:end])
+    path, _ = stitcher.finish()
+    assert np.array_equal(path, ids)
+    assert [len(p) for p in recorder.pieces] == [45, 40, 35]  # cut at the shared blanks
+    assert np.array_equal(np.concatenate(recorder.pieces), whole)
+    assert stitcher.texts == ["p1", "p2", "p3"]
+
+
+def test_beam_gives_no_timestamps(constant_run, capsys):
+    for option in (["--timestamps"], ["--textgrid", "grids"]):
+        assert main(["transcribe", str(constant_run), "clip.wav", "--beam", "4", *option]) == 2
+        assert "beam search gives phones without times" in capsys.readouterr().err
