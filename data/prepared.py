@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -189,19 +190,45 @@ class PreparedSplit:
         return column.to_pylist()
 
 
+@dataclass(frozen=True)
+class BatchBudget:
+    """Seconds of padded audio a batch may hold, by its width (the longest clip, in seconds).
+
+    Memory does not grow with a batch's audio alone: attention grows with the square of the width,
+    so a batch of long clips needs more memory per second of audio than one of short clips. A
+    budget by width lets short-clip batches hold more audio and long-clip ones less, each filling
+    the device (NeMo's OOMptimizer idea). `by_width` holds (width, seconds) pairs sorted by width:
+    a batch gets the seconds of the narrowest entry at least as wide as it, or `default`.
+    """
+
+    default: float
+    by_width: tuple[tuple[float, float], ...] = ()
+
+    def __call__(self, width: float) -> float:
+        for limit, seconds in self.by_width:
+            if width <= limit:
+                return seconds
+        return self.default
+
+    def __mul__(self, factor: float) -> BatchBudget:
+        """The budget of `factor` processes together."""
+        return BatchBudget(self.default * factor, tuple((w, s * factor) for w, s in self.by_width))
+
+
 def pack_batches(
-    order: np.ndarray, durations: np.ndarray, batch_seconds: float
+    order: np.ndarray, durations: np.ndarray, batch_seconds: float | BatchBudget
 ) -> list[np.ndarray]:
     """Cut `order` (positions into `durations`) greedily into batches whose padded size
-    (clips × longest clip) stays within `batch_seconds`. A clip longer than the budget gets a batch
-    alone. Sorted by duration, consecutive clips pad little; `durations` already rounded to a
-    width grid make the budget count the padding that grid adds."""
+    (clips × longest clip) stays within `batch_seconds` (a budget by width: the batch's own). A clip
+    longer than the budget gets a batch alone. Sorted by duration, consecutive clips pad little;
+    `durations` already rounded to a width grid make the budget count the padding that grid adds."""
+    budget = batch_seconds if isinstance(batch_seconds, BatchBudget) else BatchBudget(batch_seconds)
     batches: list[np.ndarray] = []
     start, longest = 0, 0.0
     for i, position in enumerate(order):
         duration = durations[position]
         longest_if_added = max(longest, duration)
-        if i > start and (i - start + 1) * longest_if_added > batch_seconds:
+        if i > start and (i - start + 1) * longest_if_added > budget(longest_if_added):
             batches.append(order[start:i])
             start, longest_if_added = i, duration
         longest = longest_if_added

@@ -340,3 +340,64 @@ def test_language_sampling_gives_each_language_its_share_of_every_epoch(alpha):
                 all(np.array_equal(a, b) for a, b in zip(x, y, strict=True))
                 for x, y in zip(plan, plain, strict=True)
             )
+
+
+def test_a_budget_by_width_gives_short_batches_more_audio():
+    from phonetune.data.prepared import BatchBudget
+
+    lengths = durations(2000, seed=5)  # 1-10 s
+    budget = BatchBudget(30.0, ((3.0, 90.0), (6.0, 50.0)))
+    groups = plan_epoch(lengths, budget, seed=0, epoch=0, num_replicas=2, bucket_width=0.1)
+    assert np.array_equal(np.sort(flat(groups)), np.arange(len(lengths)))
+    held = {3.0: [], 6.0: [], 10.0: []}
+    for shares in groups:
+        batch = np.concatenate(shares)
+        width = lengths[batch].max()
+        padded = len(batch) * width
+        assert len(batch) == 1 or padded <= 2 * budget(width) + 1e-9  # two processes' worth
+        held[min(w for w in held if width <= w)].append(padded)
+    # Each width range packs its batches close to its own budget: the short ones hold far more
+    # than one budget for every width (30 s a process) would let them.
+    assert np.median(held[3.0]) > 2 * 80 and np.median(held[6.0]) > 2 * 40
+    assert np.median(held[10.0]) <= 2 * 30
+
+
+def test_a_sampler_fills_each_width_to_its_own_budget():
+    from phonetune.data.prepared import BatchBudget
+
+    lengths = durations(300, seed=6)
+    samples = np.round(lengths * 16_000).astype(np.int64)
+    budget = BatchBudget(20.0, ((4.0, 60.0),))
+    sampler = DurationBatchSampler(
+        np.arange(len(lengths)), lengths, budget, seed=1, num_samples=samples,
+        pad_to_multiple_of=1600, pad_clips_to_budget=True,
+    )  # fmt: skip
+    for share in sampler:
+        seconds = budget(share.width / 16_000)
+        rows = len(share.rows) + share.fillers
+        assert rows == max(int(seconds * 16_000) // share.width, len(share.rows))
+
+
+@pytest.mark.parametrize(
+    ("table", "message"),
+    [
+        ("{4: -1}", "both positive numbers"),
+        ("{4: 2}", "must hold one clip of its width"),
+        ("{x: 20}", "both positive numbers"),
+    ],
+)
+def test_budget_tables_are_checked(table, message, tmp_path):
+    from helpers import TINY
+
+    from phonetune.data.errors import PhonetuneError
+    from phonetune.train.config import load_config
+
+    with pytest.raises(PhonetuneError, match=message):
+        load_config(
+            TINY,
+            [
+                f"data.prepared_dir={tmp_path}",
+                f"run.output_dir={tmp_path / 'run'}",
+                f"train.batch_seconds_by_width={table}",
+            ],
+        )

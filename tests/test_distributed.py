@@ -41,8 +41,23 @@ def launch_two(prepared_dir, run_dir, *overrides, launch=LAUNCH):
         [sys.executable, *launch.split(), "--config", str(TINY), *settings, *overrides],
         capture_output=True, text=True, env=env, cwd=run_dir.parent, timeout=300,
     )  # fmt: skip
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    assert done.returncode == 0, describe_failed_launch(done)
     return done
+
+
+def describe_failed_launch(done):
+    """The ends of both streams and, from the launcher's report, which process failed first and
+    its own traceback (torchrun puts the root cause last, after the ranks it stopped)."""
+    text = done.stdout[-2000:] + done.stderr[-3000:]
+    cause = done.stderr.rfind("Root Cause")
+    first_traceback = done.stderr.find("Traceback (most recent call last)")
+    if cause >= 0:
+        text += "\n--- root cause ---\n" + done.stderr[cause : cause + 1500]
+    if first_traceback >= 0:
+        text += (
+            "\n--- first traceback ---\n" + done.stderr[first_traceback : first_traceback + 4000]
+        )
+    return text
 
 
 def weights(checkpoint):

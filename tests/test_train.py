@@ -35,8 +35,15 @@ def test_tiny_model_learns(prepared_dir, tmp_path):
 
 @pytest.mark.parametrize(
     "data_settings",
-    [[], ["data.language_sampling_alpha=0.3", "data.max_hours_per_locale=0.004"]],
-    ids=["proportional", "language_sampling"],
+    [
+        [],
+        [
+            "data.language_sampling_alpha=0.3",
+            "data.max_hours_per_locale=0.004",
+            "train.batch_seconds_by_width={3: 20}",
+        ],
+    ],
+    ids=["proportional", "language_sampling_budget_by_width"],
 )
 def test_resume_is_exact(prepared_dir, tmp_path, data_settings):
     common = [

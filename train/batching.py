@@ -24,6 +24,7 @@ from phonetune.data.audio import SAMPLE_RATE, pad_waves
 from phonetune.data.ctc import count_frames, count_min_frames
 from phonetune.data.errors import PhonetuneError
 from phonetune.data.prepared import (
+    BatchBudget,
     PreparedSplit,
     batches_longest_first,
     open_prepared,
@@ -33,7 +34,7 @@ from phonetune.data.prepared import (
 )
 
 if TYPE_CHECKING:
-    from phonetune.train.config import Config
+    from phonetune.train.config import Config, TrainConfig
     from phonetune.train.resume import TrainState
 
 IGNORE_INDEX = -100  # label padding: ignored by the CTC loss, never mistaken for the blank (id 0)
@@ -296,7 +297,7 @@ def collate(
 # --- planning batches -----------------------------------------------------------------------------
 def plan_epoch(
     durations: np.ndarray,
-    batch_seconds: float,
+    batch_seconds: float | BatchBudget,
     seed: int,
     epoch: int,
     num_replicas: int = 1,
@@ -312,6 +313,7 @@ def plan_epoch(
     batch holds at most `batch_seconds × num_replicas` of padded audio: N processes with budget B
     cut exactly the batches that one process with budget N×B cuts, and (with the loss normalised by
     the step's global token count) train the same model up to floating-point summation order.
+    A `BatchBudget` gives each batch the budget of its width.
     Clips are sorted by duration bucket (random order inside a bucket) and packed into global
     batches; the batches are shuffled (the longest first if asked) and each is split into
     `num_replicas` consecutive shares of near-equal clip counts. A share can thus exceed the
@@ -403,7 +405,7 @@ class DurationBatchSampler:
         self,
         rows: np.ndarray,
         durations: np.ndarray,
-        batch_seconds: float,
+        batch_seconds: float | BatchBudget,
         seed: int,
         num_replicas: int = 1,
         rank: int = 0,
@@ -481,7 +483,10 @@ class DurationBatchSampler:
         width = int(self.widths[np.concatenate(shares)].max())
         rows = max(len(share) for share in shares)
         if self.pad_clips_to_budget:
-            capacity = int(self.batch_seconds * self.num_replicas * SAMPLE_RATE) // width
+            seconds = self.batch_seconds
+            if isinstance(seconds, BatchBudget):
+                seconds = seconds(width / SAMPLE_RATE)
+            capacity = int(seconds * self.num_replicas * SAMPLE_RATE) // width
             rows = max(rows, capacity // self.num_replicas)
         return rows, width
 
@@ -540,6 +545,14 @@ class DurationBatchSampler:
         self.set_epoch(int(state["epoch"]), int(state["position"]))
 
 
+def batch_budget(train: TrainConfig) -> float | BatchBudget:
+    """`train.batch_seconds`, or with `train.batch_seconds_by_width` the budget by width."""
+    if not train.batch_seconds_by_width:
+        return train.batch_seconds
+    table = sorted((float(w), float(s)) for w, s in train.batch_seconds_by_width.items())
+    return BatchBudget(train.batch_seconds, tuple(table))
+
+
 def make_sampler(
     data: TrainingData, config: Config, num_replicas: int = 1, rank: int = 0
 ) -> DurationBatchSampler:
@@ -549,7 +562,7 @@ def make_sampler(
     return DurationBatchSampler(
         data.train_rows,
         data.train.durations[data.train_rows],
-        t.batch_seconds,
+        batch_budget(t),
         t.seed,
         num_replicas,
         rank,

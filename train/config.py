@@ -152,6 +152,12 @@ class TrainConfig:
     """Seconds of audio (padding included) per batch per process (fairseq max_tokens / 16000).
     N processes cut global batches of N × batch_seconds and split each among themselves, so they
     train like one process with N × batch_seconds (a share may hold one clip more than its budget)."""
+    batch_seconds_by_width: dict[float, float] | None = None
+    """Budgets by batch width instead of one: {width in seconds: batch_seconds for batches whose
+    longest clip is at most that wide}, e.g. {4: 160, 8: 120, 16: 90}; wider batches get
+    batch_seconds. Attention memory grows with the square of the width, so batches of short clips
+    can hold more audio than batches of long ones in the same memory (NeMo's OOMptimizer idea).
+    null = batch_seconds for every width."""
     grad_accum: int = 1
     """Batches accumulated into one optimizer step (fairseq update_freq)."""
     bucket_width: float = 0.5
@@ -677,6 +683,7 @@ def _train_problems(train: TrainConfig, data: DataConfig) -> list[str]:
     for key in ("freeze_finetune_updates", "eval_num_examples"):
         if getattr(train, key) < 0:
             errors.append(f"train.{key} must be 0 or more")
+    errors += _budget_table_problems(train.batch_seconds_by_width)
     if train.batch_seconds <= 0:
         errors.append(f"train.batch_seconds must be positive, not {train.batch_seconds}")
     elif train.batch_seconds < data.max_duration:
@@ -729,6 +736,28 @@ def _train_problems(train: TrainConfig, data: DataConfig) -> list[str]:
         )
 
     return errors
+
+
+def _budget_table_problems(table: dict | None) -> list[str]:
+    if not table:
+        return []
+
+    def positive(value: object) -> bool:
+        number = isinstance(value, int | float) and not isinstance(value, bool)
+        return number and math.isfinite(value) and value > 0
+
+    bad = [f"{w!r}: {s!r}" for w, s in table.items() if not (positive(w) and positive(s))]
+    if bad:
+        return [
+            "train.batch_seconds_by_width maps widths in seconds to budgets in seconds, both "
+            f"positive numbers; not {', '.join(bad)}"
+        ]
+    small = [f"{w:g}: {s:g}" for w, s in table.items() if s < w]
+    if small:
+        return [
+            f"train.batch_seconds_by_width: a budget must hold one clip of its width ({', '.join(small)})"
+        ]
+    return []
 
 
 def _log_problems(log: LogConfig) -> list[str]:

@@ -348,7 +348,8 @@ def print_summary(
         f"  processes:       {parallel.describe()}, mixed precision {t.mixed_precision}\n"
         f"  batch:           ≤{t.batch_seconds:g} s audio per process × {processes} process(es) × "
         f"{t.grad_accum} accumulation = ≤{effective:g} s per optimizer step\n"
-        f"  steps per epoch: {steps_per_epoch} ({t.max_steps} steps ≈ {t.max_steps / steps_per_epoch:.1f} epochs)\n"
+        + describe_budget_table(t.batch_seconds_by_width)
+        + f"  steps per epoch: {steps_per_epoch} ({t.max_steps} steps ≈ {t.max_steps / steps_per_epoch:.1f} epochs)\n"
         f"  batch shapes:    {len(shapes)} distinct (clips × samples) in the first epoch"
         + (", clip counts filled to the budget" if t.pad_clips_to_budget else "")
         + (
@@ -396,3 +397,11 @@ def print_done(
             else ""
         )
     )
+
+
+def describe_budget_table(table: dict | None) -> str:
+    """The summary line of train.batch_seconds_by_width ("" when not set)."""
+    if not table:
+        return ""
+    pairs = ", ".join(f"≤{float(w):g} s wide: {float(s):g} s" for w, s in sorted(table.items()))
+    return f"                   by batch width: {pairs}; wider: batch_seconds\n"

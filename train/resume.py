@@ -173,6 +173,7 @@ def save_checkpoint(run: Run) -> Path:
                 "seed": config.train.seed,
                 "num_processes": parallel.num_processes,
                 "global_batch_seconds": config.train.batch_seconds * parallel.num_processes,
+                "batch_seconds_by_width": budget_table(config),
                 "grad_accum": config.train.grad_accum,
                 "batches_per_epoch": sampler.batches_per_epoch(),
             },
@@ -268,6 +269,12 @@ def restore_training_state(run: Run, checkpoint: Path) -> TrainState:
     return state
 
 
+def budget_table(config: Config) -> list[list[float]] | None:
+    """train.batch_seconds_by_width as sorted [width, seconds] pairs (as JSON keeps them)."""
+    table = config.train.batch_seconds_by_width
+    return sorted([float(w), float(s)] for w, s in table.items()) if table else None
+
+
 def continue_sampler(
     state: TrainState,
     saved: dict[str, Any],
@@ -287,6 +294,7 @@ def continue_sampler(
     sampler.set_epoch(state.epoch)
     same_batches = (
         saved.get("global_batch_seconds") == global_seconds
+        and saved.get("batch_seconds_by_width") == budget_table(config)
         and saved.get("grad_accum") == config.train.grad_accum
         and saved.get("batches_per_epoch") == sampler.batches_per_epoch()
     )
