@@ -48,23 +48,41 @@ def load_audio(path: str | Path, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
         with quiet_native_stderr(), soundfile.SoundFile(str(path)) as handle:
             source_rate, announced = handle.samplerate, handle.frames
             samples = handle.read(dtype="float32", always_2d=True)
-    except (soundfile.LibsndfileError, RuntimeError, ValueError, OSError) as error:
+    except DECODE_ERRORS as error:
         raise AudioError("unreadable_audio", describe_undecodable(path, error)) from None
-    if samples.shape[0] == 0:
-        raise AudioError("empty_audio", "holds no samples")
-    if _is_truncated(samples.shape[0], announced):
-        raise AudioError(
-            "truncated_audio",
-            f"decoded {samples.shape[0] / source_rate:.2f} s of the "
-            f"{announced / source_rate:.2f} s its header announces",
-        )
-    if not np.isfinite(samples).all():
-        raise AudioError("non_finite_audio", "holds NaN or infinite samples")
-    mono = samples.mean(axis=1) if samples.shape[1] > 1 else samples[:, 0]
+    check_complete(samples.shape[0], announced, source_rate)
+    check_finite(samples)
+    mono = to_mono(samples)
     if source_rate != sample_rate:
         # soxr's "HQ" is a 20-bit-quality band-limited resampler (fast and transparent for speech).
         mono = soxr.resample(mono, source_rate, sample_rate, quality="HQ")
     return np.ascontiguousarray(mono, dtype=np.float32)
+
+
+# What libsndfile (through soundfile) raises for a file it cannot decode.
+DECODE_ERRORS = (soundfile.LibsndfileError, RuntimeError, ValueError, OSError)
+
+
+def check_complete(decoded: int, announced: int, source_rate: int) -> None:
+    """Raise for a clip that decoded to no samples, or to fewer than its header announces."""
+    if decoded == 0:
+        raise AudioError("empty_audio", "holds no samples")
+    if _is_truncated(decoded, announced):
+        raise AudioError(
+            "truncated_audio",
+            f"decoded {decoded / source_rate:.2f} s of the "
+            f"{announced / source_rate:.2f} s its header announces",
+        )
+
+
+def check_finite(samples: np.ndarray) -> None:
+    if not np.isfinite(samples).all():
+        raise AudioError("non_finite_audio", "holds NaN or infinite samples")
+
+
+def to_mono(samples: np.ndarray) -> np.ndarray:
+    """(samples, channels) -> samples: the mean of the channels."""
+    return samples.mean(axis=1) if samples.shape[1] > 1 else samples[:, 0]
 
 
 def check_regular_file(path: Path) -> None:
@@ -109,7 +127,7 @@ def stream_audio(
     try:
         with quiet_native_stderr():
             handle = soundfile.SoundFile(str(path))
-    except (soundfile.LibsndfileError, RuntimeError, ValueError, OSError) as error:
+    except DECODE_ERRORS as error:
         raise AudioError("unreadable_audio", describe_undecodable(path, error)) from None
     with handle:
         source_rate, announced = handle.samplerate, handle.frames
@@ -124,21 +142,14 @@ def stream_audio(
             try:
                 with quiet_native_stderr():
                     samples = handle.read(block, dtype="float32", always_2d=True)
-            except (soundfile.LibsndfileError, RuntimeError, ValueError, OSError) as error:
+            except DECODE_ERRORS as error:
                 raise AudioError("unreadable_audio", describe_undecodable(path, error)) from None
             last = samples.shape[0] < block
             decoded += samples.shape[0]
-            if not np.isfinite(samples).all():
-                raise AudioError("non_finite_audio", "holds NaN or infinite samples")
-            if last and decoded == 0:
-                raise AudioError("empty_audio", "holds no samples")
-            if last and _is_truncated(decoded, announced):
-                raise AudioError(
-                    "truncated_audio",
-                    f"decoded {decoded / source_rate:.2f} s of the "
-                    f"{announced / source_rate:.2f} s its header announces",
-                )
-            mono = samples.mean(axis=1) if samples.shape[1] > 1 else samples[:, 0]
+            check_finite(samples)
+            if last:
+                check_complete(decoded, announced, source_rate)
+            mono = to_mono(samples)
             if resampler is not None:
                 mono = resampler.resample_chunk(np.ascontiguousarray(mono), last=last)
             if len(mono):

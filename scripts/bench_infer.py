@@ -122,6 +122,20 @@ RUNTIMES = {
 }
 
 
+def time_in_rounds(runs: dict, repeats: int) -> dict[str, list[float]]:
+    """Seconds of each run, `repeats` times, in rounds that each start with another run, so that
+    no run always goes first (or last) when other work on the machine comes and goes."""
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    names = list(runs)
+    for round_number in range(repeats):
+        shift = round_number % len(names)
+        for name in names[shift:] + names[:shift]:
+            started = time.perf_counter()
+            runs[name]()
+            times[name].append(time.perf_counter() - started)
+    return times
+
+
 def bench_export(export_dir: Path, audio: np.ndarray, repeats: int, threads: int) -> dict:
     """Median time and RTF of one utterance through PyTorch and each ONNX file of the export,
     `threads` threads each, in alternating rounds (a machine shared with other work slows
@@ -143,16 +157,10 @@ def bench_export(export_dir: Path, audio: np.ndarray, repeats: int, threads: int
         if file_name is not None and (export_dir / file_name).is_file():
             session = OnnxCTC(export_dir / file_name, model.config, threads)
             runs[runtime] = functools.partial(session, **batch)
-    times: dict[str, list[float]] = {runtime: [] for runtime in runs}
     for run in runs.values():
         run()  # warm-up: allocations, kernel selection, ORT graph preparation
+    times = time_in_rounds(runs, repeats)
     names = list(runs)
-    for round_number in range(repeats):
-        shift = round_number % len(names)
-        for runtime in names[shift:] + names[:shift]:
-            started = time.perf_counter()
-            runs[runtime]()
-            times[runtime].append(time.perf_counter() - started)
     seconds = len(audio) / SAMPLE_RATE
     results = {"parameters": sum(p.numel() for p in model.parameters())}
     for runtime in names:
@@ -292,17 +300,9 @@ def bench_evaluation(
 
     runs = {name: functools.partial(decode, *way) for name, way in ways.items()}
     runs[END_TO_END] = evaluate_end_to_end
-    times: dict[str, list[float]] = {name: [] for name in runs}
     for batches, mode in ways.values():  # warm-up: allocator, kernels
         decode(batches[:2], mode)
-    names = list(runs)
-    for round_number in range(repeats):
-        # Each round starts with another way, so that no way always runs first (or last).
-        shift = round_number % len(names)
-        for name in names[shift:] + names[:shift]:
-            started = time.perf_counter()
-            runs[name]()
-            times[name].append(time.perf_counter() - started)
+    times = time_in_rounds(runs, repeats)
     total = float(seconds.sum())
     return {
         "split": split,

@@ -6,8 +6,7 @@ import json
 
 import numpy as np
 import pytest
-import torch
-from helpers import VOCAB, speech, tiny_model, write_checkpoint, write_prepared
+from helpers import VOCAB, constant_model, speech, write_checkpoint, write_prepared
 
 from phonetune.cli import main
 from phonetune.data.errors import PhonetuneError
@@ -139,13 +138,8 @@ def test_bad_lm_files_are_clear_errors(tmp_path):
 def constant_run(tmp_path_factory, prepared):
     """A checkpoint whose every frame says "a" (p = e^5 / (e^5 + 13) = 0.92): any decoding of it
     gives "a", so its PER on the test split is known: "a n" one deletion, "a s" one: 2 / 4."""
-    model = tiny_model(seed=0)
-    with torch.no_grad():
-        model.lm_head.weight.zero_()
-        model.lm_head.bias.zero_()
-        model.lm_head.bias[VOCAB["a"]] = 5.0
     run = tmp_path_factory.mktemp("constant") / "run"
-    write_checkpoint(run, 1, model, prepared_dir=prepared)
+    write_checkpoint(run, 1, constant_model("a"), prepared_dir=prepared)
     return run
 
 

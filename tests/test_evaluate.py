@@ -9,9 +9,9 @@ import torch
 import yaml
 from helpers import (
     VOCAB,
+    constant_model,
     normalisation_tolerance,
     speech,
-    tiny_model,
     write_checkpoint,
     write_prepared,
 )
@@ -58,13 +58,8 @@ def prepared(tmp_path_factory):
 @pytest.fixture(scope="module")
 def constant_run(tmp_path_factory, prepared):
     """A checkpoint whose every frame says "aɪ": its PER is known without running it."""
-    model = tiny_model(seed=0)
-    with torch.no_grad():
-        model.lm_head.weight.zero_()
-        model.lm_head.bias.zero_()
-        model.lm_head.bias[VOCAB["aɪ"]] = 5.0
     run = tmp_path_factory.mktemp("constant") / "run"
-    write_checkpoint(run, 7, model, prepared_dir=prepared)
+    write_checkpoint(run, 7, constant_model("aɪ"), prepared_dir=prepared)
     return run
 
 
