@@ -135,8 +135,10 @@ def test_long_recording_of_known_phones_keeps_every_phone_at_window_joins(
     trained, corpus, tmp_path
 ):
     """A minute of utterances of known phones, streamed in 5 s windows (about 18 joins, most of
-    them inside words): the phones match the truth as well as the utterances transcribed one by
-    one do, and the model's phones at the joins are neither doubled nor dropped."""
+    them inside words): the phones match the truth as well as the same recording recognised in
+    one window (no join at all) does, so the model's phones at the joins are neither doubled nor
+    dropped. (Not against the utterances transcribed one by one: without their neighbours as
+    context the tiny model's errors move by more than the joins could, in either direction.)"""
     rng = np.random.default_rng(2)
     utterances = []
     while sum(len(u[0]) for u in utterances) < 60 * SAMPLE_RATE:
@@ -145,19 +147,14 @@ def test_long_recording_of_known_phones_keeps_every_phone_at_window_joins(
     soundfile.write(path, np.concatenate([u[0] for u in utterances]), SAMPLE_RATE)
     truth = " ".join(u[1] for u in utterances)
     (streamed,) = transcribe_files(trained, [path], chunk_seconds=5)
-    singles = []
-    for index, (wave, _, _) in enumerate(utterances):
-        soundfile.write(tmp_path / f"u{index}.flac", wave, SAMPLE_RATE)
-        singles.append(tmp_path / f"u{index}.flac")
-    one_by_one = " ".join(t.phones for t in transcribe_files(trained, singles))
+    (whole,) = transcribe_files(trained, [path], chunk_seconds=70)
     streamed_per = score_predictions([streamed.phones], [truth], ["en"])["overall"]
-    single_per = score_predictions([one_by_one], [truth], ["en"])["overall"]
-    print(streamed_per, single_per)
+    whole_per = score_predictions([whole.phones], [truth], ["en"])["overall"]
     joins = int(streamed.duration // (5 - 5 / 3))
     assert joins >= 15
     # A phone doubled or lost at each join would add about `joins` errors to the streamed count.
     errors = {
         name: per["substitutions"] + per["deletions"] + per["insertions"]
-        for name, per in [("streamed", streamed_per), ("one by one", single_per)]
+        for name, per in [("streamed", streamed_per), ("one window", whole_per)]
     }
-    assert errors["streamed"] <= errors["one by one"] + joins / 3, (errors, joins)
+    assert errors["streamed"] <= errors["one window"] + joins / 3, (errors, joins)
