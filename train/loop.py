@@ -57,7 +57,7 @@ from phonetune.train.config import (
     write_config,
 )
 from phonetune.train.model import CTCModel, build_model, count_parameters, load_checkpoint_model
-from phonetune.train.parallel import Parallel, make_parallel, release_process_group
+from phonetune.train.parallel import Parallel, exit_launched_process, make_parallel
 from phonetune.train.run_dir import (
     discard_unused_run_dir,
     lock_run_dir,
@@ -117,7 +117,7 @@ def run(args: argparse.Namespace, hooks: Hooks | None = None) -> int:
         choice = " --best" if summary["best_checkpoint"] else ""
         out = run_dir.with_name(f"{run_dir.name}-model")
         print(f"next: phonetune export {quote(str(run_dir))}{choice} --out {quote(str(out))}")
-    release_process_group()  # the command's end: the process exits next
+    exit_launched_process()  # the command's end (see there why a launched one ends here)
     return 0
 
 
