@@ -3,6 +3,8 @@
     python scripts/bench_gpu.py --out runs/bench_gpu            # on a CUDA machine: the whole run
     python scripts/bench_gpu.py --write-section before=old/bench_gpu.json after=runs/bench_gpu/bench_gpu.json
                                                     # one table of several runs into BENCHMARKS.md
+    python scripts/bench_gpu.py --out runs/width --budgets '' --search-start 0 --harness-rounds 0 --width-table 2,4,8,16,30
+                                                    # only the budget-by-width table
 
 What it runs, all with phonetune's own code (config loading, model building, sampler, loader,
 `phonetune.train.loop.train_step`) and the recipe `configs/xlsr53_espeak_cv.yaml` (bf16 autocast, SpecAugment,
@@ -19,8 +21,20 @@ LayerDrop 0.1, frozen feature encoder) on the architecture of `configs/xlsr53_ar
    operations as dispatched, so LayerDrop's skipped layers are not counted); model FLOPs
    utilisation = throughput x FLOPs per audio second / the card's bf16 rate.
 3. The largest budget whose longest batch (the sampler puts it first) trains one step without
-   running out of memory: doubling from `--search-start`, then bisection to 10%.
-4. Unless `--harness-rounds 0`: `scripts/bench_train.py` (phonetune vs the Hugging Face Trainer recipe vs
+   running out of memory: doubling from `--search-start` (halving if that does not fit), then
+   bisection to 10%. Every memory measurement runs one step with every layer (LayerDrop off for
+   that step: the worst case, not a step that happened to skip layers).
+4. With `--width-table W1,W2,...` (seconds; needs a GPU): a budget by batch width for
+   `train.batch_seconds_by_width` (NeMo's OOMptimizer idea). For each width w, the most clips of
+   w seconds (padded as the sampler pads: w rounded down to `train.pad_to_multiple_of`, random
+   phones at the corpus's phone rate) whose training step fits in memory, by the same doubling
+   and bisection (to 5%), from 160 s of clips at the narrowest width and from the previous width's
+   seconds after it. The budget of w is `--width-margin` (0.9) x the seconds that fitted (see
+   `budget_table`). Writes `width_table.yaml` (a config's `train:` section) to `--out` and prints the
+   command-line override. `--memory-gib G` caps what this process may allocate on the card at
+   G GiB for every phase but the harness (torch.cuda.set_per_process_memory_fraction: running out
+   of memory then happens at the cap), to size a table for a smaller card or to leave room.
+5. Unless `--harness-rounds 0`: `scripts/bench_train.py` (phonetune vs the Hugging Face Trainer recipe vs
    the compute limit) at XLSR-53 size in bf16 on the same kind of corpus.
 
 The corpus is synthetic (no dataset can be downloaded here): a prepared dataset (docs/formats.md)
@@ -33,9 +47,12 @@ Writes `bench_gpu.json` (and the harness's logs) to `--out`; the last line print
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
+import math
 import os
+import shlex
 import subprocess
 import sys
 import time
@@ -49,6 +66,7 @@ sys.path.insert(0, str(REPO / "scripts"))
 from bench_train import write_benchmarks  # noqa: E402  (one way to rewrite a BENCHMARKS.md section)
 
 from phonetune.data.audio import SAMPLE_RATE  # noqa: E402
+from phonetune.data.vocab import SPECIAL_TOKENS  # noqa: E402
 
 RECIPE = REPO / "configs" / "xlsr53_espeak_cv.yaml"
 ARCHITECTURE = REPO / "configs" / "xlsr53_architecture.json"
@@ -56,6 +74,10 @@ BENCHMARKS_HEADING = "## GPU: `scripts/bench_gpu.py`"
 EARLIER_GPU_HEADING = "\n## GPU, earlier sessions"  # the generated section goes before it
 # Dense bf16 tensor-core rates from NVIDIA's datasheets (FLOP/s, without sparsity).
 DATASHEET_BF16 = {"H100 PCIe": 756e12, "H100": 989.4e12, "H200": 989.4e12, "A100": 312e12}
+WIDTH_SEARCH_START = 160.0  # seconds of clips tried first at the narrowest --width-table width
+WIDTH_TOLERANCE = 0.05  # bisection of clip counts to 5%: what is left is lost under the margin
+# What the budget table keeps of each width's measurement (and the markdown shows).
+TABLE_COLUMNS = ("width", "samples", "clips", "seconds", "peak_allocated_gib", "peak_reserved_gib")
 
 
 # --- the synthetic corpus --------------------------------------------------------------------------
@@ -68,7 +90,7 @@ def write_synthetic_prepared(
     import pyarrow as pa
 
     datasets.disable_progress_bars()
-    from phonetune.data.vocab import SPECIAL_TOKENS, load_released_vocab, save_vocab
+    from phonetune.data.vocab import load_released_vocab, save_vocab
 
     vocab = load_released_vocab()
     phones = np.array([token for token in vocab if token not in SPECIAL_TOKENS])
@@ -322,10 +344,8 @@ class Bench:
     def fits(self, budget: float) -> tuple[bool, dict]:
         """Whether one step on the worst batch of this budget runs without running out of memory:
         the longest clips of the corpus, as many as the budget holds."""
-        import torch
-
         from phonetune.data.prepared import pack_batches
-        from phonetune.train.batching import StepBatches, collate
+        from phonetune.train.batching import collate
 
         t = self.config.train
         durations = self.data.train.durations[self.data.train_rows]
@@ -333,43 +353,279 @@ class Bench:
         # remainder of the packing, far from full.)
         longest = pack_batches(np.argsort(-durations, kind="stable"), durations, budget)[0]
         rows = self.data.train_rows[longest]
-        self.reset_memory()
-        try:
-            batch = collate(self.data.train, rows, self.data.vocab, t.pad_to_multiple_of)
-            tokens, samples = int(batch.label_lengths.sum()), batch.input_values.numel()
-            self.step(StepBatches([batch], float(tokens), 0.0, samples / SAMPLE_RATE))
-            self.synchronize()
-        except torch.OutOfMemoryError:
-            self.reset_memory()
+        memory = self.try_step(
+            lambda: collate(self.data.train, rows, self.data.vocab, t.pad_to_multiple_of)
+        )
+        if memory is None:
             return False, {"batch_seconds": budget, "fits": False}
-        memory = self.peak_memory_gib()
-        self.reset_memory()
         return True, {"batch_seconds": budget, "fits": True, "clips": len(rows), **memory}
 
+    def fits_clips(self, clips: int, samples: int, phones: int) -> tuple[bool, dict]:
+        """Whether one step on `clips` clips of `samples` samples with `phones` phones each runs
+        without running out of memory."""
+        phone_ids = [i for token, i in self.data.vocab.items() if token not in SPECIAL_TOKENS]
+        memory = self.try_step(lambda: synthetic_batch(clips, samples, phones, phone_ids))
+        if memory is None:
+            return False, {"clips": clips, "fits": False}
+        return True, {"clips": clips, "fits": True, **memory}
+
+    def try_step(self, make_batch) -> dict | None:  # noqa: ANN001 - () -> Batch
+        """The peak memory of one training step on the batch `make_batch()` makes, every layer
+        run; None when it runs out of memory."""
+        import torch
+
+        from phonetune.train.batching import StepBatches
+
+        self.reset_memory()
+        try:
+            batch = make_batch()
+            tokens, samples = int(batch.label_lengths.sum()), batch.input_values.numel()
+            with self.every_layer():
+                self.step(StepBatches([batch], float(tokens), 0.0, samples / SAMPLE_RATE))
+            self.synchronize()
+        except torch.OutOfMemoryError:
+            # (the traceback holds the step's tensors until this block ends: freed below)
+            memory = None
+        else:
+            memory = self.peak_memory_gib()
+        self.reset_memory()
+        return memory
+
+    @contextlib.contextmanager
+    def every_layer(self):  # noqa: ANN201 - a context manager
+        """LayerDrop off inside: a memory measurement needs the step that runs every layer, the
+        largest one, not a step that happened to skip some (each skipped layer saves its
+        activations: ~10% of them at XLSR-53's 0.1 over 24 layers)."""
+        config = self.parallel.unwrap(self.module).model.config
+        drop, config.layerdrop = config.layerdrop, 0.0
+        try:
+            yield
+        finally:
+            config.layerdrop = drop
+
     def largest_budget(self, start: float, limit: float) -> dict:
-        trials = []
-        good, bad = None, None
-        budget = start
-        while budget <= limit:
-            ok, record = self.fits(budget)
-            trials.append(record)
-            print(f"  {budget:.0f} s: {'fits' if ok else 'out of memory'}", flush=True)
-            if not ok:
-                bad = budget
-                break
-            good, budget = budget, budget * 2
-        while good is not None and bad is not None and bad - good > 0.1 * good:
-            middle = round((good + bad) / 2)
-            ok, record = self.fits(middle)
-            trials.append(record)
-            print(f"  {middle:.0f} s: {'fits' if ok else 'out of memory'}", flush=True)
-            good, bad = (middle, bad) if ok else (good, middle)
+        longest = float(self.data.train.durations[self.data.train_rows].max())
+        found = search_largest(self.fits, start, limit, lowest=longest, unit="s")
         return {
-            "largest_fitting_batch_seconds": good,
-            "smallest_failing_batch_seconds": bad,
+            "largest_fitting_batch_seconds": found["largest_fitting"],
+            "smallest_failing_batch_seconds": found["smallest_failing"],
             "searched_up_to": limit,
-            "trials": trials,
+            "trials": found["trials"],
         }
+
+    def largest_clips(self, width: float, start: int, memory_bytes: int) -> dict:
+        """The most clips of `width` seconds, padded as the sampler pads a batch of that width,
+        whose training step fits in `memory_bytes`; the search from `start` clips."""
+        samples = padded_width_samples(width, self.config.train.pad_to_multiple_of)
+        phones = max(1, round(corpus_phone_rate(self.data) * samples / SAMPLE_RATE))
+        # More clips than this could not hold even their fp32 audio: the doubling stops there.
+        limit = max(1, memory_bytes // (4 * samples))
+        found = search_largest(
+            lambda clips: self.fits_clips(clips, samples, phones),
+            start,
+            limit,
+            lowest=1,
+            tolerance=WIDTH_TOLERANCE,
+            unit="clips",
+        )
+        return width_record(width, samples, phones, found)
+
+
+# --- the search and the budget table by width -----------------------------------------------------
+def search_largest(
+    fits,  # noqa: ANN001 - value -> (fits, record)
+    start: float,
+    limit: float,
+    lowest: float = 1,
+    tolerance: float = 0.1,
+    unit: str = "",
+) -> dict:
+    """The largest value (a batch budget, a clip count) in [lowest, limit] for which `fits`
+    says a step fits in memory: doubling from `start` (at most `limit`) while it fits (halving
+    while it does not),
+    then bisection until the failing value is within `tolerance` of the fitting one, or within 1
+    (values are whole numbers: clips, or whole seconds). Returns the largest value that fitted
+    (None: none did), the smallest that failed (None: none did up to `limit`), and every trial's
+    record in order."""
+    trials: list[dict] = []
+    good = bad = None
+
+    def attempt(value: float) -> bool:
+        ok, record = fits(value)
+        trials.append(record)
+        print(f"  {value:g} {unit}: {'fits' if ok else 'out of memory'}", flush=True)
+        return ok
+
+    value = min(start, limit)
+    while lowest <= value <= limit and (good is None or bad is None):
+        if attempt(value):
+            good, value = value, value * 2
+        else:
+            bad, value = value, round(value / 2)
+    while good is not None and bad is not None and bad - good > max(tolerance * good, 1):
+        middle = round((good + bad) / 2)  # strictly between them: they are more than 1 apart
+        good, bad = (middle, bad) if attempt(middle) else (good, middle)
+    return {"largest_fitting": good, "smallest_failing": bad, "trials": trials}
+
+
+def padded_width_samples(width: float, pad_to_multiple_of: int) -> int:
+    """The widest batch (in samples) that a budget entry for `width` seconds covers: the sampler
+    rounds batch widths up to multiples of `pad_to_multiple_of` and gives a batch the entry of
+    the narrowest width at least as wide as that, so the widest is `width` rounded down."""
+    samples = round(width * SAMPLE_RATE) // pad_to_multiple_of * pad_to_multiple_of
+    if samples == 0:
+        raise ValueError(
+            f"a width of {width:g} s holds no batch padded to multiples of {pad_to_multiple_of} "
+            "samples (train.pad_to_multiple_of)"
+        )
+    return samples
+
+
+def corpus_phone_rate(data) -> float:  # noqa: ANN001 - TrainingData
+    """Phones per second of audio over the training clips."""
+    rows = data.train_rows
+    phones = np.asarray(data.train.column("num_phones", rows), dtype=np.float64)
+    return float(phones.sum() / data.train.durations[rows].sum())
+
+
+def synthetic_batch(clips: int, samples: int, phones: int, phone_ids: list[int], seed: int = 0):  # noqa: ANN201 - Batch
+    """`clips` clips of `samples` samples each, none padded (the sampler's batch of that width,
+    filled), their audio normalised noise (zero mean, unit variance, as `collate` normalises),
+    each with `phones` random phones of `phone_ids` as its labels."""
+    import torch
+
+    from phonetune.train.batching import Batch
+
+    generator = torch.Generator().manual_seed(seed)
+    choices = torch.randint(len(phone_ids), (clips, phones), generator=generator)
+    return Batch(
+        input_values=torch.randn(clips, samples, generator=generator),
+        input_lengths=torch.full((clips,), samples, dtype=torch.long),
+        weights=torch.ones(clips),
+        labels=torch.tensor(phone_ids, dtype=torch.long)[choices],
+        label_lengths=torch.full((clips,), phones, dtype=torch.long),
+        samples=[samples] * clips,
+        phone_counts=[phones] * clips,
+    )
+
+
+def width_record(width: float, samples: int, phones: int, found: dict) -> dict:
+    """One width's measurement from `search_largest`'s result: the most clips that fitted, the
+    padded seconds they hold, and the peak memory of that step."""
+    clips = found["largest_fitting"]
+    peak = next((t for t in found["trials"] if t["fits"] and t["clips"] == clips), {})
+    return {
+        "width": width,
+        "samples": samples,
+        "phones_per_clip": phones,
+        "clips": clips,
+        "seconds": clips * samples / SAMPLE_RATE if clips else None,
+        "smallest_failing_clips": found["smallest_failing"],
+        "peak_allocated_gib": peak.get("peak_allocated_gib"),
+        "peak_reserved_gib": peak.get("peak_reserved_gib"),
+        "trials": found["trials"],
+    }
+
+
+def budget_table(
+    measured: list[dict], margin: float, batch_seconds: float, max_duration: float | None = None
+) -> dict:
+    """`train.batch_seconds_by_width` from the measurements by width (`width_record`'s): each
+    width's budget is `margin` x the padded seconds of the most clips of that width that trained
+    one step, rounded down to 0.1 s.
+
+    Why a budget measured at a bin's upper edge w holds for every batch of that bin: the sampler
+    gives a batch of width w' in (previous width, w] the budget B = margin x n x w (n clips of w
+    fitted; widths here are padded widths, w the entry's width rounded down to
+    train.pad_to_multiple_of as the sampler rounds w' up to it) and packs at most n' clips with n' x w' <= B. Such a batch holds no more padded audio
+    than B < n x w, so every cost linear in the audio (convolutions, projections, feed-forward
+    layers, their activations) is below the measured step's; its attention, and CTC's alignment
+    table, grow as clips x width^2: n' x w'^2 <= B x w' <= B x w < n x w^2, again below what was
+    measured. (Only costs per clip, not per second, could grow with more, shorter clips: small
+    next to the audio's.) The margin leaves room for what one measured step does not see: memory
+    fragmentation over a run, and under several processes a share holding one clip more than its
+    budget (train.batch_seconds' note) and DDP's gradient buckets.
+
+    Batches wider than the widest width get `train.batch_seconds` (`BatchBudget`): that is measured
+    by nothing here, so a note says when `batch_seconds` is larger than the widest width's budget
+    (those batches would hold more audio than any measured step), when clips up to `max_duration`
+    are wider than the widest width (their attention is larger than measured at any budget), and
+    when a width fits no budget (no clip fitted, or margin x what fitted is less than one clip:
+    the config refuses a budget smaller than its width); such widths are left out of the table.
+    """
+    rows, notes = [], []
+    for record in sorted(measured, key=lambda r: r["width"]):
+        width, seconds = record["width"], record["seconds"]
+        # Rounded down to 0.1 s (after rounding away float noise: 0.9 x 520 is 468.00000000000006,
+        # some products land just below their decimal value).
+        budget = math.floor(round(margin * seconds * 10, 6)) / 10 if seconds else None
+        if budget is not None and budget < width:
+            budget = None
+        if budget is None:
+            notes.append(
+                f"{width:g} s: {record['clips'] or 'no'} clip(s) fitted, so no budget holds one "
+                f"clip with the margin {margin:g}; left out of the table"
+            )
+        row = {key: record.get(key) for key in TABLE_COLUMNS}
+        rows.append({**row, "budget": budget})
+    table = {row["width"]: row["budget"] for row in rows if row["budget"] is not None}
+    if table:
+        widest = max(table)
+        if batch_seconds > table[widest]:
+            notes.append(
+                f"train.batch_seconds ({batch_seconds:g} s) is larger than the budget of the "
+                f"widest width ({table[widest]:g} s at {widest:g} s): batches wider than "
+                f"{widest:g} s would hold more than any measured step; lower it or measure wider"
+            )
+        if max_duration is not None and max_duration > widest:
+            notes.append(
+                f"clips up to data.max_duration ({max_duration:g} s) are wider than the widest "
+                f"width measured ({widest:g} s): their batches get train.batch_seconds, unmeasured; "
+                f"add {max_duration:g} to --width-table"
+            )
+    else:
+        notes.append("no width fitted a budget: the table is empty")
+    return {
+        "margin": margin,
+        "batch_seconds": batch_seconds,
+        "rows": rows,
+        "batch_seconds_by_width": table,
+        "override": budget_override(table),
+        "notes": notes,
+    }
+
+
+def budget_override(table: dict[float, float]) -> str:
+    """The command-line override that sets `table` (a YAML flow mapping, as the config reads it)."""
+    return f"train.batch_seconds_by_width={flow_mapping(table)}"
+
+
+def flow_mapping(table: dict[float, float]) -> str:
+    """`{2: 576, 4: 460.8}`: every number exact (repr, not a rounding %g), `null` when empty."""
+    if not table:
+        return "null"
+    pairs = (f"{exact_number(w)}: {exact_number(s)}" for w, s in sorted(table.items()))
+    return "{" + ", ".join(pairs) + "}"
+
+
+def exact_number(value: float) -> str:
+    """`576` for 576.0, `460.8` for 460.8: the shortest text that reads back as the same float."""
+    return str(int(value)) if float(value).is_integer() else repr(float(value))
+
+
+def write_width_yaml(table: dict, path: Path, origin: str) -> None:
+    """The table as a config's `train:` section, to merge into a recipe; `origin` (the card and
+    the command) goes into its comments."""
+    lines = [
+        f"# train.batch_seconds_by_width measured by scripts/bench_gpu.py --width-table: {origin};",
+        f"# budget = {table['margin']:g} x the seconds of the most clips of each width that trained",
+        "# one step. Merge into a config's train: section, or give on the command line:",
+        f"#   {shlex.quote(table['override'])}",
+        *(f"# note: {note}" for note in table["notes"]),
+        "train:",
+        f"  batch_seconds_by_width: {flow_mapping(table['batch_seconds_by_width'])}",
+    ]
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 
 def run_harness(args: argparse.Namespace, prepared: Path, overrides: list[str]) -> dict:
@@ -399,6 +655,22 @@ def run_harness(args: argparse.Namespace, prepared: Path, overrides: list[str]) 
     if completed.returncode != 0:
         return {"error": f"bench_train.py exited {completed.returncode}"}
     return json.loads(completed.stdout.strip().splitlines()[-1])
+
+
+def check_widths(widths: list[float], pad_to_multiple_of: int) -> None:
+    """Stops with a one-line error (before the model is built) on a width narrower than one
+    padding multiple."""
+    try:
+        for width in widths:
+            padded_width_samples(width, pad_to_multiple_of)
+    except ValueError as error:
+        raise SystemExit(f"--width-table: {error}") from None
+
+
+def cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def describe_machine() -> dict:
@@ -452,6 +724,7 @@ def run(args: argparse.Namespace) -> dict:
         (args.out / "bench_gpu.json").write_text(json.dumps(result, indent=1), encoding="utf-8")
 
     if torch.cuda.is_available():
+        result["memory_limit_gib"] = cap_memory(args.memory_gib)
         result["matmul_bf16_flop_per_s"] = measure_matmul_rate()
         result["datasheet_bf16_flop_per_s"] = datasheet_rate(result["machine"]["gpu"])
         print(f"bf16 matmul: {result['matmul_bf16_flop_per_s'] / 1e12:.0f} TFLOP/s", flush=True)
@@ -465,6 +738,7 @@ def run(args: argparse.Namespace) -> dict:
         args.config,
         [f"data.prepared_dir={sweep_corpus}", f"run.output_dir={args.out / 'unused'}", *overrides],
     )
+    check_widths(args.width_table, config.train.pad_to_multiple_of)
     bench = Bench(config, args.weights_dtype)
     # what the step really ran with (a trained weight's dtype)
     weight = next(p for p in bench.module.parameters() if p.requires_grad)
@@ -506,6 +780,8 @@ def run(args: argparse.Namespace) -> dict:
         print("largest batch budget:", flush=True)
         result["largest"] = bench.largest_budget(args.search_start, 0.9 * total_seconds)
         save()
+    if bench.cuda and args.width_table:
+        write_width_table(bench, args, config, result, save)
     del bench
     gc.collect()
     if torch.cuda.is_available():
@@ -517,6 +793,61 @@ def run(args: argparse.Namespace) -> dict:
         result["harness"] = run_harness(args, harness_corpus, overrides)
         save()
     return result
+
+
+def cap_memory(memory_gib: float | None) -> float:
+    """Caps what this process may allocate on the card at `memory_gib` (None: the whole card);
+    returns the cap in GiB."""
+    import torch
+
+    total = torch.cuda.get_device_properties(0).total_memory
+    if memory_gib is None:
+        return round(total / 2**30, 2)
+    if memory_gib * 2**30 > total:
+        raise SystemExit(
+            f"--memory-gib {memory_gib:g} is more than the card has ({total / 2**30:.1f} GiB)"
+        )
+    torch.cuda.set_per_process_memory_fraction(memory_gib * 2**30 / total)
+    return memory_gib
+
+
+def write_width_table(bench: Bench, args: argparse.Namespace, config, result: dict, save) -> None:  # noqa: ANN001 - Config, () -> None
+    """The --width-table phase: measures every width into `result["width_table"]` (saved after
+    each), adds the budget table, writes width_table.yaml and prints the override."""
+    measured: list[dict] = []
+    result["width_table"] = {"measured": measured}
+    limit = round(result["memory_limit_gib"] * 2**30)
+    for record in measure_widths(bench, args.width_table, limit):
+        measured.append(record)
+        save()
+    t = config.train
+    table = budget_table(measured, args.width_margin, t.batch_seconds, config.data.max_duration)
+    result["width_table"].update(table)
+    origin = (
+        f"{result['machine']['gpu']}, {result['memory_limit_gib']:g} GiB, `{result['command']}`"
+    )
+    write_width_yaml(table, args.out / "width_table.yaml", origin)
+    save()
+    print(f"wrote {args.out / 'width_table.yaml'}; as an override:", flush=True)
+    print(f"  {shlex.quote(table['override'])}", flush=True)
+    for note in table["notes"]:
+        print(f"  note: {note}", flush=True)
+
+
+def measure_widths(bench: Bench, widths: list[float], memory_bytes: int):  # noqa: ANN201 - Iterator[dict]
+    """For each width in turn, the most clips of it that train one step in `memory_bytes`
+    (`Bench.largest_clips`'s record)."""
+    first = padded_width_samples(widths[0], bench.config.train.pad_to_multiple_of)
+    # AdamW makes its moments at its first step and every later step holds them: a one-clip step
+    # first, so that every measured step holds them too (as in training).
+    bench.fits_clips(1, first, 1)
+    seconds = WIDTH_SEARCH_START
+    for width in widths:
+        print(f"most clips of {width:g} s:", flush=True)
+        record = bench.largest_clips(width, max(1, round(seconds / width)), memory_bytes)
+        yield record
+        # The next, wider width fits fewer seconds: its search starts from this one's.
+        seconds = record["seconds"] or seconds
 
 
 # --- BENCHMARKS.md ---------------------------------------------------------------------------------
@@ -604,6 +935,8 @@ def section_notes(result: dict) -> list[str]:
                 else f"the search stopped at the corpus size ({largest['searched_up_to']:.0f} s) without running out of memory."
             ),
         ]
+    if result.get("width_table", {}).get("rows"):
+        lines += width_table_lines(result, label)
     harness = result.get("harness")
     if harness and "error" not in harness:
         lines += [
@@ -621,6 +954,49 @@ def section_notes(result: dict) -> list[str]:
     return lines
 
 
+def width_table_lines(result: dict, label: str) -> list[str]:
+    """A run's budget table by width (`--width-table`) as a markdown table, its override and notes."""
+    table = result["width_table"]
+    lines = [
+        "",
+        f"{label}, batch budget by width (`--width-table`, memory limit "
+        f"{result.get('memory_limit_gib')} GiB): the most clips of each width whose step trains "
+        "(every clip as wide as the width, every layer run), and the budget = "
+        f"{table['margin']:g} x their seconds:",
+        "",
+        "| width (s) | clips | batch seconds | budget (s) | peak allocated / reserved (GiB) |",
+        "|---:|---:|---:|---:|---:|",
+    ]
+    for row in table["rows"]:
+        seconds, budget = row["seconds"], row["budget"]
+        lines.append(
+            f"| {row['width']:g} | {row['clips'] or 0} | "
+            f"{f'{seconds:g}' if seconds else '-'} | {f'{budget:g}' if budget else '-'} | "
+            f"{row.get('peak_allocated_gib') or '-'} / {row.get('peak_reserved_gib') or '-'} |"
+        )
+    lines += ["", f"As an override: `{shlex.quote(table['override'])}`."]
+    lines += [f"Note: {note}." for note in table["notes"]]
+    return lines
+
+
+def parse_seconds(text: str) -> list[float]:
+    """`2,4,8` -> [2.0, 4.0, 8.0], sorted, each once; `` -> [] (the phase is left out)."""
+    try:
+        values = sorted({float(part) for part in text.split(",") if part.strip()})
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not comma-separated seconds: {text!r}") from None
+    if any(not (math.isfinite(v) and v > 0) for v in values):
+        raise argparse.ArgumentTypeError(f"seconds must be positive: {text!r}")
+    return values
+
+
+def positive(text: str) -> float:
+    value = float(text)
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be positive, not {text}")
+    return value
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -634,8 +1010,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--budgets",
-        type=lambda s: [float(x) for x in s.split(",")],
+        type=parse_seconds,
         default=[40, 80, 160, 320, 640],
+        help="batch budgets to time (seconds, comma-separated; '': none)",
     )
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--steps", type=int, default=8)
@@ -677,11 +1054,37 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "(an upper bound: without masters, AdamW on bf16 weights loses small updates, so phonetune "
         "does not train this way)",
     )
+    parser.add_argument(
+        "--width-table",
+        type=parse_seconds,
+        default=[],
+        metavar="W1,W2,...",
+        help="needs a GPU: measure the most clips of each width (seconds) that train one step and "
+        "write width_table.yaml, a train.batch_seconds_by_width for this card (e.g. 2,4,8,16,30; "
+        "include data.max_duration: wider batches get train.batch_seconds)",
+    )
+    parser.add_argument(
+        "--width-margin",
+        type=positive,
+        default=0.9,
+        help="budget by width = this x the largest seconds that fitted (default 0.9)",
+    )
+    parser.add_argument(
+        "--memory-gib",
+        type=positive,
+        default=None,
+        help="CUDA only: cap what this process may allocate on the card at this many GiB "
+        "(default: the whole card), e.g. to size a --width-table for a smaller card",
+    )
     parser.add_argument("--benchmarks-md", type=Path, default=REPO / "BENCHMARKS.md")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
     args = parser.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
     args.architecture = Path(args.architecture) if args.architecture else None
+    if args.width_margin > 1:
+        parser.error(
+            f"--width-margin is a fraction of what fitted, at most 1, not {args.width_margin:g}"
+        )
     return args
 
 
@@ -699,6 +1102,13 @@ def main(argv: list[str] | None = None) -> int:
         )
         print(f"wrote the GPU section of {args.benchmarks_md}")
         return 0
+    if args.width_table and not cuda_available():
+        print(
+            "bench_gpu.py: --width-table needs a CUDA GPU (it finds where a training step runs out "
+            "of GPU memory), and this machine has none",
+            file=sys.stderr,
+        )
+        return 2
     result = run(args)
     print(markdown_section([result]))
     print(json.dumps(result))
