@@ -160,7 +160,7 @@ def datasheet_rate(gpu_name: str) -> float | None:
 class Bench:
     """phonetune's training pieces, set up once (as `phonetune.train.loop.set_up` sets them up)."""
 
-    def __init__(self, config, weights_dtype: str = "fp32") -> None:  # noqa: ANN001 - Config
+    def __init__(self, config) -> None:  # noqa: ANN001 - Config
         import torch
 
         from phonetune.train.batching import drop_unalignable, load_training_data
@@ -175,8 +175,6 @@ class Bench:
         seed_everything(config.train.seed)
         model, _ = build_model(config.model, self.data.vocab)
         module = CTCModel.for_training(model, config.train.compile)
-        if weights_dtype == "bf16":  # see --weights-dtype: a measurement, not a training mode
-            module.to(torch.bfloat16)
         drop_unalignable(self.data, module.conv_layers, config)
         self.trainable, self.total = count_parameters(module)
         optimizer = make_optimizer(module, config)
@@ -707,8 +705,6 @@ def run(args: argparse.Namespace) -> dict:
         "data.locales=null",  # the synthetic corpus has one locale, "xx"
         "log.report_to=[]",
         "train.grad_accum=1",  # one batch per step, as the Trainer recipe of the harness
-        # bf16 weights compute in bf16 without autocast (as DeepSpeed's bf16 does)
-        *(["train.mixed_precision=no"] if args.weights_dtype == "bf16" else []),
         *args.overrides,
     ]
     result: dict = {
@@ -739,7 +735,7 @@ def run(args: argparse.Namespace) -> dict:
         [f"data.prepared_dir={sweep_corpus}", f"run.output_dir={args.out / 'unused'}", *overrides],
     )
     check_widths(args.width_table, config.train.pad_to_multiple_of)
-    bench = Bench(config, args.weights_dtype)
+    bench = Bench(config)
     # what the step really ran with (a trained weight's dtype)
     weight = next(p for p in bench.module.parameters() if p.requires_grad)
     result["weights_dtype"] = str(weight.dtype).removeprefix("torch.")
@@ -1044,15 +1040,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=None,
         help="model FLOPs per audio second to use when --flop-steps 0 (compiled blocks hide "
         "their operations from the FLOP counter)",
-    )
-    parser.add_argument(
-        "--weights-dtype",
-        choices=("fp32", "bf16"),
-        default="fp32",
-        help="bf16: the model's weights in bf16 and no autocast, so no weight is cast in the "
-        "step: measures what bf16 weights with fp32 master weights in the optimizer would save "
-        "(an upper bound: without masters, AdamW on bf16 weights loses small updates, so phonetune "
-        "does not train this way)",
     )
     parser.add_argument(
         "--width-table",

@@ -116,11 +116,10 @@ def test_datasheet_rates_tell_pcie_from_sxm():
 
 @pytest.mark.slow
 def test_bf16_weights_run_trains_the_model_in_bf16_without_autocast(tmp_path):
-    """--weights-dtype bf16 measures a step without autocast's weight casts: the whole model in bf16."""
-    result = run_tiny_bench(
-        tmp_path / "out", "--budgets", "12", "--flop-steps", "0", "--weights-dtype", "bf16"
-    )
-    assert result["weights_dtype"] == "bfloat16" and result["mixed_precision"] == "no"
+    """train.mixed_precision=bf16-weights is measured as it trains: the model's weights in bf16."""
+    options = ["--budgets", "12", "--flop-steps", "0", "train.mixed_precision=bf16-weights"]
+    result = run_tiny_bench(tmp_path / "out", *options)
+    assert result["weights_dtype"] == "bfloat16" and result["mixed_precision"] == "bf16-weights"
     assert result["budgets"][0]["audio_s_per_s"] > 0
 
 

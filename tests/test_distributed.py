@@ -206,6 +206,21 @@ def test_two_process_run_resumes_exactly_and_with_one_process(prepared_dir, tmp_
     assert ckpt.find_latest_checkpoint(alone).name == "step_4"
 
 
+def test_two_process_run_with_bf16_weights_resumes_exactly(prepared_dir, tmp_path):
+    """bf16 weights with fp32 masters under DDP: gradients reduced in bf16 over gloo, LayerDrop and
+    a frozen phase leaving zero gradients in the flat buffer; the checkpoints hold fp32 masters
+    and the run continues bit for bit."""
+    common = [*MICRO, *RANDOM, "train.freeze_finetune_updates=1", "train.max_steps=4"]
+    common += ["train.save_steps=2", "train.eval_steps=4", "train.mixed_precision=bf16-weights"]
+    (tmp_path / "two").mkdir()
+    straight = tmp_path / "two" / "straight"
+    launch_two(prepared_dir, straight, *common)
+    assert {t.dtype for t in weights(ckpt.checkpoints_dir(straight) / "step_4").values()} == {
+        torch.float32
+    }
+    assert_resume_is_exact(prepared_dir, straight, common, LAUNCH)
+
+
 def test_fsdp_trains_like_one_process_and_its_checkpoints_resume_under_any_launcher(
     prepared_dir, tmp_path
 ):

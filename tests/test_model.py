@@ -37,7 +37,7 @@ VOCAB = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3, "a": 4, "b": 5, "tʃ": 6}
 
 def tiny_cfg(architecture=None, **changes):
     config = {**TINY, **(architecture or {})}
-    return ModelConfig(config=config, mask_time_prob=0.0, layerdrop=0.0, **changes)
+    return ModelConfig(**{"config": config, "mask_time_prob": 0.0, "layerdrop": 0.0, **changes})
 
 
 def test_random_init_takes_vocab_size_and_blank_from_the_vocabulary():
@@ -373,3 +373,41 @@ def test_compiled_blocks_compute_what_eager_blocks_compute():
     scale = max(float(g.abs().max()) for g in eager_grads.values())
     for name, grad in eager_grads.items():
         torch.testing.assert_close(compiled_grads[name], grad, rtol=0, atol=1e-9 * scale, msg=name)
+
+
+def test_layerdrop_by_mask_drops_the_layers_skipping_drops():
+    """LayerDrop for CUDA graphs (`run_every_layer`: every layer runs, a dropped one's output is
+    discarded by torch.where) drops the same layers as skipping them, from the same draws, and
+    computes the same thing bit for bit: torch.where selects values without arithmetic, and the
+    dropped layers' backward adds exact zeros. Their weights get a zero gradient instead of none."""
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3, "a": 4, "b": 5}
+    no_dropout = dict(
+        hidden_dropout=0.0, activation_dropout=0.0, attention_dropout=0.0, final_dropout=0.0
+    )
+    architecture = {"num_hidden_layers": 8}
+    runs = []
+    for every_layer in (False, True):
+        torch.manual_seed(0)
+        model, _ = build_model(tiny_cfg(architecture, layerdrop=0.5, **no_dropout), vocab)
+        module = CTCModel(model).train()
+        module.seed_random(3)
+        module.run_every_layer = every_layer
+        outputs = []
+        for step in range(3):  # a new draw of layers each pass
+            audio = torch.randn(2, 8000, generator=torch.Generator().manual_seed(step))
+            logits = module(audio, torch.tensor([8000, 6000]))
+            logits.square().sum().backward()
+            outputs.append(logits.detach())
+        grads = {n: p.grad for n, p in module.named_parameters() if p.requires_grad}
+        runs.append((outputs, grads))
+    (skipped, skip_grads), (masked, mask_grads) = runs
+    for a, b in zip(skipped, masked, strict=True):
+        assert torch.equal(a, b)
+    never_ran = [n for n, g in skip_grads.items() if g is None]
+    assert never_ran, "with 8 layers dropped at 0.5 over 3 passes, some layer should never run"
+    assert all(n.startswith("model.wav2vec2.encoder.layers.") for n in never_ran)
+    for name, grad in mask_grads.items():
+        if skip_grads[name] is None:
+            assert torch.count_nonzero(grad) == 0, name
+        else:
+            assert torch.equal(grad, skip_grads[name]), name

@@ -42,8 +42,9 @@ def test_tiny_model_learns(prepared_dir, tmp_path):
             "data.max_hours_per_locale=0.004",
             "train.batch_seconds_by_width={3: 20}",
         ],
+        ["train.mixed_precision=bf16-weights"],
     ],
-    ids=["proportional", "language_sampling_budget_by_width"],
+    ids=["proportional", "language_sampling_budget_by_width", "bf16_weights"],
 )
 def test_resume_is_exact(prepared_dir, tmp_path, data_settings):
     common = [
@@ -93,6 +94,7 @@ def test_resume_is_exact(prepared_dir, tmp_path, data_settings):
         ckpt.find_latest_checkpoint(tmp_path / "stopped") / "model" / "model.safetensors"
     )
     assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
+    assert {t.dtype for t in first.values()} == {torch.float32}  # bf16 weights: the fp32 masters
 
 
 def test_checkpoint_contents_keep_last_and_best(prepared_dir, tmp_path):
@@ -439,10 +441,11 @@ def test_a_full_disk_while_logging_is_a_clear_error(prepared_dir, tmp_path):
         train(config(prepared_dir, run, *MICRO, "train.max_steps=2"))
 
 
-def test_steps_read_nothing_back_between_logging_steps(prepared_dir, tmp_path):
+@pytest.mark.parametrize("precision", ["no", "bf16-weights"])
+def test_steps_read_nothing_back_between_logging_steps(prepared_dir, tmp_path, precision):
     """The training step keeps its values on the device: no tensor is read on the host
     (`item`, `tolist`, `bool`, `float`, `int`, `cpu`, `numpy`) in steps that neither log nor save,
-    with masking, dropout and LayerDrop on. On a GPU each such read would stall the host until the
+    with masking, dropout and LayerDrop on, and with bf16 weights and fp32 masters. On a GPU each such read would stall the host until the
     device caught up. (One read is not the step's: a new epoch's DataLoader iterator draws its
     workers' base seed from the loader's own CPU generator, a host tensor.)"""
     import sys
@@ -477,7 +480,8 @@ def test_steps_read_nothing_back_between_logging_steps(prepared_dir, tmp_path):
         "train.eval_steps=100",
         "train.save_steps=100",
     ]
-    settings = config(prepared_dir, tmp_path / "run", *MICRO, *RANDOM, *steps)
+    precision = f"train.mixed_precision={precision}"
+    settings = config(prepared_dir, tmp_path / "run", *MICRO, *RANDOM, *steps, precision)
     with CountReads():
         train(settings, Hooks(before_step=before_step))
     assert seen.get(1) is None, seen  # a step that neither logs nor saves

@@ -27,7 +27,7 @@ import yaml
 from phonetune.data.errors import PhonetuneError
 
 LR_SCHEDULES = ("tri_stage", "linear", "cosine")
-MIXED_PRECISION = ("no", "bf16", "fp16")
+MIXED_PRECISION = ("no", "bf16", "fp16", "bf16-weights")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 REPORTERS = ("wandb", "tensorboard")
 CTC_REDUCTIONS = ("sum", "mean")
@@ -204,7 +204,9 @@ class TrainConfig:
     "reduce-overhead" (CUDA graphs: for bounded batch shapes, see pad_clips_to_budget) or
     "max-autotune". The first steps of each new shape compile."""
     mixed_precision: str = "no"
-    """"no", "bf16" or "fp16" autocast; the CTC loss and its log-softmax always run in fp32."""
+    """"no", "bf16" or "fp16" autocast, or "bf16-weights": the model in bf16 without autocast and
+    the optimizer on fp32 master weights (fewer kernels per step; one process or DDP; see
+    train/masters.py). The CTC loss and its log-softmax always run in fp32."""
     max_consecutive_nonfinite: int = 20
     """Stop training after this many steps in a row with a NaN/inf gradient (each one is skipped);
     checked at each logging step (log.every_steps), when the step counts reach the host."""
@@ -551,6 +553,7 @@ def find_contradictions(config: Config) -> list[str]:
         *_model_problems(config.model),
         *_train_problems(config.train, config.data),
         *_log_problems(config.log),
+        *_precision_problems(config),
     ]
 
 
@@ -758,6 +761,25 @@ def _budget_table_problems(table: dict | None) -> list[str]:
             f"train.batch_seconds_by_width: a budget must hold one clip of its width ({', '.join(small)})"
         ]
     return []
+
+
+def _precision_problems(config: Config) -> list[str]:
+    """What bf16-weights cannot do (the reasons are in train/masters.py)."""
+    if config.train.mixed_precision != "bf16-weights":
+        return []
+    errors = []
+    if config.model.adapter is not None:
+        errors.append(
+            "train.mixed_precision=bf16-weights does not train adapters (model.adapter); use bf16"
+        )
+    if config.train.freeze_finetune_updates > 0 and config.train.weight_decay > 0:
+        errors.append(
+            "train.weight_decay > 0 with train.freeze_finetune_updates > 0 and "
+            "train.mixed_precision=bf16-weights: the frozen transformer is updated with a zero "
+            "gradient, so weight decay would shrink it; set train.weight_decay=0 (the recipe's) or "
+            "use bf16"
+        )
+    return errors
 
 
 def _log_problems(log: LogConfig) -> list[str]:

@@ -461,6 +461,7 @@ class CTCModel(nn.Module):
         if conv.stride == (1,) and conv.dilation == (1,):
             conv.forward = functools.partial(_positional_conv_forward, conv)
         self._cudagraphs = False  # compile_blocks("reduce-overhead")
+        self.run_every_layer = False  # LayerDrop by torch.where (see _layers_to_run)
         self.seed_random(0)
 
     # --- the run's generators ---------------------------------------------------------------------
@@ -572,11 +573,10 @@ class CTCModel(nn.Module):
         if not stable:
             hidden = encoder.layer_norm(hidden)
         hidden = encoder.dropout(hidden)
-        for layer in self._layers_to_run(encoder.layers):
+        for layer, keep in self._layers_to_run(encoder.layers, hidden.device):
             output = layer(hidden, attention_mask=attention_mask)
-            hidden = (
-                output[0] if isinstance(output, tuple) else output
-            )  # a tuple before transformers 5
+            output = output[0] if isinstance(output, tuple) else output  # a tuple before v5
+            hidden = output if keep is None else torch.where(keep, output, hidden)
         return encoder.layer_norm(hidden) if stable else hidden
 
     def _attention_mask(self, valid: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -589,12 +589,31 @@ class CTCModel(nn.Module):
             ~mask, torch.finfo(dtype).min
         )
 
-    def _layers_to_run(self, layers: nn.ModuleList) -> list[nn.Module]:
-        """All layers, or while training each kept with probability 1 - layerdrop (LayerDrop)."""
+    def _layers_to_run(
+        self, layers: nn.ModuleList, device: torch.device
+    ) -> list[tuple[nn.Module, torch.Tensor | None]]:
+        """The layers to run, each with None (its output is kept) or a bool tensor (keep its output
+        where true, else its input).
+
+        LayerDrop while training: each layer is kept with probability 1 - layerdrop, drawn on the
+        host from the run's generator (no device read). Dropped layers are skipped, unless
+        `run_every_layer` (CUDA graphs): then every layer runs and a dropped one's output is
+        discarded by `torch.where`, so that each step replays the same graphs in the same order
+        (CUDA graph trees record a new path for every new sequence of layers). That costs the
+        dropped layers' compute (layerdrop, 10% in the recipe) and gives their weights a zero
+        gradient instead of none: AdamW then decays their moments and moves them by their momentum,
+        as fairseq's fp16 optimizer (flat gradients, zero where none) did. Both ways draw the same
+        numbers, so they drop the same layers."""
         drop = self.model.config.layerdrop
         if not self.training or drop <= 0:
-            return list(layers)
-        return [layer for layer in layers if self._layer_rng.random() >= drop]
+            return [(layer, None) for layer in layers]
+        kept = [self._layer_rng.random() >= drop for _ in layers]
+        if not self.run_every_layer:
+            return [(layer, None) for layer, keep in zip(layers, kept, strict=True) if keep]
+        flags = torch.tensor(kept)
+        if device.type == "cuda":  # a copy from pinned memory does not wait for the device
+            flags = flags.pin_memory().to(device, non_blocking=True)
+        return [(layer, flags[i]) for i, layer in enumerate(layers)]
 
     @property
     def conv_layers(self) -> tuple[tuple[int, int], ...]:
@@ -616,13 +635,14 @@ class CTCModel(nn.Module):
         """torch.compile each block of the forward pass in place (parameter names unchanged): the
         feature encoder and projection, every encoder layer, the head. Regions rather than the
         whole pass: LayerDrop chooses layers per step, and every encoder layer shares one compiled
-        graph. The positional convolution stays eager: inductor's backward of a grouped
+        graph. Under CUDA graphs ("reduce-overhead") every layer runs (`run_every_layer`). The positional convolution stays eager: inductor's backward of a grouped
         convolution fixes the length, so every new batch width would compile it again."""
         wav2vec2 = self.model.wav2vec2
         graphed = [wav2vec2.feature_projection, *wav2vec2.encoder.layers, self.model.lm_head]
         # CUDA graphs ("reduce-overhead") own their outputs until the next replay: the frozen
         # feature encoder, whose output the projection keeps for its backward, is compiled plain.
         self._cudagraphs = "reduce-overhead" in mode
+        self.run_every_layer = self._cudagraphs
         wav2vec2.feature_extractor.compile(dynamic=True)
         for block in graphed:
             # dynamic: one graph for every batch shape, instead of a static one first and a

@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from phonetune.data.errors import PhonetuneError
+from phonetune.train.masters import MasterWeights
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -52,8 +53,11 @@ _GROUP_VARIABLES = ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_
 class Parallel:
     """This process's place among the training processes, and each backend's part of a step."""
 
-    def __init__(self, accelerator: Accelerator) -> None:
+    def __init__(self, accelerator: Accelerator, bf16_weights: bool = False) -> None:
         self.accelerator = accelerator
+        # train.mixed_precision=bf16-weights: the fp32 masters, made by `prepare`
+        self.bf16_weights = bf16_weights
+        self.masters: MasterWeights | None = None
         kind = accelerator.distributed_type.name
         self.fsdp = kind == "FSDP"
         self.deepspeed = kind == "DEEPSPEED"
@@ -122,6 +126,8 @@ class Parallel:
     ) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
         # DeepSpeed casts the model to bf16 and builds its fp32 masters from that: keep them exact.
         fp32_weights = _trainable_fp32_weights(module) if self.deepspeed else None
+        if self.bf16_weights:  # the optimizer's parameters become the masters
+            self.masters = MasterWeights(module)
         module, optimizer = self.accelerator.prepare(module, optimizer)
         if fp32_weights is not None:
             _set_fp32_masters(module, fp32_weights)
@@ -171,13 +177,18 @@ class Parallel:
         `grad_scale` (it divides every gradient by it) and skips the whole update, step count
         included, when `found_inf` is 1, as it does for a loss scaler. DDP's gradients are whole on
         every process, so every process computes the same norm and skips the same steps. FSDP,
-        DeepSpeed and fp16 (a loss scaler) decide on the host, as their libraries do.
+        DeepSpeed and fp16 (a loss scaler) decide on the host, as their libraries do. With bf16
+        weights the optimizer steps the fp32 masters, whose gradient is one flat tensor, and the
+        masters, rounded, then become the weights (train/masters.py).
         """
         if self.deepspeed:
             return self._tensors(*_deepspeed_step(module))
         if self.fsdp or self.accelerator.scaler is not None:
             return self._tensors(*self._update_on_host(module, optimizer, max_grad_norm))
-        grads = [p.grad for p in module.parameters() if p.requires_grad and p.grad is not None]
+        if self.masters is not None:
+            grads = [self.masters.collect_gradients()]
+        else:
+            grads = [p.grad for p in module.parameters() if p.requires_grad and p.grad is not None]
         norm = torch.nn.utils.get_total_norm(grads, foreach=True)
         found_inf = (~torch.isfinite(norm)).to(torch.float32)  # the fused kernels take float32
         inner = _torch_optimizer(optimizer)
@@ -189,6 +200,8 @@ class Parallel:
             inner.step()
         finally:
             inner.found_inf = inner.grad_scale = None
+        if self.masters is not None:
+            self.masters.publish()
         return norm, found_inf.bool()
 
     def _update_on_host(
@@ -232,6 +245,12 @@ class Parallel:
 
         if self.deepspeed:
             weights, optimizer_state = _deepspeed_gather_state(module, keep=self.is_main)
+        elif self.masters is not None:  # the fp32 masters (copied: they are views of one buffer)
+            holder = self.masters.holder
+            weights = {n: t.detach().to("cpu", copy=True) for n, t in holder.state_dict().items()}
+            optimizer_state = get_optimizer_state_dict(
+                holder, _torch_optimizer(optimizer), options=StateDictOptions(full_state_dict=True)
+            )
         else:
             whole = StateDictOptions(full_state_dict=True, cpu_offload=True)
             # (Accelerate's get_state_dict would import DeepSpeed, see `unwrap`.)
@@ -271,7 +290,7 @@ class Parallel:
             _deepspeed_restore_optimizer(module, saved)
             return
         set_optimizer_state_dict(
-            module,
+            module if self.masters is None else self.masters.holder,
             _torch_optimizer(optimizer),
             optim_state_dict=saved,
             options=StateDictOptions(full_state_dict=True),
@@ -316,12 +335,14 @@ def make_parallel(config: Config) -> Parallel:
         raise PhonetuneError(
             "train.mixed_precision=fp16 needs a CUDA GPU; use bf16 or no on this machine"
         )
+    bf16_weights = config.train.mixed_precision == "bf16-weights"
     # LayerDrop and the frozen-transformer phase leave parameters without gradients in some steps;
     # DDP must then look for them or it waits forever ("Expected to have finished reduction").
     find_unused = config.model.layerdrop > 0 or config.train.freeze_finetune_updates > 0
     try:
         accelerator = Accelerator(
-            mixed_precision=config.train.mixed_precision,
+            # bf16-weights: no autocast, the model itself is bf16 (train/masters.py)
+            mixed_precision="no" if bf16_weights else config.train.mixed_precision,
             kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=find_unused)],
             # Without a GPU, say so: several processes started by torchrun (`accelerate launch
             # --multi_gpu`, `torchrun`) then form a gloo process group instead of each running alone.
@@ -360,7 +381,12 @@ def checked(accelerator: Accelerator, config: Config) -> Parallel:
         check_fsdp_launch(accelerator, config)
     if kind == "DEEPSPEED":
         check_deepspeed_launch(accelerator, config)
-    return Parallel(accelerator)
+    if kind in ("FSDP", "DEEPSPEED") and config.train.mixed_precision == "bf16-weights":
+        raise PhonetuneError(
+            f"train.mixed_precision=bf16-weights runs with one process or DDP; under {kind} use "
+            "train.mixed_precision=bf16 (DeepSpeed's bf16 already keeps bf16 weights with fp32 masters)"
+        )
+    return Parallel(accelerator, bf16_weights=config.train.mixed_precision == "bf16-weights")
 
 
 def check_fsdp_launch(accelerator: Accelerator, config: Config) -> None:

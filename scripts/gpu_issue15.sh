@@ -1,0 +1,73 @@
+#!/usr/bin/env bash
+# The GPU measurements issue 15 still needs, prepared so that a session lent a GPU runs each part in
+# one device call (each part is sized to end inside 600 s on an H200; the whole takes ~15 minutes).
+#
+#   bash scripts/gpu_issue15.sh PART OUT_DIR
+#
+#   steps   the recipe's step (bf16 autocast) against train.mixed_precision=bf16-weights, eager and
+#           compiled, at 160 then 80 s per batch; profiles of the autocast and bf16-weights steps
+#           at 80 s (kernel launches and host synchronisations per step)
+#   graphs  CUDA graphs (train.compile=reduce-overhead, LayerDrop by torch.where) against eager on
+#           a coarse shape grid (12 batch shapes at 80 s), both with bf16 weights
+#   width   the memory table train.batch_seconds_by_width for this card (bench_gpu --width-table)
+#
+# Each run writes OUT_DIR/<name>/bench_gpu.json; put them into BENCHMARKS.md with
+#   python scripts/bench_gpu.py --write-section name=OUT_DIR/name/bench_gpu.json ...
+#
+# The device image has torch, transformers, accelerate and pyarrow but not everything phonetune
+# imports: carry wheels of datasets, dill, multiprocess, xxhash, rapidfuzz, soundfile, soxr,
+# phonemizer and espeakng-loader (see the device tool's README: `pip download --no-deps
+# --only-binary=:all: --python-version 3.12 ...`) into a .whl folder, and start the call with
+#   python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl
+#   export PYTHONPATH=/tmp/site
+# This script then makes `phonetune` importable from the working tree itself.
+set -euo pipefail
+part=${1:?PART: steps, graphs or width}
+out=${2:?OUT_DIR}
+repo=$(cd "$(dirname "$0")/.." && pwd)
+cd "$repo"
+
+# phonetune's import name over the tree's folders (pyproject's package-dir), without installing
+if ! python3 -c "import phonetune.train" 2>/dev/null; then
+    pkg=/tmp/phonetune_pkg/phonetune
+    mkdir -p "$pkg"
+    cp phonetune/*.py "$pkg"/
+    for folder in data train infer configs; do ln -sfn "$repo/$folder" "$pkg/$folder"; done
+    export PYTHONPATH=/tmp/phonetune_pkg${PYTHONPATH:+:$PYTHONPATH}
+fi
+export PYTHONUNBUFFERED=1
+
+# The eager FLOP count of XLSR-53 per audio second (BENCHMARKS.md, GPU table): compiled blocks
+# hide their operations from the counter, so every row uses the same number.
+common=(--clips 1500 --search-start 0 --harness-rounds 0 --flop-steps 0
+        --model-flop-per-audio-s 110978881159.81554)
+bench() {  # bench NAME LABEL OPTIONS...
+    local name=$1 label=$2
+    shift 2
+    python3 scripts/bench_gpu.py --out "$out/$name" --label "$label" "${common[@]}" "$@" \
+        2>&1 | tee "$out/$name.log" | grep -v "^  step" || true
+}
+mkdir -p "$out"
+case $part in
+    steps)
+        bench autocast "autocast, eager" --budgets 160,80 --warmup 60 --steps 40 --profile-budget 80
+        bench masters "bf16-weights, eager" --budgets 160,80 --warmup 60 --steps 40 \
+            --profile-budget 80 train.mixed_precision=bf16-weights
+        bench masters_compiled "bf16-weights, compiled" --budgets 160,80 --warmup 60 --steps 40 \
+            train.mixed_precision=bf16-weights train.compile=true
+        ;;
+    graphs)
+        grid=(train.pad_to_multiple_of=8000 train.bucket_width=0.5 train.pad_clips_to_budget=true
+              train.mixed_precision=bf16-weights)
+        bench grid_eager "grid, bf16-weights, eager" --budgets 80 --warmup 100 --steps 40 "${grid[@]}"
+        bench grid_graphs "grid, bf16-weights, CUDA graphs" --budgets 80 --warmup 100 --steps 40 \
+            --profile-budget 80 "${grid[@]}" train.compile=reduce-overhead
+        ;;
+    width)
+        bench width "width table" --budgets '' --width-table 2,4,8,16,20
+        ;;
+    *)
+        echo "unknown part $part: steps, graphs or width" >&2
+        exit 2
+        ;;
+esac
