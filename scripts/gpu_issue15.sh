@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU measurements issue 15 still needs, prepared so that a session lent a GPU runs each part in
-# one device call (each part is sized to end inside 600 s on an H200; the whole takes ~15 minutes).
+# one device call (each part is sized to end inside 600 s on an H200, by estimate: none has run yet).
 #
 #   bash scripts/gpu_issue15.sh PART OUT_DIR
 #
@@ -10,6 +10,9 @@
 #   graphs  CUDA graphs (train.compile=reduce-overhead, LayerDrop by torch.where) against eager on
 #           a coarse shape grid (12 batch shapes at 80 s), both with bf16 weights
 #   width   the memory table train.batch_seconds_by_width for this card (bench_gpu --width-table)
+#   sharded DeepSpeed ZeRO-2 on the GPU (scripts/check_sharded_gpu.py, one process; needs the
+#           deepspeed package carried too), and fp16 with its loss scaler (the tiny recipe, one
+#           GPU: the skipped steps are in metrics.jsonl), both on a small espeak-ng corpus
 #
 # Each run writes OUT_DIR/<name>/bench_gpu.json; put them into BENCHMARKS.md with
 #   python scripts/bench_gpu.py --write-section name=OUT_DIR/name/bench_gpu.json ...
@@ -22,7 +25,7 @@
 #   export PYTHONPATH=/tmp/site
 # This script then makes `phonetune` importable from the working tree itself.
 set -euo pipefail
-part=${1:?PART: steps, graphs or width}
+part=${1:?PART: steps, graphs, width or sharded}
 out=${2:?OUT_DIR}
 repo=$(cd "$(dirname "$0")/.." && pwd)
 cd "$repo"
@@ -66,8 +69,18 @@ case $part in
     width)
         bench width "width table" --budgets '' --width-table 2,4,8,16,20
         ;;
+    sharded)
+        python3 -m phonetune synth --out "$out/cv" --locales en,fr,de --clips-per-locale 200
+        python3 -m phonetune prepare --cv-root "$out/cv" --locales en,fr,de --out "$out/prep"
+        python3 scripts/check_sharded_gpu.py --prepared-dir "$out/prep" --out "$out/zero2" \
+            --accelerate-config configs/accelerate/deepspeed_zero2_8gpu.yaml 2>&1 | tail -n 40
+        python3 -m phonetune train --config tiny_cpu data.prepared_dir="$out/prep" \
+            run.output_dir="$out/fp16" train.mixed_precision=fp16 train.max_steps=300 \
+            train.eval_steps=300 train.save_steps=300 log.progress_bar=false 2>&1 | tail -n 20
+        grep '"skipped_steps"' "$out/fp16/metrics.jsonl" | tail -n 1
+        ;;
     *)
-        echo "unknown part $part: steps, graphs or width" >&2
+        echo "unknown part $part: steps, graphs, width or sharded" >&2
         exit 2
         ;;
 esac

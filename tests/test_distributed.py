@@ -314,6 +314,8 @@ def zero2_plugin_config(change=None):
         ("FSDP", 1, None, [], "fsdp_version: 2"),
         ("FSDP", 2, None, ["model.layerdrop=0.1"], "model.layerdrop=0.1 cannot run under FSDP"),
         ("FSDP", 2, None, ["train.mixed_precision=fp16"], "fp16 is not supported under FSDP.*bf16"),
+        ("FSDP", 2, None, ["model.layerdrop=0", "train.mixed_precision=bf16-weights"], "bf16-weights runs with one process or DDP; under FSDP"),
+        ("DEEPSPEED", None, None, ["model.layerdrop=0", "train.mixed_precision=bf16-weights"], "under DEEPSPEED use train.mixed_precision=bf16"),
         (
             "DEEPSPEED", None, lambda c: c["zero_optimization"].update(stage=3), [],
             r"stage is 3: phonetune train runs ZeRO stage 2",

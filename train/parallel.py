@@ -243,16 +243,16 @@ class Parallel:
             get_optimizer_state_dict,
         )
 
+        whole = StateDictOptions(full_state_dict=True, cpu_offload=True)
         if self.deepspeed:
             weights, optimizer_state = _deepspeed_gather_state(module, keep=self.is_main)
         elif self.masters is not None:  # the fp32 masters (copied: they are views of one buffer)
             holder = self.masters.holder
             weights = {n: t.detach().to("cpu", copy=True) for n, t in holder.state_dict().items()}
             optimizer_state = get_optimizer_state_dict(
-                holder, _torch_optimizer(optimizer), options=StateDictOptions(full_state_dict=True)
+                holder, _torch_optimizer(optimizer), options=whole
             )
         else:
-            whole = StateDictOptions(full_state_dict=True, cpu_offload=True)
             # (Accelerate's get_state_dict would import DeepSpeed, see `unwrap`.)
             weights = (
                 get_model_state_dict(module, options=whole)
