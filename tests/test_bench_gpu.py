@@ -86,20 +86,21 @@ def test_sweep_measures_throughput_flops_and_writes_its_section(tmp_path):
     assert "kept\n" in text and "kept too\n" in text
 
 
-def test_synthetic_corpus_is_a_prepared_dataset_training_can_read(tmp_path):
-    from phonetune.train.batching import load_training_data
+def synthetic_tiny_config(folder, clips, *overrides):
+    """The tiny CPU recipe on the benchmark's synthetic corpus of `clips` clips of 2-3 s."""
     from phonetune.train.config import load_config
 
-    bench = load_bench()
-    prepared = bench.write_synthetic_prepared(tmp_path / "prep", 30, 0, 2.0, 3.0)
-    config = load_config(
-        REPO / "configs" / "tiny_cpu.yaml",
-        [
-            f"data.prepared_dir={prepared}",
-            f"run.output_dir={tmp_path / 'run'}",
-            "data.locales=null",
-        ],
+    prepared = load_bench().write_synthetic_prepared(folder / "prep", clips, 0, 2.0, 3.0)
+    settings = [f"data.prepared_dir={prepared}", f"run.output_dir={folder / 'run'}"]
+    return load_config(
+        REPO / "configs" / "tiny_cpu.yaml", [*settings, "data.locales=null", *overrides]
     )
+
+
+def test_synthetic_corpus_is_a_prepared_dataset_training_can_read(tmp_path):
+    from phonetune.train.batching import load_training_data
+
+    config = synthetic_tiny_config(tmp_path, 30)
     data = load_training_data(config)
     assert len(data.vocab) == 392 and len(data.train_rows) == 30
     durations = data.train.durations[data.train_rows]
@@ -267,20 +268,11 @@ def test_width_table_refuses_to_run_without_a_gpu(tmp_path, monkeypatch, capsys)
 @pytest.fixture(scope="module")
 def tiny_bench(tmp_path_factory):
     """The benchmark's training pieces on the tiny CPU recipe, widths on a 0.1 s grid, LayerDrop on."""
-    from phonetune.train.config import load_config
 
     bench = load_bench()
     folder = tmp_path_factory.mktemp("tiny_bench")
-    prepared = bench.write_synthetic_prepared(folder / "prep", 12, 0, 2.0, 3.0)
-    config = load_config(
-        REPO / "configs" / "tiny_cpu.yaml",
-        [
-            f"data.prepared_dir={prepared}",
-            f"run.output_dir={folder / 'run'}",
-            "data.locales=null",
-            "train.pad_to_multiple_of=1600",
-            "model.layerdrop=0.5",
-        ],
+    config = synthetic_tiny_config(
+        folder, 12, "train.pad_to_multiple_of=1600", "model.layerdrop=0.5"
     )
     return bench, bench.Bench(config)
 

@@ -1,5 +1,7 @@
 """train.mixed_precision=bf16-weights: a bf16 model whose optimizer steps fp32 master weights."""
 
+from pathlib import Path
+
 import pytest
 import torch
 from helpers import MICRO, config
@@ -36,7 +38,8 @@ def backward(model, seed):
 def test_the_optimizer_steps_fp32_masters_and_the_model_gets_them_rounded(prepared_dir):
     """Each update is torch's clip_grad_norm_ and AdamW on fp32 weights given the model's bf16
     gradients (an fp32 twin, stepped by hand, is the reference); the model then holds the masters
-    rounded to bf16, exactly; a NaN gradient moves nothing; frozen weights stay.
+    rounded to bf16, exactly; a NaN gradient moves nothing; a layer without gradients (as
+    LayerDrop leaves one) is skipped as AdamW skips it in fp32; frozen weights stay.
 
     Tolerance, per update: the two clip the gradient by different float32 operations (a divisor in
     the fused kernel, a product in clip_grad_norm_), a few 2^-24 of relative difference, which
@@ -51,19 +54,25 @@ def test_the_optimizer_steps_fp32_masters_and_the_model_gets_them_rounded(prepar
     twin_optimizer = make_optimizer(twin, cfg)
     frozen = model[3].weight.detach().clone()
     updates = 0
-    for step in range(4):
+    for step in range(5):
         backward(model, step)
         if step == 2:
             model[0].weight.grad[0, 0] = float("nan")
-        grads = [model.get_parameter(n).grad.float() for n in names]
+        if step == 3:  # the first layer without gradients
+            model[0].weight.grad = model[0].bias.grad = None
+        grads = [model.get_parameter(n).grad for n in names]
+        grads = [None if g is None else g.float() for g in grads]
         before = [p.detach().clone() for p in masters.masters]
         norm, skipped = parallel.update(model, optimizer, cfg.train.max_grad_norm)
         optimizer.zero_grad(set_to_none=True)
         assert bool(skipped) == (step == 2)
-        assert all(torch.count_nonzero(model.get_parameter(n).grad) == 0 for n in names)
+        assert all(model.get_parameter(n).grad is None for n in names)
         if step == 2:
             assert all(torch.equal(a, b) for a, b in zip(before, masters.masters, strict=True))
         else:
+            if step == 3:  # no gradient, no update: neither its weights nor its step count move
+                assert torch.equal(before[0], masters.masters[0])
+                assert float(optimizer.state[masters.masters[0]]["step"]) == 2
             for name, grad in zip(names, grads, strict=True):
                 twin.get_parameter(name).grad = grad
             total = torch.nn.utils.clip_grad_norm_(list(twin.parameters()), cfg.train.max_grad_norm)
@@ -96,7 +105,7 @@ def test_updates_below_bf16_resolution_add_up_in_the_masters(prepared_dir):
     for step in range(1, 12):
         for p in model.parameters():
             if p.requires_grad:
-                p.grad.fill_(1.0)  # Adam's update: lr per step, against the gradient
+                p.grad = torch.ones_like(p)  # Adam's update: lr per step, against the gradient
         parallel.update(model, optimizer, 0.0)
         optimizer.zero_grad(set_to_none=True)
         master = float(parallel.masters.masters[0][0, 0].detach())
@@ -107,14 +116,61 @@ def test_updates_below_bf16_resolution_add_up_in_the_masters(prepared_dir):
     assert moved_at == 9
 
 
-def test_bf16_weights_are_refused_where_they_cannot_work(prepared_dir):
-    with pytest.raises(PhonetuneError, match="weight decay would shrink it"):
+def test_bf16_weights_are_refused_where_they_cannot_work(prepared_dir, tmp_path):
+    with pytest.raises(PhonetuneError, match="bf16-weights does not train adapters"):
         config(
             prepared_dir,
             "/unused",
             "train.mixed_precision=bf16-weights",
-            "train.freeze_finetune_updates=5",
-            "train.weight_decay=0.01",
+            "model.adapter=lora",
+            f"model.name_or_path={tmp_path}",
+            "model.config=null",
         )
     with pytest.raises(PhonetuneError, match="mixed_precision must be one of"):
         load_config("tiny_cpu", ["train.mixed_precision=bf16-true"])
+
+
+def test_weights_moved_to_new_storage_are_bound_to_the_masters_again(prepared_dir):
+    """Accelerate moves the model to "cpu:0" under several CPU processes, which copies every
+    tensor: the weights must be views of the flat buffer again, or the updates of the masters
+    never reach them (DDP then trained a frozen copy)."""
+    cfg, model, optimizer, parallel = prepare(prepared_dir)
+    model.to(torch.device("cpu", 0))
+    parallel.masters.rebind()
+    backward(model, 0)
+    before = model[0].weight.detach().clone()
+    parallel.update(model, optimizer, cfg.train.max_grad_norm)
+    assert not torch.equal(model[0].weight, before)
+    for weight, master in zip(parallel.masters.weights, parallel.masters.masters, strict=True):
+        assert torch.equal(weight, master.detach().to(torch.bfloat16))
+
+
+@pytest.mark.slow  # three processes, each building the tiny model
+def test_bf16_weights_dispatch_fewer_operations_than_autocast():
+    """scripts/count_step_ops.py on the tiny recipe: autocast casts each weight to bf16 in the
+    forward pass and each gradient back (at least one cast per trainable linear weight); with
+    bf16 weights only the audio and the logits are cast, and the step dispatches fewer
+    operations that run kernels, update included."""
+    import json
+    import subprocess
+    import sys
+
+    from helpers import TINY
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "count_step_ops.py"
+    done = subprocess.run(
+        [sys.executable, str(script), "--architecture", "", "--config", str(TINY)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    counts = json.loads(done.stdout.strip().splitlines()[-1])
+    autocast, weights, fp32 = counts["bf16"], counts["bf16-weights"], counts["no"]
+    linear_weights = 3 * 6 + 2  # 3 layers of q, k, v, out, 2 feed-forward; projection, head
+    assert autocast["casts"] >= linear_weights
+    # fp32's (the tally's float64 sums) and three: the audio to bf16, the logits to fp32 for the
+    # CTC loss and their gradient back
+    assert weights["casts"] <= fp32["casts"] + 3
+    assert weights["not_views"] < autocast["not_views"] - linear_weights
+    assert weights["not_views"] < fp32["not_views"]

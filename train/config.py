@@ -764,22 +764,12 @@ def _budget_table_problems(table: dict | None) -> list[str]:
 
 
 def _precision_problems(config: Config) -> list[str]:
-    """What bf16-weights cannot do (the reasons are in train/masters.py)."""
-    if config.train.mixed_precision != "bf16-weights":
-        return []
-    errors = []
-    if config.model.adapter is not None:
-        errors.append(
+    """What bf16-weights cannot do (train/masters.py)."""
+    if config.train.mixed_precision == "bf16-weights" and config.model.adapter is not None:
+        return [
             "train.mixed_precision=bf16-weights does not train adapters (model.adapter); use bf16"
-        )
-    if config.train.freeze_finetune_updates > 0 and config.train.weight_decay > 0:
-        errors.append(
-            "train.weight_decay > 0 with train.freeze_finetune_updates > 0 and "
-            "train.mixed_precision=bf16-weights: the frozen transformer is updated with a zero "
-            "gradient, so weight decay would shrink it; set train.weight_decay=0 (the recipe's) or "
-            "use bf16"
-        )
-    return errors
+        ]
+    return []
 
 
 def _log_problems(log: LogConfig) -> list[str]:

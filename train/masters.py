@@ -7,21 +7,20 @@ section). Here the model itself is in bf16 and computes without autocast; the op
 fp32 copies of the trainable weights (the masters), so that updates smaller than bf16's resolution
 (2^-8 of a weight) still add up, as in fairseq's FP16Optimizer and DeepSpeed's bf16 mode.
 
-The trainable weights and their gradients live in four flat buffers, each parameter a view into
-them, so that the work around the optimizer is one kernel each, whatever the number of weights:
+The masters, and the model's bf16 weights, are views into one flat buffer each, so that the work
+around the optimizer takes a handful of kernels, whatever the number of weights:
 
-- bf16 gradients (the model's `.grad`, accumulated in place by autograd and DDP) -> fp32 gradients
-  (the masters' `.grad`): one copy;
-- the gradient norm and the NaN/inf check over the one flat fp32 gradient;
+- bf16 gradients -> the masters' fp32 gradients (views into a third flat buffer): one multi-tensor
+  copy. Autograd gives each weight its gradient as it would an fp32 one (no accumulation into a
+  preset buffer, which would cost an addition per weight);
+- the gradient norm and the NaN/inf check (multi-tensor, as in every mode);
 - the fused AdamW step on the masters (its own multi-tensor kernels);
-- fp32 masters -> bf16 weights (rounded to nearest): one copy; the bf16 gradients zeroed: one fill.
+- fp32 masters -> bf16 weights (rounded to nearest): one copy.
 
-What differs from autocast: gradients are accumulated (over `train.grad_accum` batches) and averaged
-over DDP processes in bf16, and every trainable weight has a gradient in every step, zero where
-none was computed (a layer LayerDrop skipped, the transformer during `freeze_finetune_updates`):
-AdamW then decays its moments and moves it by its momentum, as fairseq's fp16 optimizer (flat
-gradients) did, and advances its step count. Weight decay with a frozen phase is therefore refused
-(config.py), as under DeepSpeed.
+A weight without a gradient in a step (a layer LayerDrop skipped, the transformer during
+`freeze_finetune_updates`) leaves its master without one, and AdamW skips it, as in the other
+modes. What differs from autocast: gradients are accumulated (over `train.grad_accum` batches) and
+averaged over DDP processes in bf16.
 
 The masters are the optimizer's parameters and hold the names of the model's, so checkpoints are
 the same files as in every other mode: `model.safetensors` holds the fp32 masters (and the frozen
@@ -55,11 +54,12 @@ class MasterWeights:
         device = named[0][1].device
         total = sum(sizes)
         self.flat = torch.empty(total, dtype=torch.float32, device=device)
-        self.flat_grad = torch.zeros(total, dtype=torch.float32, device=device)
+        self.flat_grad = torch.empty(total, dtype=torch.float32, device=device)
         self.flat_bf16 = torch.empty(total, dtype=BF16, device=device)
-        self.flat_bf16_grad = torch.zeros(total, dtype=BF16, device=device)
+        self.weights: list[nn.Parameter] = []
         self.masters: list[nn.Parameter] = []
-        self._master_grads: list[torch.Tensor] = []
+        self._weight_views: list[torch.Tensor] = []
+        self._grad_views: list[torch.Tensor] = []
         start = 0
         with torch.no_grad():
             for (name, master), size in zip(trainable, sizes, strict=True):
@@ -67,11 +67,13 @@ class MasterWeights:
                 self.flat[start:end].copy_(master.reshape(-1))
                 master.data = self.flat[start:end].view(master.shape)
                 self.flat_bf16[start:end].copy_(self.flat[start:end])
-                weight = nn.Parameter(self.flat_bf16[start:end].view(master.shape))
-                weight.grad = self.flat_bf16_grad[start:end].view(master.shape)
+                view = self.flat_bf16[start:end].view(master.shape)
+                weight = nn.Parameter(view)
                 self._swap(module, self.holder, name, master, weight)
+                self.weights.append(weight)
+                self._weight_views.append(view)
                 self.masters.append(master)
-                self._master_grads.append(self.flat_grad[start:end].view(master.shape))
+                self._grad_views.append(self.flat_grad[start:end].view(master.shape))
                 start = end
             for name, frozen in named:
                 if not frozen.requires_grad:
@@ -93,16 +95,34 @@ class MasterWeights:
         owner._parameters[attribute] = weight  # (not setattr: parametrized layers intercept it)
         place.register_parameter(attribute, master)
 
-    def collect_gradients(self) -> torch.Tensor:
-        """The step's bf16 gradients as the masters' fp32 gradients; returns them flat (one
-        tensor: the norm and the NaN/inf check are one reduction)."""
-        self.flat_grad.copy_(self.flat_bf16_grad)
-        for master, grad in zip(self.masters, self._master_grads, strict=True):
-            master.grad = grad  # (the loop's zero_grad(set_to_none=True) lets go of them)
-        return self.flat_grad
+    def rebind(self) -> None:
+        """Make the model's weights views of the flat buffer again where something gave them
+        storage of their own (Accelerate moves the model to "cpu:0" under several CPU processes,
+        which copies every CPU tensor); the Parameter objects, which DDP holds, stay the same."""
+        with torch.no_grad():
+            for weight, view in zip(self.weights, self._weight_views, strict=True):
+                if weight.data_ptr() != view.data_ptr():
+                    view.copy_(weight)
+                    weight.data = view
+
+    def collect_gradients(self) -> list[torch.Tensor]:
+        """The step's bf16 gradients as the masters' fp32 gradients (one multi-tensor copy);
+        returns those gradients. A weight without a gradient leaves its master without one."""
+        sources, targets = [], []
+        for weight, master, view in zip(self.weights, self.masters, self._grad_views, strict=True):
+            if weight.grad is None:
+                master.grad = None
+            else:
+                sources.append(weight.grad)
+                targets.append(view)
+                master.grad = view  # (the loop's zero_grad(set_to_none=True) lets go of it)
+        if sources:
+            torch._foreach_copy_(targets, sources)
+        return targets
 
     def publish(self) -> None:
         """After the optimizer's step: the masters, rounded to bf16, become the model's weights;
-        the model's gradients start again from zero."""
+        the model's gradients are let go (the next step's backward makes new ones)."""
         self.flat_bf16.copy_(self.flat)
-        self.flat_bf16_grad.zero_()
+        for weight in self.weights:
+            weight.grad = None

@@ -126,9 +126,12 @@ class Parallel:
     ) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
         # DeepSpeed casts the model to bf16 and builds its fp32 masters from that: keep them exact.
         fp32_weights = _trainable_fp32_weights(module) if self.deepspeed else None
-        if self.bf16_weights:  # the optimizer's parameters become the masters
+        if self.bf16_weights:  # the optimizer's parameters become the masters, on the device
+            module.to(self.device)
             self.masters = MasterWeights(module)
         module, optimizer = self.accelerator.prepare(module, optimizer)
+        if self.masters is not None:
+            self.masters.rebind()
         if fp32_weights is not None:
             _set_fp32_masters(module, fp32_weights)
         return module, optimizer
@@ -178,15 +181,15 @@ class Parallel:
         included, when `found_inf` is 1, as it does for a loss scaler. DDP's gradients are whole on
         every process, so every process computes the same norm and skips the same steps. FSDP,
         DeepSpeed and fp16 (a loss scaler) decide on the host, as their libraries do. With bf16
-        weights the optimizer steps the fp32 masters, whose gradient is one flat tensor, and the
-        masters, rounded, then become the weights (train/masters.py).
+        weights the optimizer steps the fp32 masters, and the masters, rounded, then become the
+        weights (train/masters.py).
         """
         if self.deepspeed:
             return self._tensors(*_deepspeed_step(module))
         if self.fsdp or self.accelerator.scaler is not None:
             return self._tensors(*self._update_on_host(module, optimizer, max_grad_norm))
         if self.masters is not None:
-            grads = [self.masters.collect_gradients()]
+            grads = self.masters.collect_gradients()
         else:
             grads = [p.grad for p in module.parameters() if p.requires_grad and p.grad is not None]
         norm = torch.nn.utils.get_total_norm(grads, foreach=True)
@@ -289,12 +292,23 @@ class Parallel:
         if self.deepspeed:
             _deepspeed_restore_optimizer(module, saved)
             return
+        owner = self.unwrap(module) if self.masters is None else self.masters.holder
+        inner = _torch_optimizer(optimizer)
+        # Not strict: a parameter that had no gradient before the checkpoint (the transformer
+        # during train.freeze_finetune_updates, a layer LayerDrop always skipped) has no state
+        # in it, and torch would refuse it.
         set_optimizer_state_dict(
-            module if self.masters is None else self.masters.holder,
-            _torch_optimizer(optimizer),
+            module if self.masters is None else owner,
+            inner,
             optim_state_dict=saved,
-            options=StateDictOptions(full_state_dict=True),
+            options=StateDictOptions(full_state_dict=True, strict=False),
         )
+        # torch first gives every parameter a state (a zero-gradient step at lr 0, step count 1):
+        # those the checkpoint had none for start again without one, as in the run that went on,
+        # or their first real update would be bias-corrected as a second one.
+        for name, parameter in owner.named_parameters():
+            if name not in saved["state"]:
+                inner.state.pop(parameter, None)
 
 
 def _torch_optimizer(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
