@@ -10,9 +10,12 @@
 #   graphs  CUDA graphs (train.compile=reduce-overhead, LayerDrop by torch.where) against eager on
 #           a coarse shape grid (12 batch shapes at 80 s), both with bf16 weights
 #   width   the memory table train.batch_seconds_by_width for this card (bench_gpu --width-table)
-#   sharded DeepSpeed ZeRO-2 on the GPU (scripts/check_sharded_gpu.py, one process; needs the
-#           deepspeed package carried too), and fp16 with its loss scaler (the tiny recipe, one
-#           GPU: the skipped steps are in metrics.jsonl), both on a small espeak-ng corpus
+#   sharded DeepSpeed ZeRO-2 on the GPU (scripts/check_sharded_gpu.py, one process), and fp16
+#           with its loss scaler (the tiny recipe, one GPU: the skipped steps are in
+#           metrics.jsonl), both on a small espeak-ng corpus. DeepSpeed is published as a source
+#           archive: carry it with its dependencies (hjson, pydantic and pydantic-core,
+#           annotated-types, nvidia-ml-py is there) and install it there with
+#           `DS_BUILD_OPS=0 pip install --no-build-isolation --no-deps --target /tmp/site deepspeed-*.tar.gz`
 #
 # Each run writes OUT_DIR/<name>/bench_gpu.json; put them into BENCHMARKS.md with
 #   python scripts/bench_gpu.py --write-section name=OUT_DIR/name/bench_gpu.json ...

@@ -201,7 +201,8 @@ class TrainConfig:
     compile: bool | str = False
     """torch.compile the blocks of the forward pass (feature encoder, projection, each encoder
     layer, the head): false, true (= "default"), or a torch.compile mode:
-    "reduce-overhead" (CUDA graphs: for bounded batch shapes, see pad_clips_to_budget) or
+    "reduce-overhead" (CUDA graphs: for bounded batch shapes, see pad_clips_to_budget; LayerDrop
+    then runs every layer and discards a dropped one's output, ~layerdrop more compute) or
     "max-autotune". The first steps of each new shape compile."""
     mixed_precision: str = "no"
     """"no", "bf16" or "fp16" autocast, or "bf16-weights": the model in bf16 without autocast and

@@ -49,7 +49,7 @@ class MasterWeights:
             raise ValueError("bf16 weights need a model in float32 to take the masters from")
         trainable = [(name, p) for name, p in named if p.requires_grad]
         self.holder = nn.Module()
-        # One flat buffer of each kind; parameter i is the slice offsets[i]:offsets[i+1].
+        # One flat buffer of each kind, trainable parameter after trainable parameter.
         sizes = [p.numel() for _, p in trainable]
         device = named[0][1].device
         total = sum(sizes)
@@ -89,9 +89,9 @@ class MasterWeights:
         owner, place = module, holder
         for part in path:
             owner = owner.get_submodule(part)
-            if not hasattr(place, part):
+            if part not in place._modules:
                 place.add_module(part, nn.Module())
-            place = place.get_submodule(part)
+            place = place._modules[part]
         owner._parameters[attribute] = weight  # (not setattr: parametrized layers intercept it)
         place.register_parameter(attribute, master)
 
