@@ -493,12 +493,14 @@ def test_steps_read_nothing_back_between_logging_steps(prepared_dir, tmp_path, p
 
 
 @pytest.mark.slow  # compiles (once per process; later runs reuse the compiled blocks)
+@pytest.mark.parametrize("precision", ["no", "bf16-weights"])
 def test_compiled_training_resumes_exactly_and_exports_as_transformers_weights(
-    prepared_dir, tmp_path
+    prepared_dir, tmp_path, precision
 ):
     from transformers import Wav2Vec2ForCTC
 
     common = [*MICRO, "train.compile=true", "train.max_steps=4", "train.save_steps=2"]
+    common.append(f"train.mixed_precision={precision}")
     train(config(prepared_dir, tmp_path / "straight", *common))
 
     def killed_in_step_4(run, step):
