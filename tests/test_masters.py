@@ -48,7 +48,7 @@ def test_the_optimizer_steps_fp32_masters_and_the_model_gets_them_rounded(prepar
     cfg, model, optimizer, parallel = prepare(prepared_dir, "train.max_grad_norm=0.05")
     masters = parallel.masters
     names = [n for n, p in model.named_parameters() if p.requires_grad]
-    assert [n for n, _ in masters.holder.named_parameters() if _.requires_grad] == names
+    assert [n for n, p in masters.holder.named_parameters() if p.requires_grad] == names
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
     twin = make_model()
     twin_optimizer = make_optimizer(twin, cfg)

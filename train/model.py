@@ -635,8 +635,9 @@ class CTCModel(nn.Module):
         """torch.compile each block of the forward pass in place (parameter names unchanged): the
         feature encoder and projection, every encoder layer, the head. Regions rather than the
         whole pass: LayerDrop chooses layers per step, and every encoder layer shares one compiled
-        graph. Under CUDA graphs ("reduce-overhead") every layer runs (`run_every_layer`). The positional convolution stays eager: inductor's backward of a grouped
-        convolution fixes the length, so every new batch width would compile it again."""
+        graph; under CUDA graphs ("reduce-overhead") every layer runs (`run_every_layer`). The
+        positional convolution stays eager: inductor's backward of a grouped convolution fixes the
+        length, so every new batch width would compile it again."""
         wav2vec2 = self.model.wav2vec2
         graphed = [wav2vec2.feature_projection, *wav2vec2.encoder.layers, self.model.lm_head]
         # CUDA graphs ("reduce-overhead") own their outputs until the next replay: the frozen

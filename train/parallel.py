@@ -292,13 +292,14 @@ class Parallel:
         if self.deepspeed:
             _deepspeed_restore_optimizer(module, saved)
             return
-        owner = self.unwrap(module) if self.masters is None else self.masters.holder
         inner = _torch_optimizer(optimizer)
+        # (bf16 weights: the optimizer's parameters are the masters, named as the model's)
+        named = self.unwrap(module) if self.masters is None else self.masters.holder
         # Not strict: a parameter that had no gradient before the checkpoint (the transformer
         # during train.freeze_finetune_updates, a layer LayerDrop always skipped) has no state
         # in it, and torch would refuse it.
         set_optimizer_state_dict(
-            module if self.masters is None else owner,
+            module if self.masters is None else named,
             inner,
             optim_state_dict=saved,
             options=StateDictOptions(full_state_dict=True, strict=False),
@@ -306,7 +307,7 @@ class Parallel:
         # torch first gives every parameter a state (a zero-gradient step at lr 0, step count 1):
         # those the checkpoint had none for start again without one, as in the run that went on,
         # or their first real update would be bias-corrected as a second one.
-        for name, parameter in owner.named_parameters():
+        for name, parameter in named.named_parameters():
             if name not in saved["state"]:
                 inner.state.pop(parameter, None)
 
@@ -395,12 +396,13 @@ def checked(accelerator: Accelerator, config: Config) -> Parallel:
         check_fsdp_launch(accelerator, config)
     if kind == "DEEPSPEED":
         check_deepspeed_launch(accelerator, config)
-    if kind in ("FSDP", "DEEPSPEED") and config.train.mixed_precision == "bf16-weights":
+    bf16_weights = config.train.mixed_precision == "bf16-weights"
+    if kind in ("FSDP", "DEEPSPEED") and bf16_weights:
         raise PhonetuneError(
             f"train.mixed_precision=bf16-weights runs with one process or DDP; under {kind} use "
             "train.mixed_precision=bf16 (DeepSpeed's bf16 already keeps bf16 weights with fp32 masters)"
         )
-    return Parallel(accelerator, bf16_weights=config.train.mixed_precision == "bf16-weights")
+    return Parallel(accelerator, bf16_weights=bf16_weights)
 
 
 def check_fsdp_launch(accelerator: Accelerator, config: Config) -> None:
