@@ -27,6 +27,10 @@
 #   python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl
 #   export PYTHONPATH=/tmp/site
 # This script then makes `phonetune` importable from the working tree itself.
+#
+# Rehearsed on a CPU with the tiny model (tests/test_bench_gpu.py runs the graphs part so):
+#   GPU_ISSUE15_OPTIONS="--config configs/tiny_cpu.yaml --architecture= --clips 40 --budgets 12
+#   --warmup 2 --steps 2" bash scripts/gpu_issue15.sh steps /tmp/rehearsal
 set -euo pipefail
 part=${1:?PART: steps, graphs, width or sharded}
 out=${2:?OUT_DIR}
@@ -47,11 +51,14 @@ export PYTHONUNBUFFERED=1
 # hide their operations from the counter, so every row uses the same number.
 common=(--clips 1500 --search-start 0 --harness-rounds 0 --flop-steps 0
         --model-flop-per-audio-s 110978881159.81554)
+# GPU_ISSUE15_OPTIONS: bench_gpu.py options that override every run's (a rehearsal on a CPU:
+# "--config configs/tiny_cpu.yaml --architecture= --clips 40 --budgets 12 --warmup 2 --steps 2").
+read -r -a rehearsal <<< "${GPU_ISSUE15_OPTIONS:-}"
 bench() {  # bench NAME LABEL OPTIONS...
     local name=$1 label=$2
     shift 2
     python3 scripts/bench_gpu.py --out "$out/$name" --label "$label" "${common[@]}" "$@" \
-        2>&1 | tee "$out/$name.log" | grep -v "^  step" || true
+        "${rehearsal[@]}" 2>&1 | tee "$out/$name.log" | grep -v "^  step" || true
 }
 mkdir -p "$out"
 case $part in

@@ -342,3 +342,30 @@ def test_width_phase_writes_a_table_the_config_loads(tiny_bench, tmp_path, capsy
         [f"data.prepared_dir={tmp_path}", f"run.output_dir={tmp_path / 'run'}"],
     )
     assert config.train.batch_seconds_by_width == table
+
+
+@pytest.mark.slow  # two benchmark runs of the tiny model
+def test_the_prepared_gpu_measurements_rehearse_on_a_cpu(tmp_path):
+    """scripts/gpu_issue15.sh, whose parts wait for a session with a GPU, still runs: its graphs
+    part (eager and CUDA graphs on a coarse grid, with bf16 weights), the model made tiny."""
+    import os
+
+    rehearsal = "--config configs/tiny_cpu.yaml --architecture= --clips 40 --budgets 12 --warmup 2 --steps 2"
+    env = {
+        **os.environ,
+        "GPU_ISSUE15_OPTIONS": rehearsal,
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+    }
+    done = subprocess.run(
+        ["bash", str(REPO / "scripts" / "gpu_issue15.sh"), "graphs", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=REPO,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    for name, label in (("grid_eager", "eager"), ("grid_graphs", "CUDA graphs")):
+        result = json.loads((tmp_path / name / "bench_gpu.json").read_text())
+        assert result["label"].endswith(label) and result["mixed_precision"] == "bf16-weights"
+        assert result["budgets"][0]["audio_s_per_s"] > 0
