@@ -36,7 +36,13 @@ MODES = ("no", "bf16", "bf16-weights")
 
 
 def count_one_mode(mode: str, architecture: str, config_path: Path) -> dict:
-    """This process: the operations of one step in `mode`."""
+    """This process: the operations of one step in `mode` (its corpus in a folder removed after)."""
+    with tempfile.TemporaryDirectory(prefix="count_step_ops_") as folder:
+        return count_in(mode, architecture, config_path, Path(folder))
+
+
+def count_in(mode: str, architecture: str, config_path: Path, folder: Path) -> dict:
+    """`count_one_mode` with its synthetic corpus and run folder in `folder`."""
     import torch
     from bench_gpu import Bench, write_synthetic_prepared
     from torch.utils._python_dispatch import TorchDispatchMode
@@ -44,7 +50,6 @@ def count_one_mode(mode: str, architecture: str, config_path: Path) -> dict:
     from phonetune.train.config import load_config
 
     torch.manual_seed(0)
-    folder = Path(tempfile.mkdtemp(prefix="count_step_ops_"))
     prepared = write_synthetic_prepared(folder / "prep", 8, 0, 2.0, 3.0)
     model = ["model.name_or_path=null", f"model.config={architecture}"] if architecture else []
     overrides = [

@@ -3,8 +3,7 @@ ONNX Runtime's CPU provider like the PyTorch model, and are checked by PER on re
 quantized model that loses more than the tolerance stops the export with nothing written."""
 
 import pytest
-import torch
-from helpers import VOCAB, speech, tiny_model, write_checkpoint, write_prepared
+from helpers import constant_model, speech, write_checkpoint, write_prepared
 
 from phonetune.cli import main
 from phonetune.data.errors import PhonetuneError
@@ -16,18 +15,8 @@ from phonetune.infer.export import export_model
 from phonetune.infer.quantize import load_onnx_model, transcribe_clips
 from phonetune.infer.recognize import load_model
 
-# Every dev clip's reference is "aɪ", what the constant model below says on any audio.
+# Every dev clip's reference is "aɪ", what helpers.constant_model("aɪ") says on any audio.
 TEXTS = ["hello there", "good morning", "we like warm bread", "a cup of tea"]
-
-
-def constant_model(token):
-    """A model whose every frame says `token` (p = e^5 / (e^5 + 13) = 0.92)."""
-    model = tiny_model(seed=0)
-    with torch.no_grad():
-        model.lm_head.weight.zero_()
-        model.lm_head.bias.zero_()
-        model.lm_head.bias[VOCAB[token]] = 5.0
-    return model
 
 
 @pytest.fixture(scope="module")
