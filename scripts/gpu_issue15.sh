@@ -9,6 +9,9 @@
 #           at 80 s (kernel launches and host synchronisations per step)
 #   graphs  CUDA graphs (train.compile=reduce-overhead, LayerDrop by torch.where) against eager on
 #           a coarse shape grid (12 batch shapes at 80 s), both with bf16 weights
+#   ctc     train.ctc_implementation=triton: the kernels against PyTorch's CTC at the recipe's
+#           shapes (scripts/check_ctc.py: same results, host synchronisations, time per call),
+#           then bf16-weights steps at 80 s with each CTC, with profiles
 #   width   the memory table train.batch_seconds_by_width for this card (bench_gpu --width-table)
 #   sharded DeepSpeed ZeRO-2 on the GPU (scripts/check_sharded_gpu.py, one process), and fp16
 #           with its loss scaler (the tiny recipe, one GPU: the skipped steps are in
@@ -32,7 +35,7 @@
 #   GPU_ISSUE15_OPTIONS="--config configs/tiny_cpu.yaml --architecture= --clips 40 --budgets 12
 #   --warmup 2 --steps 2" bash scripts/gpu_issue15.sh steps /tmp/rehearsal
 set -euo pipefail
-part=${1:?PART: steps, graphs, width or sharded}
+part=${1:?PART: steps, graphs, ctc, width or sharded}
 out=${2:?OUT_DIR}
 repo=$(cd "$(dirname "$0")/.." && pwd)
 cd "$repo"
@@ -54,6 +57,8 @@ common=(--clips 1500 --search-start 0 --harness-rounds 0 --flop-steps 0
 # GPU_ISSUE15_OPTIONS: bench_gpu.py options that override every run's (a rehearsal on a CPU:
 # "--config configs/tiny_cpu.yaml --architecture= --clips 40 --budgets 12 --warmup 2 --steps 2").
 read -r -a rehearsal <<< "${GPU_ISSUE15_OPTIONS:-}"
+# CHECK_CTC_OPTIONS: the same for scripts/check_ctc.py ("--rows 3 --frames 30 --labels 8 --repeats 1")
+read -r -a ctc_rehearsal <<< "${CHECK_CTC_OPTIONS:-}"
 bench() {  # bench NAME LABEL OPTIONS...
     local name=$1 label=$2
     shift 2
@@ -76,6 +81,14 @@ case $part in
         bench grid_graphs "grid, bf16-weights, CUDA graphs" --budgets 80 --warmup 100 --steps 40 \
             --profile-budget 80 "${grid[@]}" train.compile=reduce-overhead
         ;;
+    ctc)
+        python3 scripts/check_ctc.py --out "$out/ctc.json" "${ctc_rehearsal[@]}" 2>&1 | tail -n 30
+        bench masters_80 "bf16-weights, eager, PyTorch CTC" --budgets 80 --warmup 60 --steps 40 \
+            --profile-budget 80 train.mixed_precision=bf16-weights
+        bench masters_80_triton "bf16-weights, eager, Triton CTC" --budgets 80 --warmup 60 \
+            --steps 40 --profile-budget 80 train.mixed_precision=bf16-weights \
+            train.ctc_implementation=triton
+        ;;
     width)
         bench width "width table" --budgets '' --width-table 2,4,8,16,20
         ;;
@@ -90,7 +103,7 @@ case $part in
         grep '"skipped_steps"' "$out/fp16/metrics.jsonl" | tail -n 1
         ;;
     *)
-        echo "unknown part $part: steps, graphs, width or sharded" >&2
+        echo "unknown part $part: steps, graphs, ctc, width or sharded" >&2
         exit 2
         ;;
 esac

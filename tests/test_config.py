@@ -187,7 +187,7 @@ def test_all_problems_are_reported_together(tmp_path):
         "model:\n  name_or_path: facebook/wav2vec2-large-xlsr-53\n  config: {hidden_size: 64}\n"
         "  mask_time_prob: 1.5\n"
         "train:\n  warmup_ratio: 0.7\n  hold_ratio: 0.5\n  max_steps: seven\n  batch_seconds: 5\n"
-        "  mixed_precision: fp8\n  typo_key: 1\n"
+        "  mixed_precision: fp8\n  typo_key: 1\n  ctc_implementation: cudnn\n"
         "log:\n  report_to: [mlflow]\n",
         encoding="utf-8",
     )
@@ -205,6 +205,7 @@ def test_all_problems_are_reported_together(tmp_path):
         r"warmup_ratio \+ train\.hold_ratio = 1\.2 exceeds 1",
         r"train\.batch_seconds \(5\.0\) is smaller than data\.max_duration",
         r"train\.mixed_precision must be one of",
+        r"train\.ctc_implementation must be one of pytorch, triton, not 'cudnn'",
         r"unknown reporter 'mlflow'",
     ]
     for pattern in expected:

@@ -492,6 +492,30 @@ def test_steps_read_nothing_back_between_logging_steps(prepared_dir, tmp_path, p
     assert [r["step"] for r in losses] == [4, 8] and all(r["loss"] > 0 for r in losses)
 
 
+@pytest.mark.slow  # Triton's interpreter runs the kernels on the CPU: ~10 s per step here
+def test_triton_ctc_trains_as_pytorch_ctc(prepared_dir, tmp_path, monkeypatch):
+    """train.ctc_implementation=triton in the training loop (lengths read on the device): the
+    first step's loss is PyTorch's CTC's, to float32 rounding. The kernels add one rounded
+    log-sum-exp per frame (T of them), so each utterance's loss may differ by ~T eps |loss|;
+    doubled for margin. (Later steps follow updates whose Adam normalisation turns tiny gradient
+    differences into differences of any size: only the first step is the loss's own.)"""
+    from phonetune.train import ctc_triton
+
+    calls = []
+    kernel_loss = ctc_triton.ctc_loss
+    monkeypatch.setattr(ctc_triton, "ctc_loss", lambda *a: calls.append(a) or kernel_loss(*a))
+    short = ["data.max_duration=4", "train.batch_seconds=8", "train.max_steps=1", *RANDOM]
+    for implementation in ("pytorch", "triton"):
+        run = tmp_path / implementation
+        settings = [*short, f"train.ctc_implementation={implementation}"]
+        train(config(prepared_dir, run, *settings))
+    (theirs,), (ours,) = (read_metrics(tmp_path / run)[0] for run in ("pytorch", "triton"))
+    frames = 4 * 50  # the longest clip: 4 s at the encoder's 50 frames per second
+    eps = torch.finfo(torch.float32).eps
+    assert abs(ours["loss"] - theirs["loss"]) <= 2 * frames * eps * (theirs["loss"] + 1)
+    assert calls and all(a[2].device == a[0].device for a in calls)  # lengths on the device
+
+
 @pytest.mark.slow  # compiles (once per process; later runs reuse the compiled blocks)
 @pytest.mark.parametrize("precision", ["no", "bf16-weights"])
 def test_compiled_training_resumes_exactly_and_exports_as_transformers_weights(

@@ -28,6 +28,7 @@ from phonetune.data.errors import PhonetuneError
 
 LR_SCHEDULES = ("tri_stage", "linear", "cosine")
 MIXED_PRECISION = ("no", "bf16", "fp16", "bf16-weights")
+CTC_IMPLEMENTATIONS = ("pytorch", "triton")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 REPORTERS = ("wandb", "tensorboard")
 CTC_REDUCTIONS = ("sum", "mean")
@@ -208,6 +209,12 @@ class TrainConfig:
     """"no", "bf16" or "fp16" autocast, or "bf16-weights": the model in bf16 without autocast and
     the optimizer on fp32 master weights (fewer kernels per step; one process or DDP; see
     train/masters.py). The CTC loss and its log-softmax always run in fp32."""
+    ctc_implementation: str = "pytorch"
+    """The CTC loss: "pytorch" (torch.nn.functional.ctc_loss, which on a GPU waits for the device
+    while it copies the lengths there) or "triton" (train/ctc_triton.py: two Triton kernels that
+    read the lengths on the device, so the step never waits; needs the triton package, which
+    CUDA builds of PyTorch install; on a CPU Triton's interpreter runs it, slowly). The same loss
+    and gradient to float32 rounding."""
     max_consecutive_nonfinite: int = 20
     """Stop training after this many steps in a row with a NaN/inf gradient (each one is skipped);
     checked at each logging step (log.every_steps), when the step counts reach the host."""
@@ -737,6 +744,11 @@ def _train_problems(train: TrainConfig, data: DataConfig) -> list[str]:
     if train.mixed_precision not in MIXED_PRECISION:
         errors.append(
             f"train.mixed_precision must be one of {', '.join(MIXED_PRECISION)}, not {train.mixed_precision!r}"
+        )
+    if train.ctc_implementation not in CTC_IMPLEMENTATIONS:
+        errors.append(
+            f"train.ctc_implementation must be one of {', '.join(CTC_IMPLEMENTATIONS)}, "
+            f"not {train.ctc_implementation!r}"
         )
 
     return errors

@@ -15,6 +15,7 @@ share the work), resume.py (saving and resuming), report.py (metrics and the con
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import math
 import time
 from collections.abc import Callable
@@ -210,6 +211,7 @@ def train(config: Config, hooks: Hooks | None = None) -> dict[str, Any]:
 def set_up(config: Config, parallel: Parallel, run_dir: Path) -> Run:
     """Data, model, optimizer and sampler, from scratch or from the checkpoint to resume."""
     say = parallel.print
+    check_ctc_implementation(config, parallel)
     if parallel.is_main:
         for line in ckpt.clean_interrupted_saves(run_dir):
             say(f"{run_dir}: {line}")
@@ -267,6 +269,22 @@ def set_up(config: Config, parallel: Parallel, run_dir: Path) -> Run:
         say, config, data, origin, parameters, parallel, sampler, run_dir, resume_from, run.state
     )
     return run
+
+
+def check_ctc_implementation(config: Config, parallel: Parallel) -> None:
+    """train.ctc_implementation=triton: an error without the triton package, a warning off GPUs."""
+    if config.train.ctc_implementation != "triton":
+        return
+    if importlib.util.find_spec("triton") is None:
+        raise PhonetuneError(
+            "train.ctc_implementation=triton needs the triton package, which CUDA builds of "
+            "PyTorch install with them (pip install triton); or use train.ctc_implementation=pytorch"
+        )
+    if parallel.device.type != "cuda":
+        parallel.print(
+            f"warning: train.ctc_implementation=triton on a {parallel.device.type}: Triton's "
+            "interpreter runs its kernels, with the same results, far slower than on a GPU"
+        )
 
 
 def make_checked_sampler(
@@ -433,23 +451,33 @@ def ctc_losses(
     labels: torch.Tensor,
     label_lengths: list[int] | torch.Tensor,
     zero_infinity: bool,
+    implementation: str = "pytorch",
 ) -> torch.Tensor:
     """Each utterance's CTC loss, in fp32 whatever the autocast dtype (half-precision CTC gives NaN).
 
-    Targets go in padded form (rows of labels), which needs no boolean indexing. PyTorch's CTC
-    reads the lengths on the host: give them as lists of numbers (the batch's own), so that they
-    are not read back from the device. (On a GPU it still copies them there itself, waiting for
-    the device twice in the forward pass and twice in the backward.)
+    Targets go in padded form (rows of labels), which needs no boolean indexing.
+    `train.ctc_implementation`:
+    - "pytorch": PyTorch's CTC reads the lengths on the host: give them as lists of numbers (the
+      batch's own), so that they are not read back from the device. (On a GPU it still copies them
+      there itself, waiting for the device twice in the forward pass and twice in the backward.)
+    - "triton": train/ctc_triton.py reads them on the device: give tensors there.
     """
     with (
         torch.autocast(device_type=logits.device.type, enabled=False),
         torch.backends.cudnn.flags(enabled=False),
     ):
         precision = torch.promote_types(logits.dtype, torch.float32)  # fp32, or fp64 in tests
-        log_probs = F.log_softmax(logits.to(precision), dim=-1).transpose(0, 1)
+        log_probs = F.log_softmax(logits.to(precision), dim=-1)
+        targets = labels.clamp(min=0)  # label padding (IGNORE_INDEX) lies past each length: unread
+        if implementation == "triton":
+            from phonetune.train.ctc_triton import ctc_loss
+
+            return ctc_loss(
+                log_probs, targets, output_lengths, label_lengths, BLANK_ID, zero_infinity
+            )
         return F.ctc_loss(
-            log_probs,
-            labels.clamp(min=0),  # label padding (IGNORE_INDEX) lies past each label length: unread
+            log_probs.transpose(0, 1),
+            targets,
             output_lengths,
             label_lengths,
             blank=BLANK_ID,
@@ -496,16 +524,23 @@ def train_step(
     per_utterance = config.model.ctc_loss_reduction == "mean"
     for index, host in enumerate(step.batches):
         batch = host.to(parallel.device, audio_dtype)
+        frames = unwrapped.output_lengths(batch.input_lengths)
+        if config.train.ctc_implementation == "triton":  # read on the device
+            frame_counts, label_counts = frames, batch.label_lengths
+        else:  # read on the host: the batch's own numbers, not the device's copies
+            frame_counts = count_frames(np.asarray(host.samples), unwrapped.conv_layers).tolist()
+            label_counts = host.phone_counts
         with parallel.accumulating(module, last=index == len(step.batches) - 1):
             logits = module(
                 batch.input_values, batch.input_lengths, freeze_transformer=freeze_transformer
             )
             losses = ctc_losses(
                 logits,
-                count_frames(np.asarray(host.samples), unwrapped.conv_layers).tolist(),
+                frame_counts,
                 batch.labels,
-                host.phone_counts,
+                label_counts,
                 config.model.ctc_zero_infinity,
+                config.train.ctc_implementation,
             )
             # reduction "mean": each utterance's loss divided by its label length first
             weights = (
@@ -516,7 +551,6 @@ def train_step(
             # makes that average the gradient of (sum of all losses) / normaliser.
             parallel.backward(module, loss * parallel.num_processes / step.normaliser)
         loss_sum += loss.detach()
-        frames = unwrapped.output_lengths(batch.input_lengths)
         too_few = frames < count_min_frames_padded(batch.labels, IGNORE_INDEX)
         infeasible += (too_few & (batch.weights > 0)).sum()
 
