@@ -6,6 +6,7 @@ import json
 import pytest
 import torch
 from helpers import FAST, RANDOM, TINY, read_metrics, tiny_model
+from safetensors import safe_open
 from safetensors.torch import load_file
 
 from phonetune.data.errors import PhonetuneError
@@ -120,6 +121,13 @@ def test_adapter_run_resumes_exactly(prepared_dir, base_model, tmp_path):
         for run in (tmp_path / "straight", stopped)
     )
     assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
+    # the base's digest, hashed at a session's first save and reused: the same in every checkpoint
+    digests = []
+    for run in (tmp_path / "straight", stopped):
+        for step in sorted(ckpt.checkpoints_dir(run).glob("step_*")):
+            with safe_open(str(step / ckpt.ADAPTER_FILE), framework="pt") as handle:
+                digests.append(handle.metadata()["base_sha256"])
+    assert len(digests) >= 4 and len(set(digests)) == 1, digests
 
 
 def test_adapter_resume_refuses_another_rank_or_a_changed_base(prepared_dir, base_model, tmp_path):

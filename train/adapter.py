@@ -107,12 +107,14 @@ def save_adapter(
     weights: Mapping[str, torch.Tensor],
     trainable: set[str],
     model_cfg: ModelConfig,
+    base_sha256: str,
 ) -> None:
-    """The trained tensors under their live names, and what they were trained on."""
+    """The trained tensors under their live names, and what they were trained on (`base_sha256`:
+    `digest_base` of the frozen weights)."""
     from safetensors.torch import save_file
 
     tensors = {name: weights[name].detach().cpu().contiguous() for name in sorted(trainable)}
-    metadata = {"base": str(model_cfg.name_or_path), "base_sha256": digest_base(weights, trainable)}
+    metadata = {"base": str(model_cfg.name_or_path), "base_sha256": base_sha256}
     save_file(tensors, str(path), metadata=metadata)
 
 

@@ -163,6 +163,7 @@ class Run:
     last_grad_norm: float | None = None
     clock: dict[str, float] = field(default_factory=dict)
     warned_blank: bool = False  # the blank-collapse warning is given once a session
+    base_sha256: str | None = None  # model.adapter: of the frozen base, at the first save
 
 
 def train(config: Config, hooks: Hooks | None = None) -> dict[str, Any]:

@@ -158,8 +158,12 @@ def save_checkpoint(run: Run) -> Path:
     error = attempt(ckpt.write_rng_state, tmp, parallel.process_index, model_rng)
     if parallel.is_main and error is None and config.model.adapter:
         trainable = adapter.trainable_names(parallel.unwrap(module).model)
+        if run.base_sha256 is None:  # the frozen base never changes: hashed once a session
+            run.base_sha256 = adapter.digest_base(weights, trainable)
         path = tmp / adapter.ADAPTER_FILE
-        error = attempt(adapter.save_adapter, path, weights, trainable, config.model)
+        error = attempt(
+            adapter.save_adapter, path, weights, trainable, config.model, run.base_sha256
+        )
         weights = adapter.merge_adapter_weights(weights, config.model)  # model/: a plain folder
     if parallel.is_main and error is None:
         scaler = parallel.accelerator.scaler
