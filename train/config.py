@@ -212,9 +212,9 @@ class TrainConfig:
     ctc_implementation: str = "pytorch"
     """The CTC loss: "pytorch" (torch.nn.functional.ctc_loss, which on a GPU waits for the device
     while it copies the lengths there) or "triton" (train/ctc_triton.py: two Triton kernels that
-    read the lengths on the device, so the step never waits; needs the triton package, which
+    read the lengths on the device, so the loss does not wait; needs the triton package, which
     CUDA builds of PyTorch install; on a CPU Triton's interpreter runs it, slowly). The same loss
-    and gradient to float32 rounding."""
+    and gradient to float32 rounding. Not yet measured on a GPU."""
     max_consecutive_nonfinite: int = 20
     """Stop training after this many steps in a row with a NaN/inf gradient (each one is skipped);
     checked at each logging step (log.every_steps), when the step counts reach the host."""

@@ -279,7 +279,7 @@ def check_ctc_implementation(config: Config, parallel: Parallel) -> None:
     if importlib.util.find_spec("triton") is None:
         raise PhonetuneError(
             "train.ctc_implementation=triton needs the triton package, which CUDA builds of "
-            "PyTorch install with them (pip install triton); or use train.ctc_implementation=pytorch"
+            "PyTorch come with (pip install triton); or use train.ctc_implementation=pytorch"
         )
     if parallel.device.type != "cuda":
         parallel.print(
