@@ -82,6 +82,9 @@ def _alpha_kernel(
     a = tl.where(valid & (s < 2), a, -float("inf"))
     tl.store(row_alpha, a)
     for t in range(1, frames):
+        # first the frame's log-probabilities, which do not depend on the recursion: their
+        # latency passes during the barrier and the reads that do
+        emitted = tl.load(rows + t * stride_lt, mask=valid, other=0.0)
         tl.debug_barrier()  # the previous frame's row is in memory for every state
         previous = row_alpha + (t - 1) * stride_at
         a1 = tl.load(previous - 1, mask=s >= 1, other=-float("inf"))
@@ -89,7 +92,6 @@ def _alpha_kernel(
         top = tl.maximum(tl.maximum(a, a1), a2)
         safe = tl.where(top == -float("inf"), 0.0, top)
         total = safe + tl.log(tl.exp(a - safe) + tl.exp(a1 - safe) + tl.exp(a2 - safe))
-        emitted = tl.load(rows + t * stride_lt, mask=valid, other=0.0)
         a = tl.where(valid, total + emitted, -float("inf"))
         tl.store(row_alpha + t * stride_at, a)
 
@@ -141,7 +143,10 @@ def _occupancy_kernel(
     e = tl.where(valid & (s >= states - 2), emitted, -float("inf"))
     for step in range(0, frames):
         t = last - step
+        # (the loads that do not depend on the recursion come first, as in the forward)
+        a = tl.load(row_alpha + t * stride_at, mask=valid, other=-float("inf"))
         if step > 0:
+            emitted = tl.load(rows + t * stride_lt, mask=valid, other=0.0)
             tl.store(scratch + (t % 2) * BLOCK, e)  # beta_{t+1}, read back shifted
             tl.debug_barrier()
             e1 = tl.load(scratch + (t % 2) * BLOCK + 1, mask=s + 1 < states, other=-float("inf"))
@@ -149,9 +154,7 @@ def _occupancy_kernel(
             top = tl.maximum(tl.maximum(e, e1), e2)
             safe = tl.where(top == -float("inf"), 0.0, top)
             total = safe + tl.log(tl.exp(e - safe) + tl.exp(e1 - safe) + tl.exp(e2 - safe))
-            emitted = tl.load(rows + t * stride_lt, mask=valid, other=0.0)
             e = tl.where(valid, total + emitted, -float("inf"))
-        a = tl.load(row_alpha + t * stride_at, mask=valid, other=-float("inf"))
         gamma = tl.exp(a + e - emitted - log_likelihood)
         tl.store(row_occupancy + t * stride_at, tl.where(valid, gamma, 0.0))
 
