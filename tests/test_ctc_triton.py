@@ -111,12 +111,12 @@ def test_kernels_compile_for_hopper(block):
 
     from phonetune.train import ctc_triton
 
-    pointers = {"targets": "*i64", "input_lengths": "*i64", "target_lengths": "*i64"}
+    pointers = {"states": "*i32", "skips": "*i1", "input_lengths": "*i64"}
     for kernel in (ctc_triton._alpha_kernel, ctc_triton._occupancy_kernel):
         jitted = triton.jit(kernel)
         names = jitted.arg_names
         signature = {n: pointers.get(n, "*fp32") for n in names if not n.startswith("stride")}
-        signature |= {n: "i32" for n in names if n.startswith("stride") or n == "blank"}
+        signature |= {n: "i32" for n in names if n.startswith("stride")}
         signature["BLOCK"] = "constexpr"
         source = ASTSource(jitted, signature, constexprs={(names.index("BLOCK"),): block})
         options = {"num_warps": ctc_triton._warps(block), "enable_fp_fusion": True}

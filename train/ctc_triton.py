@@ -16,10 +16,13 @@ l' = (blank, l1, blank, l2, ..., blank) of 2L+1 states:
   with respect to log y_t(k) is minus the occupancy summed over the states labelled k, which
   `CTCLoss.backward` gathers with torch (blank: a sum over the even states; labels: scatter_add).
 
-Within a program, each frame's states are one vector; a state's predecessors (s-1, s-2) are read
-back from the alpha rows in global memory after a barrier, the way a CUDA kernel shares them
-through memory. Frames past an utterance's length and states past its labels are not computed:
-their occupancy is zero.
+The extended sequence and its allowed skips are made once with torch (`_extend_labels`) and read
+by both kernels. Within a program, each frame's states are one vector; a state's predecessors
+(s-1, s-2) are read back from the alpha rows in global memory after a barrier, the way a CUDA
+kernel shares them through memory. Frames past an utterance's length and states past its labels
+are not computed: their occupancy is zero. (The kernels' argument lists and log-sum-exp of three
+stay written twice: a shared helper would have to be a jit function, which the interpreter path
+would also have to wrap.)
 
 The reduction is "none" (one loss per utterance) with PyTorch's `zero_infinity` meaning. The
 gradient differs from PyTorch's in form, not in effect: PyTorch returns exp(log_probs) - occupancy,
@@ -40,43 +43,32 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 
 
 def _alpha_kernel(
     log_probs,  # (B, T, C) float32, any strides
-    targets,  # (B, L) integers, padding past each length
+    states,  # (B, BLOCK) int32: l'_s, -1 past the utterance's 2L+1 states (`_extend_labels`)
+    skips,  # (B, BLOCK) bool: state s may also be entered from s-2
     input_lengths,  # (B,)
-    target_lengths,  # (B,)
     alpha,  # (B, T, BLOCK) float32, written for t < max(T_b, 1)
     stride_lb,
     stride_lt,
     stride_lc,
-    stride_tb,
-    stride_tl,
     stride_ab,
     stride_at,
-    blank,
     BLOCK: tl.constexpr,
 ):
     b = tl.program_id(0)
     frames = tl.load(input_lengths + b).to(tl.int32)
-    labels = tl.load(target_lengths + b).to(tl.int32)
-    states = 2 * labels + 1
     s = tl.arange(0, BLOCK)
-    valid = s < states
-    is_label = (s % 2) == 1
-    j = (s - 1) // 2  # the label a label state stands for
-    label = tl.load(targets + b * stride_tb + j * stride_tl, mask=valid & is_label, other=blank)
-    label = tl.where(is_label, label, blank).to(tl.int32)
-    before = tl.load(
-        targets + b * stride_tb + (j - 1) * stride_tl, mask=valid & is_label & (s >= 3), other=-1
-    ).to(tl.int32)
-    # a label state may also be reached from the previous label's state when they differ
-    can_skip = is_label & (s >= 3) & (label != before)
+    label = tl.load(states + b * BLOCK + s)
+    valid = label >= 0
+    can_skip = tl.load(skips + b * BLOCK + s) != 0
 
-    rows = log_probs + b * stride_lb + label * stride_lc
+    rows = log_probs + b * stride_lb + tl.maximum(label, 0) * stride_lc
     row_alpha = alpha + b * stride_ab + s
     a = tl.load(rows, mask=valid & (s < 2), other=-float("inf"))
     a = tl.where(valid & (s < 2), a, -float("inf"))
@@ -98,49 +90,38 @@ def _alpha_kernel(
 
 def _occupancy_kernel(
     log_probs,
-    targets,
+    states,
+    skips,
     input_lengths,
-    target_lengths,
     alpha,  # (B, T, BLOCK), from the forward
     nll,  # (B,)
     beta,  # (B, 2, BLOCK) scratch: this frame's and the next frame's rows
-    occupancy,  # (B, T, BLOCK) float32, zero-initialised: gamma_t(s)
+    occupancy,  # (B, T, BLOCK) float32, zero-initialised: gamma_t(s); alpha's strides
     stride_lb,
     stride_lt,
     stride_lc,
-    stride_tb,
-    stride_tl,
     stride_ab,
     stride_at,
-    blank,
     BLOCK: tl.constexpr,
 ):
     b = tl.program_id(0)
     frames = tl.load(input_lengths + b).to(tl.int32)
-    labels = tl.load(target_lengths + b).to(tl.int32)
     log_likelihood = -tl.load(nll + b)
-    states = 2 * labels + 1
     s = tl.arange(0, BLOCK)
-    valid = s < states
-    is_label = (s % 2) == 1
-    j = (s - 1) // 2
-    label = tl.load(targets + b * stride_tb + j * stride_tl, mask=valid & is_label, other=blank)
-    label = tl.where(is_label, label, blank).to(tl.int32)
-    after = tl.load(
-        targets + b * stride_tb + (j + 1) * stride_tl,
-        mask=is_label & (s + 2 < states),
-        other=-1,
-    ).to(tl.int32)
-    # a label state may also go on to the next label's state when they differ
-    can_skip = is_label & (s + 2 < states) & (label != after)
+    label = tl.load(states + b * BLOCK + s)
+    valid = label >= 0
+    ahead = s + 2 < BLOCK
+    # s may go on to s+2 where s+2 may be entered from s; a path ends in the last two states
+    can_skip = tl.load(skips + b * BLOCK + s + 2, mask=ahead, other=0) != 0
+    ends = valid & (tl.load(states + b * BLOCK + s + 2, mask=ahead, other=-1) < 0)
 
-    rows = log_probs + b * stride_lb + label * stride_lc
+    rows = log_probs + b * stride_lb + tl.maximum(label, 0) * stride_lc
     row_alpha = alpha + b * stride_ab + s
     row_occupancy = occupancy + b * stride_ab + s
     scratch = beta + b * 2 * BLOCK + s
     last = frames - 1
     emitted = tl.load(rows + tl.maximum(last, 0) * stride_lt, mask=valid, other=0.0)
-    e = tl.where(valid & (s >= states - 2), emitted, -float("inf"))
+    e = tl.where(ends, emitted, -float("inf"))
     for step in range(0, frames):
         t = last - step
         # (the loads that do not depend on the recursion come first, as in the forward)
@@ -149,7 +130,7 @@ def _occupancy_kernel(
             emitted = tl.load(rows + t * stride_lt, mask=valid, other=0.0)
             tl.store(scratch + (t % 2) * BLOCK, e)  # beta_{t+1}, read back shifted
             tl.debug_barrier()
-            e1 = tl.load(scratch + (t % 2) * BLOCK + 1, mask=s + 1 < states, other=-float("inf"))
+            e1 = tl.load(scratch + (t % 2) * BLOCK + 1, mask=s + 1 < BLOCK, other=-float("inf"))
             e2 = tl.load(scratch + (t % 2) * BLOCK + 2, mask=can_skip, other=-float("inf"))
             top = tl.maximum(tl.maximum(e, e1), e2)
             safe = tl.where(top == -float("inf"), 0.0, top)
@@ -157,6 +138,25 @@ def _occupancy_kernel(
             e = tl.where(valid, total + emitted, -float("inf"))
         gamma = tl.exp(a + e - emitted - log_likelihood)
         tl.store(row_occupancy + t * stride_at, tl.where(valid, gamma, 0.0))
+
+
+def _extend_labels(
+    targets: torch.Tensor, target_lengths: torch.Tensor, blank: int, block: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each utterance's extended label sequence l' = (blank, l1, blank, ..., lL, blank) as
+    (B, block) int32, -1 past its 2L+1 states, and where a state may also be entered from two
+    states back (a label after a different label): both kernels read these, made once here."""
+    rows = targets.shape[0]
+    s = torch.arange(block, device=targets.device)
+    # label state s = 2j + 1 carries targets[:, j]; the padding keeps the gather inside the rows
+    padded = F.pad(targets, (0, block))
+    carried = padded.gather(1, ((s - 1) // 2).clamp(min=0).expand(rows, block))
+    label_state = s % 2 == 1
+    states = torch.where(label_state, carried, blank)
+    states = torch.where(s < 2 * target_lengths[:, None] + 1, states, -1).to(torch.int32)
+    two_back = F.pad(states, (2, 0), value=-1)[:, :block]
+    skips = label_state & (s >= 3) & (states >= 0) & (states != two_back)
+    return states.contiguous(), skips.contiguous()
 
 
 @functools.cache
@@ -223,24 +223,23 @@ class CTCLoss(torch.autograd.Function):
     ) -> torch.Tensor:
         rows, frames, _ = log_probs.shape
         block = _block(targets.shape[1])
+        states, skips = _extend_labels(targets, target_lengths, blank, block)
         alpha = torch.empty((rows, frames, block), dtype=torch.float32, device=log_probs.device)
         _launch(
             _alpha_kernel,
             log_probs.device,
             log_probs,
-            targets,
+            states,
+            skips,
             input_lengths,
-            target_lengths,
             alpha,
             *log_probs.stride(),
-            *targets.stride(),
             alpha.stride(0),
             alpha.stride(1),
-            blank,
             block=block,
         )
         nll = -_log_likelihood(alpha, input_lengths, target_lengths)
-        ctx.save_for_backward(log_probs, targets, input_lengths, target_lengths, alpha, nll)
+        ctx.save_for_backward(log_probs, targets, states, skips, input_lengths, alpha, nll)
         ctx.blank, ctx.zero_infinity = blank, zero_infinity
         if zero_infinity:
             return torch.where(torch.isinf(nll), 0.0, nll)
@@ -249,7 +248,7 @@ class CTCLoss(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        log_probs, targets, input_lengths, target_lengths, alpha, nll = ctx.saved_tensors
+        log_probs, targets, states, skips, input_lengths, alpha, nll = ctx.saved_tensors
         rows, frames, classes = log_probs.shape
         block = alpha.shape[2]
         beta = torch.empty((rows, 2, block), dtype=torch.float32, device=log_probs.device)
@@ -258,18 +257,16 @@ class CTCLoss(torch.autograd.Function):
             _occupancy_kernel,
             log_probs.device,
             log_probs,
-            targets,
+            states,
+            skips,
             input_lengths,
-            target_lengths,
             alpha,
             nll,
             beta,
             occupancy,
             *log_probs.stride(),
-            *targets.stride(),
             alpha.stride(0),
             alpha.stride(1),
-            ctx.blank,
             block=block,
         )
         width = targets.shape[1]
