@@ -12,32 +12,35 @@
 #           compiled, at 160 then 80 s per batch; profiles of the autocast and bf16-weights steps
 #           at 80 s (kernel launches and host synchronisations per step)
 #   graphs  CUDA graphs (train.compile=reduce-overhead, LayerDrop by torch.where) against eager on
-#           a coarse shape grid (12 batch shapes at 80 s), both with bf16 weights
+#           a 0.25 s shape grid (24 batch shapes at 80 s, 2.5% padding: scripts/shape_grid.py),
+#           both with bf16 weights and the Triton CTC (PyTorch's would wait on the host inside the
+#           step that the graphs replay)
 #   ctc     train.ctc_implementation=triton: the kernels against PyTorch's CTC at the recipe's
 #           shapes (scripts/check_ctc.py: same results, host synchronisations, time per call),
 #           then bf16-weights steps at 80 s with each CTC, with profiles
 #   width   the memory table train.batch_seconds_by_width for this card (bench_gpu --width-table)
 #   sharded DeepSpeed ZeRO-2 on the GPU (scripts/check_sharded_gpu.py, one process), and fp16
 #           with its loss scaler (the tiny recipe, one GPU: the skipped steps are in
-#           metrics.jsonl), both on a small espeak-ng corpus. DeepSpeed is published as a source
-#           archive: carry it with its dependencies (hjson, pydantic and pydantic-core,
-#           annotated-types, nvidia-ml-py is there) and install it there with
-#           `DS_BUILD_OPS=0 pip install --no-build-isolation --no-deps --target /tmp/site deepspeed-*.tar.gz`
+#           metrics.jsonl), both on a small espeak-ng corpus. DeepSpeed is a source archive
+#           (scripts/gpu_wheels.sh --deepspeed fetches it with its dependencies), installed there
+#           with `DS_BUILD_OPS=0 python3 -m pip install -q --no-build-isolation --no-deps
+#           --target /tmp/site .whl/deepspeed-*.tar.gz`
 #
 # Each run writes OUT_DIR/<name>/bench_gpu.json; put them into BENCHMARKS.md with
 #   python scripts/bench_gpu.py --write-section name=OUT_DIR/name/bench_gpu.json ...
 #
-# The device image has torch, transformers, accelerate and pyarrow but not everything phonetune
-# imports: carry wheels of datasets, dill, multiprocess, xxhash, rapidfuzz, soundfile, soxr,
-# phonemizer and espeakng-loader (see the device tool's README: `pip download --no-deps
-# --only-binary=:all: --python-version 3.12 ...`) into a .whl folder, and start the call with
-#   python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl
-#   export PYTHONPATH=/tmp/site
+# The device image has torch, transformers, accelerate, triton and pyarrow but not everything
+# phonetune imports: fetch the rest here with `bash scripts/gpu_wheels.sh` (`--deepspeed` for the
+# sharded part), carry ".whl", and start the call with
+#   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+#       --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site || exit
 # This script then makes `phonetune` importable from the working tree itself.
 #
 # Rehearsed on a CPU with the tiny model (tests/test_bench_gpu.py runs the graphs part so):
 #   GPU_ISSUE15_OPTIONS="--config configs/tiny_cpu.yaml --architecture= --clips 40 --budgets 12
-#   --warmup 2 --steps 2" bash scripts/gpu_issue15.sh steps /tmp/rehearsal
+#   --warmup 2 --steps 2 --profile-budget 12" bash scripts/gpu_issue15.sh steps /tmp/rehearsal
+# (a small profile: the Triton CTC runs in Triton's interpreter there, about a minute per step
+# at 80 s)
 set -euo pipefail
 part=${1:?PART: quick, steps, graphs, ctc, width or sharded}
 out=${2:?OUT_DIR}
@@ -59,7 +62,8 @@ export PYTHONUNBUFFERED=1
 common=(--clips 1500 --search-start 0 --harness-rounds 0 --flop-steps 0
         --model-flop-per-audio-s 110978881159.81554)
 # GPU_ISSUE15_OPTIONS: bench_gpu.py options that override every run's (a rehearsal on a CPU:
-# "--config configs/tiny_cpu.yaml --architecture= --clips 40 --budgets 12 --warmup 2 --steps 2").
+# "--config configs/tiny_cpu.yaml --architecture= --clips 40 --budgets 12 --warmup 2 --steps 2
+# --profile-budget 12").
 read -r -a rehearsal <<< "${GPU_ISSUE15_OPTIONS:-}"
 # CHECK_CTC_OPTIONS: the same for scripts/check_ctc.py ("--rows 3 --frames 30 --labels 8 --repeats 1")
 read -r -a ctc_rehearsal <<< "${CHECK_CTC_OPTIONS:-}"
@@ -91,10 +95,10 @@ case $part in
             train.mixed_precision=bf16-weights train.compile=true
         ;;
     graphs)
-        grid=(train.pad_to_multiple_of=8000 train.bucket_width=0.5 train.pad_clips_to_budget=true
-              train.mixed_precision=bf16-weights)
-        bench grid_eager "grid, bf16-weights, eager" --budgets 80 --warmup 100 --steps 40 "${grid[@]}"
-        bench grid_graphs "grid, bf16-weights, CUDA graphs" --budgets 80 --warmup 100 --steps 40 \
+        grid=(train.pad_to_multiple_of=4000 train.bucket_width=0.25 train.pad_clips_to_budget=true
+              train.mixed_precision=bf16-weights train.ctc_implementation=triton)
+        bench grid_eager "grid, bf16-weights, Triton CTC, eager" --budgets 80 --warmup 100 --steps 40 "${grid[@]}"
+        bench grid_graphs "grid, bf16-weights, Triton CTC, CUDA graphs" --budgets 80 --warmup 100 --steps 40 \
             --profile-budget 80 "${grid[@]}" train.compile=reduce-overhead
         ;;
     ctc)

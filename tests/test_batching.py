@@ -144,6 +144,22 @@ def test_every_process_pads_to_the_global_batch_and_shapes_are_bounded():
     assert max(len(s.shapes()) for s in samplers) <= len(widths)
 
 
+@pytest.mark.parametrize("grid_seconds", [0.1, 0.2, 0.25, 0.5])
+def test_a_bucket_as_wide_as_the_grid_holds_one_width(grid_seconds):
+    """With bucket_width equal to the width grid, each bucket is one width, so a batch spans two
+    widths only where a bucket's last clips are packed with the next bucket's first: at most
+    one such batch per width. (Widths like 1.4 s divided by 0.2 s give 6.9999..., which once put
+    one width into two buckets and mixed widths in half the batches.)"""
+    d = durations(3000, seed=1)  # not the sampler's stream for seed 0, epoch 0: default_rng([0, 0])
+    grid = round(grid_seconds * 16_000)
+    sampler = DurationBatchSampler(
+        np.arange(len(d)), d, 40.0, 0, bucket_width=grid_seconds, pad_to_multiple_of=grid
+    )
+    widths_of = [set(sampler.widths[shares[0]].tolist()) for shares in sampler.plan()]
+    mixed = sum(len(widths) > 1 for widths in widths_of)
+    assert mixed < len(set(sampler.widths.tolist()))
+
+
 def test_sampler_resumes_mid_epoch_without_reading_the_skipped_batches():
     d = durations(200)
     sampler = DurationBatchSampler(np.arange(200), d, 25.0, seed=7)
@@ -401,3 +417,35 @@ def test_budget_tables_are_checked(table, message, tmp_path):
                 f"train.batch_seconds_by_width={table}",
             ],
         )
+
+
+def test_the_shape_grid_script_trades_padding_for_shapes():
+    """scripts/shape_grid.py: on each distribution, a coarser grid pads more and leaves fewer
+    shapes, and filling clips to the budget leaves at most one shape per width."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "shape_grid.py"
+    done = subprocess.run(
+        [sys.executable, str(script), "--clips", "3000"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = [line.split("|")[1:-1] for line in done.stdout.splitlines() if line.startswith("| ")]
+    grid_rows = [[cell.strip() for cell in row] for row in rows if len(row) == 6][1:]  # no header
+    by_corpus: dict[str, list[tuple[float, float, int, int]]] = {}
+    for name, grid, padding, shapes, _, filled_shapes in grid_rows:
+        by_corpus.setdefault(name, []).append(
+            (float(grid), float(padding.rstrip("%")), int(shapes), int(filled_shapes))
+        )
+    assert len(by_corpus) == 2
+    for rows_of_corpus in by_corpus.values():
+        rows_of_corpus.sort()
+        paddings = [padding for _, padding, _, _ in rows_of_corpus]
+        shapes = [filled for _, _, _, filled in rows_of_corpus]
+        assert paddings == sorted(paddings) and shapes == sorted(shapes, reverse=True)
+        # each clip is padded by less than one step of the grid, and the clips average over 2 s
+        assert all(p / 100 < grid / 2 for grid, p, _, _ in rows_of_corpus)

@@ -347,10 +347,14 @@ def test_width_phase_writes_a_table_the_config_loads(tiny_bench, tmp_path, capsy
 @pytest.mark.slow  # two benchmark runs of the tiny model
 def test_the_prepared_gpu_measurements_rehearse_on_a_cpu(tmp_path):
     """scripts/gpu_issue15.sh, whose parts wait for a session with a GPU, still runs: its graphs
-    part (eager and CUDA graphs on a coarse grid, with bf16 weights), the model made tiny."""
+    part (eager and CUDA graphs on a 0.25 s grid, with bf16 weights and the Triton CTC, here in
+    Triton's interpreter), the model made tiny and the profile small."""
     import os
 
-    rehearsal = "--config configs/tiny_cpu.yaml --architecture= --clips 40 --budgets 12 --warmup 2 --steps 2"
+    rehearsal = (
+        "--config configs/tiny_cpu.yaml --architecture= --clips 40 --budgets 12 --warmup 2 "
+        "--steps 2 --profile-budget 12"
+    )
     env = {
         **os.environ,
         "GPU_ISSUE15_OPTIONS": rehearsal,
@@ -368,4 +372,5 @@ def test_the_prepared_gpu_measurements_rehearse_on_a_cpu(tmp_path):
     for name, label in (("grid_eager", "eager"), ("grid_graphs", "CUDA graphs")):
         result = json.loads((tmp_path / name / "bench_gpu.json").read_text())
         assert result["label"].endswith(label) and result["mixed_precision"] == "bf16-weights"
+        assert "train.ctc_implementation=triton" in result["overrides"]
         assert result["budgets"][0]["audio_s_per_s"] > 0

@@ -97,6 +97,26 @@ def test_best_is_none_without_evaluations(tmp_path):
     assert ckpt.find_best_checkpoint(tmp_path) is None
 
 
+@pytest.mark.parametrize(
+    ("text", "record"),
+    [
+        ("{not json", None),
+        ("[1, 2]", None),
+        ("\udcff", None),
+        ('{"step": 10}', {"step": 10}),
+        ('{"path": 3}', {"path": 3}),
+    ],
+)
+def test_a_damaged_best_json_means_no_best_until_the_next_save(tmp_path, text, record):
+    write(tmp_path, 10, 0.5)
+    best = tmp_path / "checkpoints" / "best.json"
+    best.write_bytes(text.encode("utf-8", "surrogateescape"))
+    assert ckpt.read_best(tmp_path) == record  # unreadable: None; readable, however odd: as is
+    assert ckpt.find_best_checkpoint(tmp_path) is None
+    assert ckpt.update_best(tmp_path) == {"step": 10, "eval_per": 0.5, "path": "step_10"}
+    assert ckpt.find_best_checkpoint(tmp_path) == tmp_path / "checkpoints" / "step_10"
+
+
 def test_rng_state_round_trips_through_weights_only_files(tmp_path):
     torch.manual_seed(1)
     np.random.seed(2)

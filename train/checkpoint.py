@@ -174,18 +174,24 @@ def find_loadable_checkpoint(run_dir: str | Path, say: Callable[[str], None]) ->
     return None
 
 
+def read_best(run_dir: str | Path) -> dict[str, Any] | None:
+    """best.json's record ({"step", "eval_per", "path"}), or None if there is none yet or it is
+    damaged: it is derived again from the checkpoints at the next save."""
+    best = checkpoints_dir(run_dir) / BEST_FILE
+    if not best.is_file():
+        return None
+    try:
+        return read_json(best, dict)
+    except PhonetuneError:
+        return None
+
+
 def find_best_checkpoint(run_dir: str | Path) -> Path | None:
     """The checkpoint with the lowest eval PER (from best.json), or None if there is none."""
-    best = checkpoints_dir(run_dir) / BEST_FILE
-    try:
-        path = checkpoints_dir(run_dir) / json.loads(best.read_text(encoding="utf-8"))["path"]
-    except (
-        OSError,
-        ValueError,
-        KeyError,
-        TypeError,
-    ):  # none yet, or damaged: derived again at the next save
+    best = read_best(run_dir)
+    if best is None or not isinstance(best.get("path"), str):
         return None
+    path = checkpoints_dir(run_dir) / best["path"]
     return path if is_complete(path) else None
 
 

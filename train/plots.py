@@ -23,8 +23,8 @@ from pathlib import Path
 from typing import Any
 
 from phonetune.data.errors import PhonetuneError
-from phonetune.data.files import read_json, read_text
-from phonetune.train.checkpoint import BEST_FILE, CONFIG_FILE, METRICS_FILE, checkpoints_dir
+from phonetune.data.files import read_text
+from phonetune.train.checkpoint import CONFIG_FILE, METRICS_FILE, read_best
 
 Record = dict[str, Any]
 
@@ -215,16 +215,6 @@ pre{{background:#f6f6f6;padding:1em;overflow:auto}}</style></head>
 <h2>Configuration</h2><pre>{html.escape(config_text)}</pre>
 </body></html>
 """
-
-
-def read_best(run_dir: Path) -> dict[str, Any] | None:
-    path = checkpoints_dir(run_dir) / BEST_FILE
-    if not path.is_file():
-        return None
-    try:
-        return read_json(path, dict)
-    except PhonetuneError:  # derived again at the next save; the report goes on without it
-        return None
 
 
 # --- command line -----------------------------------------------------------------------------
