@@ -211,6 +211,30 @@ def test_resume_rules(prepared_dir, tmp_path, capsys):
     assert fresh["step"] == 1
 
 
+def test_resume_says_when_the_epochs_batches_are_not_the_checkpoints(
+    prepared_dir, tmp_path, capsys
+):
+    """The checkpoint keeps a digest of its epoch's global batches: a resumed run whose batches
+    differ with the same budget and batch count (here a digest from another sampler, as after
+    the bucketing fix of 2026-12-08; equally other clips or settings) says so, rather than
+    taking the saved position in another order for the same place."""
+    run = tmp_path / "run"
+    common = [*MICRO, "train.save_steps=2", "train.eval_steps=100"]
+    train(config(prepared_dir, run, "train.max_steps=2", *common))
+    state_file = run / "checkpoints" / "step_2" / "state.json"
+    state = json.loads(state_file.read_text())
+    assert len(state["sampler"]["plan_sha256"]) == 64
+    capsys.readouterr()
+    train(config(prepared_dir, run, *common, "train.max_steps=3", "resume=auto"))
+    assert "batches differ" not in capsys.readouterr().out  # the same run continues exactly
+    (run / "checkpoints" / "step_3").rename(tmp_path / "step_3")  # back to step 2
+    state["sampler"]["plan_sha256"] = "0" * 64
+    state_file.write_text(json.dumps(state))
+    train(config(prepared_dir, run, *common, "train.max_steps=3", "resume=auto"))
+    out = capsys.readouterr().out
+    assert "warning: epoch 0's batches differ from the checkpoint's with the same budget" in out
+
+
 def test_resume_from_a_positional_optimizer_state_is_refused_clearly(prepared_dir, tmp_path):
     # Optimizer states are saved by parameter name; one saved by position (optimizer.state_dict(),
     # as phonetune did before FSDP) cannot be matched to the parameters safely.

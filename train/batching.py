@@ -531,6 +531,18 @@ class DurationBatchSampler:
             },
         }
 
+    def plan_digest(self) -> str:
+        """sha256 of this epoch's global batches (the dataset rows of each, batch after batch):
+        the same for any process count that cuts the same global batches. A resumed run compares
+        it with its checkpoint's to know it continues the same data order, whatever changed (the
+        data, the batching settings or this sampler's code)."""
+        digest = hashlib.sha256()
+        for shares in self.plan():
+            rows = self.rows[np.concatenate(shares)].astype("<i8")
+            digest.update(np.int64(len(rows)).astype("<i8").tobytes())
+            digest.update(rows.tobytes())
+        return digest.hexdigest()
+
     def shapes(self) -> set[tuple[int, int]]:
         """The distinct (rows, samples) batch shapes of this epoch."""
         return {self.shape(shares) for shares in self.plan()}

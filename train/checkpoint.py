@@ -10,7 +10,8 @@ Layout (the export and inference stages rely on it):
         model/            Wav2Vec2ForCTC.save_pretrained (config.json + model.safetensors)
         vocab.json        token -> id the model was trained with
         config.yaml       the resolved training config
-        state.json        step, epoch, sampler position, eval_per (or null), versions, counters
+        state.json        step, epoch, sampler position and a digest of the epoch's batches,
+                          eval_per (or null), versions, counters
         optimizer.pt      the whole optimizer state, keyed by parameter name (any launcher resumes it)
         scheduler.pt, scaler.pt (fp16 only), rng_state_<rank>.pt
         adapter.safetensors   model.adapter runs only: the trained LoRA and output-layer tensors

@@ -180,6 +180,7 @@ def save_checkpoint(run: Run) -> Path:
                 "batch_seconds_by_width": budget_table(config),
                 "grad_accum": config.train.grad_accum,
                 "batches_per_epoch": sampler.batches_per_epoch(),
+                "plan_sha256": sampler.plan_digest(),
             },
             "num_processes": parallel.num_processes,
             "versions": data.versions,
@@ -296,11 +297,16 @@ def continue_sampler(
     processes, say = parallel.num_processes, parallel.print
     global_seconds = config.train.batch_seconds * processes
     sampler.set_epoch(state.epoch)
-    same_batches = (
+    same_layout = (
         saved.get("global_batch_seconds") == global_seconds
         and saved.get("batch_seconds_by_width") == budget_table(config)
         and saved.get("grad_accum") == config.train.grad_accum
-        and saved.get("batches_per_epoch") == sampler.batches_per_epoch()
+    )
+    # (checkpoints written before the digest existed compare the batch count alone)
+    same_batches = same_layout and (
+        saved["plan_sha256"] == sampler.plan_digest()
+        if "plan_sha256" in saved
+        else saved.get("batches_per_epoch") == sampler.batches_per_epoch()
     )
     if same_batches and saved.get("num_processes") != processes:
         say(
@@ -315,12 +321,22 @@ def continue_sampler(
             int(fraction * sampler.batches_per_epoch()) // accum * accum,
             sampler.batches_per_epoch(),
         )
-        say(
-            f"warning: the checkpoint's batching differs ({saved.get('num_processes')} process(es) × "
-            f"{saved.get('global_batch_seconds', '?')} s global budget, grad_accum "
-            f"{saved.get('grad_accum')}; now {processes} × {global_seconds:g} s, grad_accum "
-            f"{config.train.grad_accum}): continuing at the same fraction of the epoch "
-            f"({state.position}/{sampler.batches_per_epoch()}), in a different data order. Keep "
-            "train.batch_seconds × processes and train.grad_accum unchanged to continue exactly."
+        where = (
+            f"continuing at the same fraction of the epoch ({state.position}/"
+            f"{sampler.batches_per_epoch()}), in a different data order."
         )
+        if same_layout:
+            say(
+                f"warning: epoch {state.epoch}'s batches differ from the checkpoint's with the same "
+                "budget and grad_accum (the training clips, the batching settings or phonetune's "
+                f"sampler changed): {where}"
+            )
+        else:
+            say(
+                f"warning: the checkpoint's batching differs ({saved.get('num_processes')} "
+                f"process(es) × {saved.get('global_batch_seconds', '?')} s global budget, "
+                f"grad_accum {saved.get('grad_accum')}; now {processes} × {global_seconds:g} s, "
+                f"grad_accum {config.train.grad_accum}): {where} Keep train.batch_seconds × "
+                "processes and train.grad_accum unchanged to continue exactly."
+            )
     sampler.set_epoch(state.epoch, state.position)
