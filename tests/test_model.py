@@ -1,5 +1,7 @@
 """Building and loading Wav2Vec2ForCTC: vocabulary checks, head transfer, freezing, XLSR-53 size."""
 
+import contextlib
+import copy
 import json
 import time
 from pathlib import Path
@@ -373,6 +375,30 @@ def test_compiled_blocks_compute_what_eager_blocks_compute():
     scale = max(float(g.abs().max()) for g in eager_grads.values())
     for name, grad in eager_grads.items():
         torch.testing.assert_close(compiled_grads[name], grad, rtol=0, atol=1e-9 * scale, msg=name)
+
+
+def test_evaluation_under_cuda_graphs_runs_the_blocks_eagerly():
+    """train.compile=reduce-overhead: dev batches (every width, no grid) would each record CUDA
+    graphs of their own, so evaluation runs the compiled blocks eagerly: nothing is compiled,
+    and the logits are the eager model's to the bit. (No compile happens here at all: blocks
+    compile at their first call.)"""
+    from torch._dynamo.utils import counters
+
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3, "a": 4, "b": 5}
+    torch.manual_seed(0)
+    model, _ = build_model(tiny_cfg(), vocab)
+    eager = CTCModel(model).eval()
+    graphed = CTCModel(copy.deepcopy(model)).eval()
+    graphed.compile_blocks("reduce-overhead")
+    audio = torch.randn(2, 9000)
+    lengths = torch.tensor([9000, 7000])
+    before = sum(counters["stats"].values())
+    with torch.no_grad(), graphed.evaluating():
+        logits = graphed(audio, lengths)
+    assert sum(counters["stats"].values()) == before  # dynamo did not even look at a frame
+    with torch.no_grad():
+        assert torch.equal(logits, eager(audio, lengths))
+    assert isinstance(eager.evaluating(), contextlib.nullcontext)
 
 
 def test_layerdrop_by_mask_drops_the_layers_skipping_drops():

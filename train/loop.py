@@ -659,7 +659,7 @@ def evaluate_dev(
     try:
         for number, batch in enumerate(loader):
             batch = batch.to(parallel.device, audio_dtype)
-            with torch.no_grad(), parallel.autocast():
+            with torch.no_grad(), parallel.autocast(), unwrapped.evaluating():
                 logits = unwrapped(batch.input_values, batch.input_lengths, freeze_transformer=True)
             if number >= len(mine) - fillers:
                 continue

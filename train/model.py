@@ -15,6 +15,7 @@ and the vocabulary is an error, never a silent reshuffle of output rows.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import random
 import warnings
@@ -622,6 +623,15 @@ class CTCModel(nn.Module):
     def output_lengths(self, input_lengths: torch.Tensor) -> torch.Tensor:
         """CTC frames the encoder produces for inputs of `input_lengths` samples."""
         return ctc.count_frames(input_lengths, self.conv_layers).to(torch.long)
+
+    def evaluating(self) -> contextlib.AbstractContextManager:
+        """Around evaluation passes: under CUDA graphs ("reduce-overhead") the compiled blocks run
+        eagerly. Dev batches take every width (no grid), and each new shape would record graphs
+        of its own, kept for the rest of the run in time and GPU memory; the training step's
+        graphs are left as they are. Other compile modes evaluate compiled."""
+        if self._cudagraphs:
+            return torch.compiler.set_stance("force_eager")
+        return contextlib.nullcontext()
 
     @classmethod
     def for_training(cls, model: nn.Module, compile: bool | str = False) -> CTCModel:
