@@ -210,7 +210,7 @@ def write_prepared(path, rows):
         )
     features = datasets.Features(
         {
-            "audio": datasets.List(datasets.Value("int16")),
+            "audio": datasets.Sequence(datasets.Value("int16")),
             "phones": datasets.Value("string"),
             "num_phones": datasets.Value("int32"),
             "locale": datasets.Value("string"),

@@ -183,7 +183,7 @@ def test_eval_plan_gives_each_clip_to_exactly_one_process():
 @pytest.fixture(scope="module")
 def tiny_split(tmp_path_factory):
     """A split with known audio, written and memory-mapped the way `phonetune prepare` does."""
-    from datasets import Dataset, DatasetDict, Features, List, Value, load_from_disk
+    from datasets import Dataset, DatasetDict, Features, Sequence, Value, load_from_disk
 
     rng = np.random.default_rng(0)
     lengths = [16_000, 8_000, 24_000, 12_345]
@@ -195,7 +195,7 @@ def tiny_split(tmp_path_factory):
     }
     features = Features(
         {
-            "audio": List(Value("int16")),
+            "audio": Sequence(Value("int16")),
             "phones": Value("string"),
             "locale": Value("string"),
             "duration": Value("float32"),

@@ -297,13 +297,25 @@ class Parallel:
         named = self.unwrap(module) if self.masters is None else self.masters.holder
         # Not strict: a parameter that had no gradient before the checkpoint (the transformer
         # during train.freeze_finetune_updates, a layer LayerDrop always skipped) has no state
-        # in it, and torch would refuse it.
-        set_optimizer_state_dict(
-            module if self.masters is None else named,
-            inner,
-            optim_state_dict=saved,
-            options=StateDictOptions(full_state_dict=True, strict=False),
-        )
+        # in it, and torch would refuse it. Before 2.10 torch raises a KeyError for such a
+        # trainable parameter even when not strict: it is frozen for the call, so torch skips it.
+        unsaved = [
+            parameter
+            for name, parameter in named.named_parameters()
+            if parameter.requires_grad and name not in saved["state"]
+        ]
+        for parameter in unsaved:
+            parameter.requires_grad_(False)
+        try:
+            set_optimizer_state_dict(
+                module if self.masters is None else named,
+                inner,
+                optim_state_dict=saved,
+                options=StateDictOptions(full_state_dict=True, strict=False),
+            )
+        finally:
+            for parameter in unsaved:
+                parameter.requires_grad_(True)
         # torch first gives every parameter a state (a zero-gradient step at lr 0, step count 1):
         # those the checkpoint had none for start again without one, as in the run that went on,
         # or their first real update would be bias-corrected as a second one.
