@@ -60,6 +60,19 @@ def normalisation_tolerance(samples, largest):
     return 4 * np.log2(samples) * np.finfo(np.float32).eps * largest
 
 
+def on_a_free_port(launcher):
+    """An `accelerate launch` command line with a rendezvous port of its own: the default, 29500,
+    is taken while another launch (another test run on the machine, a user's job) holds it."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    return launcher.replace(
+        "accelerate.commands.launch", f"accelerate.commands.launch --main_process_port {port}", 1
+    )
+
+
 def config(prepared_dir, run_dir, *overrides):
     return load_config(
         TINY, [f"data.prepared_dir={prepared_dir}", f"run.output_dir={run_dir}", *FAST, *overrides]

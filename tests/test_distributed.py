@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from helpers import FAST, MICRO, RANDOM, ROOT, TINY, config, read_metrics
+from helpers import FAST, MICRO, RANDOM, ROOT, TINY, config, on_a_free_port, read_metrics
 from safetensors.torch import load_file
 
 from phonetune.train import checkpoint as ckpt
@@ -38,7 +38,7 @@ def launch_two(prepared_dir, run_dir, *overrides, launch=LAUNCH):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     settings = [f"data.prepared_dir={prepared_dir}", f"run.output_dir={run_dir}", *FAST]
     done = subprocess.run(
-        [sys.executable, *launch.split(), "--config", str(TINY), *settings, *overrides],
+        [sys.executable, *on_a_free_port(launch).split(), "--config", str(TINY), *settings, *overrides],
         capture_output=True, text=True, env=env, cwd=run_dir.parent, timeout=300,
     )  # fmt: skip
     assert done.returncode == 0, describe_failed_launch(done)

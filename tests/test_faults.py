@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 from helpers import kill_trials as harness
+from helpers import on_a_free_port
 from safetensors.torch import load_file, save_file
 
 from phonetune.data.errors import PhonetuneError
@@ -296,7 +297,7 @@ def test_sigterm_to_one_of_two_processes_stops_both_at_the_same_step(prepared_di
     log = tmp_path / "launch.log"
     with open(log, "wb") as out:
         launched = subprocess.Popen(
-            [sys.executable, *launcher.split(), "--config", str(harness.TINY), *settings],
+            [sys.executable, *on_a_free_port(launcher).split(), "--config", str(harness.TINY), *settings],
             stdout=out, stderr=subprocess.STDOUT, env=env, cwd=tmp_path,
         )  # fmt: skip
     try:
