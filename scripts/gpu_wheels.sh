@@ -10,7 +10,8 @@
 #       --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site || exit
 # --deepspeed adds what gpu_issue15.sh's `sharded` part needs: DeepSpeed is a source archive,
 # installed there with DS_BUILD_OPS=0 pip install --no-build-isolation --no-deps --target /tmp/site
-# .whl/deepspeed-*.tar.gz. The image's Python is 3.12 on x86-64; versions are the ones CI installs.
+# .whl/deepspeed-*.tar.gz. The image's Python is 3.12 on x86-64; the versions are the ones CI
+# installed on 2026-12-08.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 wheels=(
