@@ -447,5 +447,6 @@ def test_the_shape_grid_script_trades_padding_for_shapes():
         paddings = [padding for _, padding, _, _ in rows_of_corpus]
         shapes = [filled for _, _, _, filled in rows_of_corpus]
         assert paddings == sorted(paddings) and shapes == sorted(shapes, reverse=True)
-        # each clip is padded by less than one step of the grid, and the clips average over 2 s
+        # rounding pads a clip by under one grid step (a batch spanning two widths, rare, by one
+        # more), and the clips average well over 2 s
         assert all(p / 100 < grid / 2 for grid, p, _, _ in rows_of_corpus)

@@ -239,7 +239,7 @@ class CTCLoss(torch.autograd.Function):
             block=block,
         )
         nll = -_log_likelihood(alpha, input_lengths, target_lengths)
-        ctx.save_for_backward(log_probs, targets, states, skips, input_lengths, alpha, nll)
+        ctx.save_for_backward(log_probs, states, skips, input_lengths, alpha, nll)
         ctx.blank, ctx.zero_infinity = blank, zero_infinity
         if zero_infinity:
             return torch.where(torch.isinf(nll), 0.0, nll)
@@ -248,7 +248,7 @@ class CTCLoss(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        log_probs, targets, states, skips, input_lengths, alpha, nll = ctx.saved_tensors
+        log_probs, states, skips, input_lengths, alpha, nll = ctx.saved_tensors
         rows, frames, classes = log_probs.shape
         block = alpha.shape[2]
         beta = torch.empty((rows, 2, block), dtype=torch.float32, device=log_probs.device)
@@ -269,12 +269,13 @@ class CTCLoss(torch.autograd.Function):
             alpha.stride(1),
             block=block,
         )
-        width = targets.shape[1]
         per_class = torch.zeros((rows, frames, classes), dtype=torch.float32, device=grad.device)
-        # label states 1, 3, ..., 2L-1 carry targets[:, 0..L-1]; padding's occupancy is zero
-        index = targets.clamp(0, classes - 1).to(torch.long)[:, None, :].expand(rows, frames, width)
-        per_class.scatter_add_(2, index, occupancy[:, :, 1 : 2 * width : 2])
-        per_class[:, :, ctx.blank] += occupancy[:, :, 0 : 2 * width + 1 : 2].sum(dim=2)
+        # the odd states carry the labels, the even ones the blank; states past an utterance's
+        # labels (-1) have zero occupancy, so any class may take their zeros
+        labels = states[:, 1::2].clamp(0, classes - 1).to(torch.long)
+        index = labels[:, None, :].expand(rows, frames, labels.shape[1])
+        per_class.scatter_add_(2, index, occupancy[:, :, 1::2])
+        per_class[:, :, ctx.blank] += occupancy[:, :, 0::2].sum(dim=2)
         grad_log_probs = -per_class * grad.to(torch.float32)[:, None, None]
         if ctx.zero_infinity:  # an infinite loss's occupancy is NaN (-inf - -inf): replaced
             grad_log_probs = torch.where(torch.isinf(nll)[:, None, None], 0.0, grad_log_probs)
